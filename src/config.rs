@@ -1,0 +1,635 @@
+//! Typed settings read once at start-up from the environment (and a `.env` file), validated with
+//! messages that name the variable and the form it expects. Secrets are wrapped so `Debug` hides them.
+//!
+//! The reference services' names are kept as they are; everything coachd adds is `COACHD_`-prefixed.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use url::Url;
+
+/// A value that must never reach a log line or a `Debug` dump.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wrap a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself; call only where it is sent, never where it is logged.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// A connection URL whose password is hidden from `Debug` and `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServiceUrl(Url);
+
+impl ServiceUrl {
+    /// The full URL, password included; for connecting only.
+    pub fn expose(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// The URL with any password replaced by `***`, safe to log.
+    pub fn redacted(&self) -> String {
+        let mut url = self.0.clone();
+        if url.password().is_some() {
+            // set_password only fails for URLs that cannot carry credentials, which we never build.
+            let _ = url.set_password(Some("***"));
+        }
+        url.to_string()
+    }
+
+    /// The parsed URL, for reading components; never log it as a whole.
+    pub fn url(&self) -> &Url {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ServiceUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ServiceUrl({})", self.redacted())
+    }
+}
+
+impl fmt::Display for ServiceUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// A configuration value that could not be used; the message is one line meant for an operator.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid {var}: expected {expected}{}", shown.as_ref().map(|v| format!(" (got {v:?})")).unwrap_or_default())]
+pub struct ConfigError {
+    /// The environment variable at fault.
+    pub var: String,
+    /// The form it must take.
+    pub expected: String,
+    /// The offending value, only for variables that are not secret.
+    pub shown: Option<String>,
+}
+
+/// Which LLM provider serves requests that name none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// OpenAI Chat Completions (or any OpenAI-compatible server via its base URL).
+    Openai,
+    /// Groq's OpenAI-compatible API.
+    Groq,
+    /// Anthropic's Messages API.
+    Anthropic,
+    /// OpenRouter's OpenAI-compatible API.
+    Openrouter,
+    /// The built-in deterministic provider that needs no network.
+    Offline,
+}
+
+impl ProviderKind {
+    /// Every kind, in the order they are documented.
+    pub const ALL: [ProviderKind; 5] = [
+        ProviderKind::Openai,
+        ProviderKind::Groq,
+        ProviderKind::Anthropic,
+        ProviderKind::Openrouter,
+        ProviderKind::Offline,
+    ];
+
+    /// The lowercase name used in configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "openai",
+            ProviderKind::Groq => "groq",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Openrouter => "openrouter",
+            ProviderKind::Offline => "offline",
+        }
+    }
+}
+
+impl FromStr for ProviderKind {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ProviderKind::ALL
+            .into_iter()
+            .find(|k| k.as_str().eq_ignore_ascii_case(s.trim()))
+            .ok_or(())
+    }
+}
+
+impl fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Settings of one upstream LLM provider.
+#[derive(Debug, Clone)]
+pub struct ProviderSettings {
+    /// API key; `None` means the provider is not configured.
+    pub api_key: Option<Secret>,
+    /// Default model.
+    pub model: String,
+    /// Base URL of the API (ends before `/chat/completions` or `/messages`).
+    pub base_url: Url,
+}
+
+/// The four upstream timeouts every provider call runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LlmTimeouts {
+    /// TCP + TLS connect.
+    pub connect: Duration,
+    /// From sending the request to the first content token.
+    pub first_token: Duration,
+    /// Longest silence between two stream events once tokens flow.
+    pub idle: Duration,
+    /// Whole call, from request to end of stream.
+    pub total: Duration,
+}
+
+/// Every setting of coachd, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Address to bind (`COACHD_HOST`).
+    pub host: IpAddr,
+    /// Port to bind (`PORT`); 0 picks a free one.
+    pub port: u16,
+    /// `DEBUG`: more verbose logs by default.
+    pub debug: bool,
+    /// `DATABASE_URL`; `None` selects the embedded memory store.
+    pub database_url: Option<ServiceUrl>,
+    /// `COACHD_DB_MAX_CONNECTIONS`.
+    pub db_max_connections: u32,
+    /// `COACHD_DB_CONNECT_TIMEOUT_SECS`.
+    pub db_connect_timeout: Duration,
+    /// `REDIS_URL`; `None` selects the embedded context cache.
+    pub redis_url: Option<ServiceUrl>,
+    /// `REDIS_PASSWORD`, used when the URL carries none.
+    pub redis_password: Option<Secret>,
+    /// `COACHD_REDIS_POOL_SIZE`.
+    pub redis_pool_size: usize,
+    /// `COACHD_REDIS_KEY_PREFIX`: prepended to every key so deployments can share one Redis.
+    pub redis_key_prefix: String,
+    /// `COACHD_REDIS_COMMAND_TIMEOUT_MS`.
+    pub redis_command_timeout: Duration,
+    /// `SESSION_CONTEXT_TTL` (seconds).
+    pub session_context_ttl: Duration,
+    /// `USER_SESSION_TTL` (seconds).
+    pub user_session_ttl: Duration,
+    /// `RATE_LIMIT_TTL` (seconds): the rate-limit window.
+    pub rate_limit_ttl: Duration,
+    /// `RATE_LIMIT_REQUESTS` per window.
+    pub rate_limit_requests: u32,
+    /// `RATE_LIMIT_ENABLED`.
+    pub rate_limit_enabled: bool,
+    /// `LLM_PROVIDER`.
+    pub llm_provider: ProviderKind,
+    /// OpenAI (`OPENAI_API_KEY`, `OPENAI_MODEL`, `COACHD_OPENAI_BASE_URL`).
+    pub openai: ProviderSettings,
+    /// Groq (`GROQ_API_KEY`, `GROQ_MODEL`, `COACHD_GROQ_BASE_URL`).
+    pub groq: ProviderSettings,
+    /// Anthropic (`ANTHROPIC_API_KEY`, `ANTHROPIC_MODEL`, `COACHD_ANTHROPIC_BASE_URL`).
+    pub anthropic: ProviderSettings,
+    /// OpenRouter (`OPENROUTER_API_KEY`, `COACHD_OPENROUTER_MODEL`, `COACHD_OPENROUTER_BASE_URL`).
+    pub openrouter: ProviderSettings,
+    /// `COACHD_OPENROUTER_REFERER`: sent as OpenRouter's `HTTP-Referer`.
+    pub openrouter_referer: Option<String>,
+    /// `COACHD_OPENROUTER_TITLE`: sent as OpenRouter's `X-Title`.
+    pub openrouter_title: String,
+    /// Upstream timeouts (`COACHD_LLM_*_TIMEOUT_MS`).
+    pub llm_timeouts: LlmTimeouts,
+    /// `COACHD_LLM_MAX_RETRIES`: retries of one model before falling back.
+    pub llm_max_retries: u32,
+    /// `COACHD_LLM_RETRY_BASE_MS`: first backoff delay, doubled on each retry.
+    pub llm_retry_base: Duration,
+    /// `COACHD_LLM_TASKS_FILE`: TOML file of extra or overriding tasks.
+    pub llm_tasks_file: Option<PathBuf>,
+    /// `COACHD_OFFLINE_TOKEN_DELAY_MS`: pace of the offline provider.
+    pub offline_token_delay: Duration,
+    /// `SUPABASE_JWT_SECRET`.
+    pub supabase_jwt_secret: Option<Secret>,
+    /// `XENIOS_BACKEND_API_KEY`.
+    pub backend_api_key: Option<Secret>,
+    /// `COACHD_LOG_FORMAT`.
+    pub log_format: LogFormat,
+    /// `COACHD_LOG`: a tracing filter directive; defaults from `DEBUG`.
+    pub log_filter: String,
+    /// `COACHD_SHUTDOWN_GRACE_SECS`: how long in-flight requests may run after a stop signal.
+    pub shutdown_grace: Duration,
+    /// `COACHD_HEALTH_TIMEOUT_MS`: limit of one dependency check.
+    pub health_timeout: Duration,
+    /// `COACHD_MAX_BODY_BYTES`: largest accepted request body.
+    pub max_body_bytes: usize,
+}
+
+/// Reads raw values by name; the process environment in production, a map in tests.
+pub trait Source {
+    /// The value of `name`, if set.
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Env;
+
+impl Source for Env {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Source for HashMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        HashMap::get(self, name).cloned()
+    }
+}
+
+impl Source for HashMap<&str, &str> {
+    fn get(&self, name: &str) -> Option<String> {
+        HashMap::get(self, name).map(|v| (*v).to_owned())
+    }
+}
+
+/// Wraps a [`Source`] and treats empty or whitespace-only values as unset, as `.env` files
+/// commonly leave optional variables blank (`REDIS_PASSWORD=`).
+struct Reader<'a, S: Source>(&'a S);
+
+impl<S: Source> Reader<'_, S> {
+    fn raw(&self, var: &str) -> Option<String> {
+        self.0
+            .get(var)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn string(&self, var: &str, default: &str) -> String {
+        self.raw(var).unwrap_or_else(|| default.to_owned())
+    }
+
+    fn secret(&self, var: &str) -> Option<Secret> {
+        self.raw(var).map(Secret)
+    }
+
+    fn parse<T: FromStr>(&self, var: &str, default: T, expected: &str) -> Result<T, ConfigError> {
+        match self.raw(var) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| invalid(var, expected, Some(v))),
+        }
+    }
+
+    /// An integer in `min..=max`.
+    fn int<T>(&self, var: &str, default: T, min: T, max: T) -> Result<T, ConfigError>
+    where
+        T: FromStr + PartialOrd + Copy + fmt::Display,
+    {
+        let expected = format!("an integer from {min} to {max}");
+        let value = self.parse(var, default, &expected)?;
+        if value < min || value > max {
+            return Err(invalid(var, &expected, self.raw(var)));
+        }
+        Ok(value)
+    }
+
+    fn seconds(&self, var: &str, default: u64, min: u64, max: u64) -> Result<Duration, ConfigError> {
+        self.int(var, default, min, max).map(Duration::from_secs)
+    }
+
+    fn millis(&self, var: &str, default: u64, min: u64, max: u64) -> Result<Duration, ConfigError> {
+        self.int(var, default, min, max).map(Duration::from_millis)
+    }
+
+    fn boolean(&self, var: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.raw(var) {
+            None => Ok(default),
+            Some(v) => match v.to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => Ok(true),
+                "0" | "false" | "no" | "off" => Ok(false),
+                _ => Err(invalid(var, "true or false", Some(v))),
+            },
+        }
+    }
+
+    /// A URL with one of `schemes`; the value is never echoed because URLs carry passwords.
+    fn service_url(&self, var: &str, schemes: &[&str]) -> Result<Option<ServiceUrl>, ConfigError> {
+        let Some(raw) = self.raw(var) else {
+            return Ok(None);
+        };
+        let expected = format!(
+            "a URL such as {}://user:password@host:port/name",
+            schemes.first().copied().unwrap_or("scheme")
+        );
+        let mut url = Url::parse(&raw).map_err(|_| invalid(var, &expected, None))?;
+        // The Python services use SQLAlchemy URLs such as `postgresql+asyncpg://`; accept them.
+        let scheme = url.scheme().split('+').next().unwrap_or_default().to_owned();
+        if !schemes.contains(&scheme.as_str()) || url.host_str().is_none_or(str::is_empty) {
+            return Err(invalid(var, &expected, None));
+        }
+        if scheme != url.scheme() {
+            let rest = &raw[raw.find("://").unwrap_or(0)..];
+            url = Url::parse(&format!("{scheme}{rest}")).map_err(|_| invalid(var, &expected, None))?;
+        }
+        Ok(Some(ServiceUrl(url)))
+    }
+
+    fn base_url(&self, var: &str, default: &str) -> Result<Url, ConfigError> {
+        let raw = self.string(var, default);
+        let expected = "an http(s) URL such as https://api.example.com/v1";
+        let url =
+            Url::parse(raw.trim_end_matches('/')).map_err(|_| invalid(var, expected, Some(raw.clone())))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(invalid(var, expected, Some(raw)));
+        }
+        Ok(url)
+    }
+}
+
+fn invalid(var: &str, expected: &str, shown: Option<String>) -> ConfigError {
+    ConfigError {
+        var: var.to_owned(),
+        expected: expected.to_owned(),
+        shown,
+    }
+}
+
+const DAY_SECS: u64 = 86_400;
+
+impl Settings {
+    /// Settings from the process environment. Call [`load_dotenv`] first to include `.env`.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_source(&Env)
+    }
+
+    /// Settings from any [`Source`]; tests use a map so they never touch the process environment.
+    pub fn from_source<S: Source>(source: &S) -> Result<Self, ConfigError> {
+        let r = Reader(source);
+        let debug = r.boolean("DEBUG", false)?;
+
+        let llm_provider = match r.raw("LLM_PROVIDER") {
+            None => ProviderKind::Openai,
+            Some(v) => v.parse().map_err(|()| {
+                invalid(
+                    "LLM_PROVIDER",
+                    "one of openai, groq, anthropic, openrouter, offline",
+                    Some(v),
+                )
+            })?,
+        };
+        let log_format = match r
+            .string("COACHD_LOG_FORMAT", "text")
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "text" | "pretty" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "COACHD_LOG_FORMAT",
+                    "text or json",
+                    Some(other.to_owned()),
+                ));
+            }
+        };
+        let log_filter = r.string("COACHD_LOG", if debug { "debug" } else { "info" });
+        tracing_subscriber::EnvFilter::try_new(&log_filter).map_err(|_| {
+            invalid(
+                "COACHD_LOG",
+                "a tracing filter such as info or coachd=debug,tower_http=info",
+                Some(log_filter.clone()),
+            )
+        })?;
+
+        let provider =
+            |key: &str, model_var: &str, default_model: &str, base_var: &str, default_base: &str| {
+                Ok::<_, ConfigError>(ProviderSettings {
+                    api_key: r.secret(key),
+                    model: r.string(model_var, default_model),
+                    base_url: r.base_url(base_var, default_base)?,
+                })
+            };
+
+        let llm_timeouts = LlmTimeouts {
+            connect: r.millis("COACHD_LLM_CONNECT_TIMEOUT_MS", 5_000, 1, 600_000)?,
+            first_token: r.millis("COACHD_LLM_FIRST_TOKEN_TIMEOUT_MS", 30_000, 1, 3_600_000)?,
+            idle: r.millis("COACHD_LLM_IDLE_TIMEOUT_MS", 30_000, 1, 3_600_000)?,
+            total: r.millis("COACHD_LLM_TOTAL_TIMEOUT_MS", 300_000, 1, 86_400_000)?,
+        };
+
+        Ok(Settings {
+            host: r.parse(
+                "COACHD_HOST",
+                IpAddr::from([0, 0, 0, 0]),
+                "an IP address such as 0.0.0.0 or 127.0.0.1",
+            )?,
+            port: r.int("PORT", 8000, 0, u16::MAX)?,
+            debug,
+            database_url: r.service_url("DATABASE_URL", &["postgres", "postgresql"])?,
+            db_max_connections: r.int("COACHD_DB_MAX_CONNECTIONS", 10, 1, 10_000)?,
+            db_connect_timeout: r.seconds("COACHD_DB_CONNECT_TIMEOUT_SECS", 5, 1, 600)?,
+            redis_url: r.service_url("REDIS_URL", &["redis", "rediss"])?,
+            redis_password: r.secret("REDIS_PASSWORD"),
+            redis_pool_size: r.int("COACHD_REDIS_POOL_SIZE", 4, 1, 256)?,
+            redis_key_prefix: r.string("COACHD_REDIS_KEY_PREFIX", ""),
+            redis_command_timeout: r.millis("COACHD_REDIS_COMMAND_TIMEOUT_MS", 2_000, 1, 600_000)?,
+            session_context_ttl: r.seconds("SESSION_CONTEXT_TTL", 3_600, 1, 365 * DAY_SECS)?,
+            user_session_ttl: r.seconds("USER_SESSION_TTL", DAY_SECS, 1, 365 * DAY_SECS)?,
+            rate_limit_ttl: r.seconds("RATE_LIMIT_TTL", 60, 1, DAY_SECS)?,
+            rate_limit_requests: r.int("RATE_LIMIT_REQUESTS", 60, 1, 1_000_000)?,
+            rate_limit_enabled: r.boolean("RATE_LIMIT_ENABLED", true)?,
+            llm_provider,
+            openai: provider(
+                "OPENAI_API_KEY",
+                "OPENAI_MODEL",
+                "gpt-4-turbo-preview",
+                "COACHD_OPENAI_BASE_URL",
+                "https://api.openai.com/v1",
+            )?,
+            groq: provider(
+                "GROQ_API_KEY",
+                "GROQ_MODEL",
+                "llama-3.1-70b-versatile",
+                "COACHD_GROQ_BASE_URL",
+                "https://api.groq.com/openai/v1",
+            )?,
+            anthropic: provider(
+                "ANTHROPIC_API_KEY",
+                "ANTHROPIC_MODEL",
+                "claude-3-sonnet-20240229",
+                "COACHD_ANTHROPIC_BASE_URL",
+                "https://api.anthropic.com/v1",
+            )?,
+            openrouter: provider(
+                "OPENROUTER_API_KEY",
+                "COACHD_OPENROUTER_MODEL",
+                "anthropic/claude-sonnet-4",
+                "COACHD_OPENROUTER_BASE_URL",
+                "https://openrouter.ai/api/v1",
+            )?,
+            openrouter_referer: r.raw("COACHD_OPENROUTER_REFERER"),
+            openrouter_title: r.string("COACHD_OPENROUTER_TITLE", "coachd"),
+            llm_timeouts,
+            llm_max_retries: r.int("COACHD_LLM_MAX_RETRIES", 2, 0, 10)?,
+            llm_retry_base: r.millis("COACHD_LLM_RETRY_BASE_MS", 250, 0, 60_000)?,
+            llm_tasks_file: r.raw("COACHD_LLM_TASKS_FILE").map(PathBuf::from),
+            offline_token_delay: r.millis("COACHD_OFFLINE_TOKEN_DELAY_MS", 20, 0, 10_000)?,
+            supabase_jwt_secret: r.secret("SUPABASE_JWT_SECRET"),
+            backend_api_key: r.secret("XENIOS_BACKEND_API_KEY"),
+            log_format,
+            log_filter,
+            shutdown_grace: r.seconds("COACHD_SHUTDOWN_GRACE_SECS", 30, 0, 3_600)?,
+            health_timeout: r.millis("COACHD_HEALTH_TIMEOUT_MS", 2_000, 1, 60_000)?,
+            max_body_bytes: r.int("COACHD_MAX_BODY_BYTES", 1 << 20, 1_024, 1 << 30)?,
+        })
+    }
+
+    /// Settings for tests and examples: every default, no external service, the given overrides.
+    pub fn for_tests(overrides: &[(&str, &str)]) -> Result<Self, ConfigError> {
+        let mut map: HashMap<&str, &str> = HashMap::from([("PORT", "0"), ("COACHD_HOST", "127.0.0.1")]);
+        map.extend(overrides.iter().copied());
+        Self::from_source(&map)
+    }
+}
+
+/// Loads `.env` from the working directory into the process environment, without overriding
+/// variables that are already set. A missing file is fine; an unreadable one is an error.
+pub fn load_dotenv() -> Result<Option<PathBuf>, String> {
+    match dotenvy::dotenv() {
+        Ok(path) => Ok(Some(path)),
+        Err(e) if e.not_found() => Ok(None),
+        // dotenvy's message quotes the rest of the file, which holds API keys: name the variable only.
+        Err(dotenvy::Error::LineParse(line, _)) => {
+            let var = line.split('=').next().unwrap_or_default().trim();
+            Err(format!(
+                "cannot read .env: syntax error in the line of {var} (check its quoting)"
+            ))
+        }
+        Err(e) => Err(format!("cannot read .env: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let map: HashMap<&str, &str> = pairs.iter().copied().collect();
+        Settings::from_source(&map)
+    }
+
+    #[test]
+    fn defaults_match_the_reference_services() {
+        let s = load(&[]).unwrap();
+        assert_eq!(s.port, 8000);
+        assert_eq!(s.session_context_ttl, Duration::from_secs(3600));
+        assert_eq!(s.user_session_ttl, Duration::from_secs(86_400));
+        assert_eq!(s.rate_limit_ttl, Duration::from_secs(60));
+        assert_eq!(s.rate_limit_requests, 60);
+        assert!(s.rate_limit_enabled);
+        assert_eq!(s.llm_provider, ProviderKind::Openai);
+        assert!(s.database_url.is_none() && s.redis_url.is_none());
+    }
+
+    #[test]
+    fn errors_name_the_variable_and_the_expected_form() {
+        let e = load(&[("PORT", "abc")]).unwrap_err();
+        assert_eq!(e.var, "PORT");
+        assert_eq!(
+            e.to_string(),
+            "invalid PORT: expected an integer from 0 to 65535 (got \"abc\")"
+        );
+
+        let e = load(&[("RATE_LIMIT_REQUESTS", "-1")]).unwrap_err();
+        assert_eq!(e.var, "RATE_LIMIT_REQUESTS");
+        assert!(e.to_string().contains("an integer from 1 to"));
+
+        let e = load(&[("RATE_LIMIT_ENABLED", "maybe")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid RATE_LIMIT_ENABLED: expected true or false (got \"maybe\")"
+        );
+
+        let e = load(&[("LLM_PROVIDER", "cohere")]).unwrap_err();
+        assert_eq!(e.var, "LLM_PROVIDER");
+    }
+
+    #[test]
+    fn url_errors_never_echo_the_value() {
+        let e = load(&[("DATABASE_URL", "not a url with s3cret")]).unwrap_err();
+        assert_eq!(e.var, "DATABASE_URL");
+        assert!(!e.to_string().contains("s3cret"));
+        let e = load(&[("REDIS_URL", "http://u:s3cret@localhost")]).unwrap_err();
+        assert_eq!(e.var, "REDIS_URL");
+        assert!(!e.to_string().contains("s3cret"));
+    }
+
+    #[test]
+    fn sqlalchemy_urls_are_accepted_and_passwords_redacted() {
+        let s = load(&[(
+            "DATABASE_URL",
+            "postgresql+asyncpg://postgres:hunter2@localhost:5432/10xcoach",
+        )])
+        .unwrap();
+        let url = s.database_url.unwrap();
+        assert_eq!(
+            url.expose(),
+            "postgresql://postgres:hunter2@localhost:5432/10xcoach"
+        );
+        assert_eq!(
+            url.redacted(),
+            "postgresql://postgres:***@localhost:5432/10xcoach"
+        );
+        assert!(!format!("{url:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn blank_values_mean_unset() {
+        let s = load(&[("REDIS_PASSWORD", "   "), ("PORT", "")]).unwrap();
+        assert!(s.redis_password.is_none());
+        assert_eq!(s.port, 8000);
+    }
+
+    #[test]
+    fn secrets_are_hidden_from_debug() {
+        let s = load(&[
+            ("OPENAI_API_KEY", "sk-live-abcdef"),
+            ("SUPABASE_JWT_SECRET", "jwt-secret-xyz"),
+            ("XENIOS_BACKEND_API_KEY", "backend-key-123"),
+            ("REDIS_PASSWORD", "redis-pass-456"),
+            ("REDIS_URL", "redis://:urlpass789@localhost:6379/0"),
+        ])
+        .unwrap();
+        let dump = format!("{s:?}");
+        for secret in [
+            "sk-live-abcdef",
+            "jwt-secret-xyz",
+            "backend-key-123",
+            "redis-pass-456",
+            "urlpass789",
+        ] {
+            assert!(!dump.contains(secret), "{secret} leaked into Debug output");
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Dependency checks behind the health routes: each component reports its status and how long
+//! its check took. Checks run concurrently and each is bounded by `COACHD_HEALTH_TIMEOUT_MS`.
+
+use std::future::Future;
+use std::time::Instant;
+
+use fred::prelude::ClientLike;
+use serde::Serialize;
+
+use crate::config::ProviderKind;
+use crate::state::AppState;
+
+/// Status of one component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Configured and answering.
+    Up,
+    /// Configured and not answering (or failing).
+    Down,
+    /// Not configured: the in-process implementation serves instead.
+    Embedded,
+}
+
+/// The report of one component check.
+#[derive(Debug, Clone, Serialize)]
+pub struct ComponentReport {
+    /// Status of the component.
+    pub status: Status,
+    /// What serves it: `postgresql`, `redis`, `embedded`, or an LLM provider name.
+    pub backend: String,
+    /// How long the check took, in milliseconds.
+    pub latency_ms: f64,
+    /// Why it is down, or a note on what serves it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl ComponentReport {
+    /// Whether this component makes the service unready.
+    pub fn is_down(&self) -> bool {
+        self.status == Status::Down
+    }
+}
+
+async fn timed<F, E>(state: &AppState, backend: &str, check: F) -> ComponentReport
+where
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let start = Instant::now();
+    let result = tokio::time::timeout(state.settings.health_timeout, check).await;
+    let latency_ms = (start.elapsed().as_secs_f64() * 1_000_000.0).round() / 1_000.0;
+    let (status, detail) = match result {
+        Ok(Ok(())) => (Status::Up, None),
+        Ok(Err(e)) => (Status::Down, Some(e.to_string())),
+        Err(_) => (
+            Status::Down,
+            Some(format!(
+                "no answer within {} ms",
+                state.settings.health_timeout.as_millis()
+            )),
+        ),
+    };
+    ComponentReport {
+        status,
+        backend: backend.to_owned(),
+        latency_ms,
+        detail,
+    }
+}
+
+fn embedded(what: &str) -> ComponentReport {
+    ComponentReport {
+        status: Status::Embedded,
+        backend: "embedded".to_owned(),
+        latency_ms: 0.0,
+        detail: Some(format!("{what} unset: the in-process implementation is used")),
+    }
+}
+
+/// PostgreSQL: one round trip on a pooled connection.
+pub async fn check_db(state: &AppState) -> ComponentReport {
+    match &state.db {
+        None => embedded("DATABASE_URL"),
+        Some(pool) => {
+            timed(state, "postgresql", async {
+                sqlx::query("select 1").execute(pool).await.map(|_| ())
+            })
+            .await
+        }
+    }
+}
+
+/// Redis: a PING through the pool.
+pub async fn check_redis(state: &AppState) -> ComponentReport {
+    match &state.redis {
+        None => embedded("REDIS_URL"),
+        Some(pool) => {
+            timed(state, "redis", async {
+                pool.next().ping::<String>(None).await.map(|_| ())
+            })
+            .await
+        }
+    }
+}
+
+/// The default LLM provider: configured, or the offline provider when no key is set.
+pub async fn check_llm(state: &AppState) -> ComponentReport {
+    let s = &state.settings;
+    let kind = s.llm_provider;
+    let key = match kind {
+        ProviderKind::Openai => s.openai.api_key.as_ref(),
+        ProviderKind::Groq => s.groq.api_key.as_ref(),
+        ProviderKind::Anthropic => s.anthropic.api_key.as_ref(),
+        ProviderKind::Openrouter => s.openrouter.api_key.as_ref(),
+        ProviderKind::Offline => None,
+    };
+    if key.is_none() {
+        return ComponentReport {
+            status: Status::Embedded,
+            backend: ProviderKind::Offline.to_string(),
+            latency_ms: 0.0,
+            detail: Some(format!("no API key for {kind}: the offline provider answers")),
+        };
+    }
+    timed(state, kind.as_str(), async { Ok::<(), String>(()) }).await
+}

@@ -1,0 +1,28 @@
+//! # coachd
+//!
+//! A streaming-first realtime server for AI coaching conversations. It holds live sessions over
+//! HTTP turns, SSE and WebSocket, streams LLM tokens from providers straight to clients, and writes
+//! finished turns to Redis (context) and PostgreSQL + pgvector (memory) off the token path.
+//!
+//! # Layout
+//! - [`config`]: typed settings from the environment and `.env`, validated at start.
+//! - [`error`]: the one error type; HTTP status, JSON body and WebSocket close code.
+//! - [`telemetry`]: tracing set-up (text or JSON).
+//! - [`startup`]: builds state and router, binds, serves, shuts down gracefully.
+//! - [`state`]: the shared handles every handler gets.
+//! - [`db`], [`redis`]: connections to PostgreSQL (with migrations) and Redis.
+//! - [`health`]: dependency checks; [`routes`]: the HTTP handlers.
+
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod health;
+pub mod redis;
+pub mod routes;
+pub mod startup;
+pub mod state;
+pub mod telemetry;
+
+pub use config::Settings;
+pub use error::Error;
+pub use startup::Application;

@@ -1,0 +1,79 @@
+//! The `coachd` binary: `coachd serve` (default) runs the server, `coachd migrate` applies the
+//! database migrations and exits. All the work is in the library.
+
+use std::process::ExitCode;
+
+use coachd::config::{Settings, load_dotenv};
+use coachd::startup::{Application, StartupError, shutdown_signal};
+use coachd::{db, telemetry};
+
+const USAGE: &str = "usage: coachd [serve | migrate | help | version]\n\n  serve    run the server (default)\n  migrate  apply database migrations to DATABASE_URL and exit\n\nSettings come from the environment and a .env file; see .env.example.";
+
+fn main() -> ExitCode {
+    let command = std::env::args().nth(1).unwrap_or_else(|| "serve".to_owned());
+    match command.as_str() {
+        "serve" | "migrate" => {}
+        "help" | "-h" | "--help" => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        "version" | "-V" | "--version" => {
+            println!("coachd {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        other => {
+            eprintln!("coachd: unknown command {other:?}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    }
+
+    if let Err(e) = load_dotenv() {
+        eprintln!("coachd: {e}");
+        return ExitCode::from(2);
+    }
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("coachd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(&settings);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("coachd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        if command == "migrate" {
+            migrate(settings).await
+        } else {
+            serve(settings).await
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "coachd failed");
+            eprintln!("coachd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let app = Application::build(settings).await?;
+    app.run(shutdown_signal()).await
+}
+
+async fn migrate(settings: Settings) -> anyhow::Result<()> {
+    let url = settings.database_url.clone().ok_or(StartupError::NoDatabase)?;
+    let pool = db::connect(&url, &settings).await?;
+    let applied = db::migrate(&pool).await?;
+    pool.close().await;
+    println!("coachd: migrations up to date ({applied} applied now)");
+    Ok(())
+}

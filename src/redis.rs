@@ -1,0 +1,61 @@
+//! Redis through fred: a small client pool with a reconnect policy. Connecting never blocks
+//! start-up: when Redis is down the pool keeps retrying in the background and the health checks
+//! report it as down until it answers.
+
+use fred::prelude::{Builder, ClientLike, Config, ReconnectPolicy};
+use fred::types::ConnectHandle;
+
+use crate::config::{ServiceUrl, Settings};
+use crate::startup::StartupError;
+
+/// Reconnect back-off: 100 ms doubling to 5 s, forever. Redis outages are usually short, and a
+/// node that gave up would need a restart to recover.
+const RECONNECT_MIN_MS: u32 = 100;
+const RECONNECT_MAX_MS: u32 = 5_000;
+
+/// A connected (or connecting) pool and the task that drives its connections.
+#[derive(Debug)]
+pub struct RedisConn {
+    /// The pool; cheap to clone.
+    pub pool: fred::clients::Pool,
+    /// The connection task; awaited after `quit` at shutdown.
+    pub task: ConnectHandle,
+}
+
+/// Builds the pool from `REDIS_URL` (+ `REDIS_PASSWORD`) and starts connecting.
+pub fn connect(url: &ServiceUrl, settings: &Settings) -> Result<RedisConn, StartupError> {
+    let bad = |reason: String| StartupError::Redis {
+        url: url.redacted(),
+        reason,
+    };
+    let mut config = Config::from_url(url.expose()).map_err(|e| bad(e.to_string()))?;
+    if config.password.is_none() {
+        config.password = settings.redis_password.as_ref().map(|p| p.expose().to_owned());
+    }
+    // Keep retrying when Redis is down at start-up instead of failing: coachd must come up and
+    // report Redis as down in /health/ready, not crash-loop.
+    config.fail_fast = false;
+    let timeout = settings.redis_command_timeout;
+    let pool = Builder::from_config(config)
+        .set_policy(ReconnectPolicy::new_exponential(
+            0,
+            RECONNECT_MIN_MS,
+            RECONNECT_MAX_MS,
+            2,
+        ))
+        .with_connection_config(|c| {
+            c.connection_timeout = timeout;
+            c.internal_command_timeout = timeout;
+            c.tcp = fred::types::config::TcpConfig {
+                nodelay: Some(true),
+                ..Default::default()
+            };
+        })
+        .with_performance_config(|p| {
+            p.default_command_timeout = timeout;
+        })
+        .build_pool(settings.redis_pool_size)
+        .map_err(|e| bad(e.to_string()))?;
+    let task = pool.connect();
+    Ok(RedisConn { pool, task })
+}

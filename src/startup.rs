@@ -1,0 +1,283 @@
+//! Builds the application (storage, state, router), binds the listener and serves until a stop
+//! signal, then shuts down gracefully: stop accepting, let in-flight requests finish within the
+//! grace period, close storage connections.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{HeaderName, StatusCode};
+use axum::response::IntoResponse;
+use axum::serve::ListenerExt;
+use fred::prelude::ClientLike;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::config::Settings;
+use crate::error::Error;
+use crate::redis::RedisConn;
+use crate::state::AppState;
+use crate::{db, redis, routes};
+
+/// The request-id header, set when the client sent none and echoed on every response.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Why coachd could not start. Each message is one line meant for an operator.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// A setting is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// PostgreSQL could not be reached or the URL is unusable.
+    #[error("cannot connect to PostgreSQL at {url}: {reason}")]
+    Database {
+        /// The URL with its password redacted.
+        url: String,
+        /// The driver's reason.
+        reason: String,
+    },
+    /// The server has no pgvector.
+    #[error(
+        "the PostgreSQL server has no pgvector extension (\"vector\" is not in pg_available_extensions); \
+         install pgvector 0.8+ on it, or run scripts/services for a development server that has it"
+    )]
+    NoPgvector,
+    /// A migration failed.
+    #[error("database migration failed: {0}")]
+    Migrate(String),
+    /// `coachd migrate` without `DATABASE_URL`.
+    #[error("DATABASE_URL is not set: there is no database to migrate")]
+    NoDatabase,
+    /// The Redis URL is unusable.
+    #[error("cannot use Redis at {url}: {reason}")]
+    Redis {
+        /// The URL with its password redacted.
+        url: String,
+        /// fred's reason.
+        reason: String,
+    },
+    /// The listening socket could not be bound.
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS's reason.
+        reason: String,
+    },
+}
+
+/// A built, bound, not yet serving coachd.
+#[derive(Debug)]
+pub struct Application {
+    listener: TcpListener,
+    addr: SocketAddr,
+    state: AppState,
+    redis: Option<RedisConn>,
+}
+
+impl Application {
+    /// Connects storage (running migrations), builds the state and binds the listener.
+    /// `PORT=0` binds a free port; [`Application::port`] tells which.
+    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        let settings = Arc::new(settings);
+
+        let db = match &settings.database_url {
+            Some(url) => {
+                let pool = db::connect(url, &settings).await?;
+                let applied = db::migrate(&pool).await?;
+                tracing::info!(url = %url, applied, "storage: PostgreSQL + pgvector");
+                Some(pool)
+            }
+            None => {
+                tracing::info!("storage: DATABASE_URL unset, using the embedded in-process memory store");
+                None
+            }
+        };
+        let redis = match &settings.redis_url {
+            Some(url) => {
+                let conn = redis::connect(url, &settings)?;
+                tracing::info!(url = %url, "storage: Redis (connecting in the background)");
+                Some(conn)
+            }
+            None => {
+                tracing::info!("storage: REDIS_URL unset, using the embedded in-process context cache");
+                None
+            }
+        };
+
+        let addr = SocketAddr::new(settings.host, settings.port);
+        let listener = TcpListener::bind(addr).await.map_err(|e| StartupError::Bind {
+            addr,
+            reason: e.to_string(),
+        })?;
+        let addr = listener.local_addr().map_err(|e| StartupError::Bind {
+            addr,
+            reason: e.to_string(),
+        })?;
+
+        let state = AppState {
+            settings,
+            db,
+            redis: redis.as_ref().map(|r| r.pool.clone()),
+            shutdown: CancellationToken::new(),
+            started_at: Instant::now(),
+        };
+        Ok(Self {
+            listener,
+            addr,
+            state,
+            redis,
+        })
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The application state (tests use it to reach storage directly).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// A token that stops the server when cancelled (as a signal would).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.state.shutdown.clone()
+    }
+
+    /// Serves until `stop` resolves or the shutdown token is cancelled, then drains in-flight
+    /// requests for at most the grace period and closes storage connections.
+    pub async fn run(self, stop: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let Application {
+            listener,
+            addr,
+            state,
+            redis,
+        } = self;
+        let token = state.shutdown.clone();
+        let grace = state.settings.shutdown_grace;
+        let app = build_router(state.clone());
+
+        // TCP_NODELAY on every accepted socket: without it Nagle holds small SSE/WS frames ~40 ms.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
+        let server = axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
+        let server = server.into_future();
+        tokio::pin!(server);
+        tracing::info!(%addr, "coachd listening");
+
+        let stop_token = token.clone();
+        let result = tokio::select! {
+            r = &mut server => r.map_err(anyhow::Error::from),
+            () = async move { stop.await; stop_token.cancel(); } => {
+                drain(&mut server, grace).await
+            }
+            () = token.cancelled() => drain(&mut server, grace).await,
+        };
+        token.cancel();
+
+        if let Some(conn) = redis {
+            if let Err(e) = conn.pool.quit().await {
+                tracing::warn!(error = %e, "redis quit failed");
+            }
+            match tokio::time::timeout(Duration::from_secs(2), conn.task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::debug!(error = %e, "redis connection task ended with an error"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "redis connection task failed"),
+                Err(_) => tracing::warn!("redis connection task did not stop within 2 s"),
+            }
+        }
+        if let Some(pool) = &state.db {
+            pool.close().await;
+        }
+        tracing::info!("coachd stopped");
+        result
+    }
+}
+
+async fn drain<F>(server: &mut std::pin::Pin<&mut F>, grace: Duration) -> anyhow::Result<()>
+where
+    F: Future<Output = std::io::Result<()>>,
+{
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: draining in-flight requests"
+    );
+    match tokio::time::timeout(grace, server.as_mut()).await {
+        Ok(r) => r.map_err(anyhow::Error::from),
+        Err(_) => {
+            tracing::warn!("grace period over: dropping the requests still in flight");
+            Ok(())
+        }
+    }
+}
+
+/// The router with its middleware: request ids, tracing, body limit, panic catcher, JSON 404/405.
+pub fn build_router(state: AppState) -> Router {
+    let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
+    let max_body = state.settings.max_body_bytes;
+    routes::router()
+        .fallback(|| async { Error::NotFound("route".to_owned()) })
+        .method_not_allowed_fallback(|| async {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                axum::Json(
+                    Error::bad_request("method_not_allowed", "method not allowed on this route").body(),
+                ),
+            )
+                .into_response()
+        })
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(CatchPanicLayer::custom(|_| {
+            Error::Internal(anyhow::anyhow!("handler panicked")).into_response()
+        }))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let id = req
+                .headers()
+                .get(REQUEST_ID_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+        }))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .with_state(state)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}
