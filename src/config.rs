@@ -138,6 +138,63 @@ impl fmt::Display for ProviderKind {
     }
 }
 
+/// Which embedder turns memory text into vectors (`COACHD_EMBEDDING_PROVIDER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddingProvider {
+    /// Deterministic feature hashing in process; no network.
+    Offline,
+    /// An OpenAI-compatible `/embeddings` endpoint.
+    Openai,
+}
+
+impl fmt::Display for EmbeddingProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EmbeddingProvider::Offline => "offline",
+            EmbeddingProvider::Openai => "openai",
+        })
+    }
+}
+
+/// Settings of the embedder (`COACHD_EMBEDDING_*`).
+#[derive(Debug, Clone)]
+pub struct EmbeddingSettings {
+    /// `COACHD_EMBEDDING_PROVIDER`: chosen explicitly, never from the presence of a key, because
+    /// the dimension of stored vectors is fixed per database.
+    pub provider: EmbeddingProvider,
+    /// `COACHD_EMBEDDING_MODEL` (OpenAI-compatible provider only).
+    pub model: String,
+    /// `COACHD_EMBEDDING_DIM`: length of every vector; checked against the database at start-up.
+    pub dimension: usize,
+    /// `COACHD_EMBEDDING_BASE_URL`.
+    pub base_url: Url,
+    /// `COACHD_EMBEDDING_API_KEY`, else `OPENAI_API_KEY`.
+    pub api_key: Option<Secret>,
+    /// `COACHD_EMBEDDING_SEND_DIMENSIONS`: send `dimensions` in requests.
+    pub send_dimensions: bool,
+    /// `COACHD_EMBEDDING_BATCH_SIZE`: most texts in one request.
+    pub batch_size: usize,
+    /// `COACHD_EMBEDDING_TIMEOUT_MS`: limit of one request.
+    pub timeout: Duration,
+}
+
+/// Limits and tuning of the coach memory store (`COACHD_MEMORY_*`).
+#[derive(Debug, Clone)]
+pub struct MemorySettings {
+    /// `COACHD_MEMORY_MAX_TEXT_BYTES`: longest memory text and search query.
+    pub max_text_bytes: usize,
+    /// `COACHD_MEMORY_LIST_MAX`: largest page of a list and largest `limit` of a search.
+    pub list_max: usize,
+    /// `COACHD_MEMORY_EF_SEARCH`: `hnsw.ef_search`, the candidate list of one HNSW scan.
+    pub ef_search: u32,
+    /// `COACHD_MEMORY_MAX_SCAN_TUPLES`: `hnsw.max_scan_tuples`, how far an iterative scan goes
+    /// before the exact per-user scan takes over.
+    pub max_scan_tuples: u32,
+    /// `COACHD_MEMORY_EMBEDDED_MAX`: most memories the in-process store holds; the oldest go first.
+    pub embedded_max: usize,
+}
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -206,6 +263,12 @@ pub struct Settings {
     pub rate_limit_requests: u32,
     /// `RATE_LIMIT_ENABLED`.
     pub rate_limit_enabled: bool,
+    /// `COACHD_CONTEXT_MAX_MESSAGES`: cap of each context list, so no session grows a key without bound.
+    pub context_max_messages: usize,
+    /// The embedder.
+    pub embedding: EmbeddingSettings,
+    /// The coach memory store.
+    pub memory: MemorySettings,
     /// `LLM_PROVIDER`.
     pub llm_provider: ProviderKind,
     /// OpenAI (`OPENAI_API_KEY`, `OPENAI_MODEL`, `COACHD_OPENAI_BASE_URL`).
@@ -438,6 +501,41 @@ impl Settings {
             total: r.millis("COACHD_LLM_TOTAL_TIMEOUT_MS", 300_000, 1, 86_400_000)?,
         };
 
+        let embedding = EmbeddingSettings {
+            provider: match r
+                .string("COACHD_EMBEDDING_PROVIDER", "offline")
+                .to_ascii_lowercase()
+                .as_str()
+            {
+                "offline" => EmbeddingProvider::Offline,
+                "openai" => EmbeddingProvider::Openai,
+                other => {
+                    return Err(invalid(
+                        "COACHD_EMBEDDING_PROVIDER",
+                        "offline or openai",
+                        Some(other.to_owned()),
+                    ));
+                }
+            },
+            model: r.string("COACHD_EMBEDDING_MODEL", "text-embedding-3-small"),
+            // HNSW indexes `vector` columns of at most 2000 dimensions.
+            dimension: r.int("COACHD_EMBEDDING_DIM", 384, 1, 2_000)?,
+            base_url: r.base_url("COACHD_EMBEDDING_BASE_URL", "https://api.openai.com/v1")?,
+            api_key: r
+                .secret("COACHD_EMBEDDING_API_KEY")
+                .or_else(|| r.secret("OPENAI_API_KEY")),
+            send_dimensions: r.boolean("COACHD_EMBEDDING_SEND_DIMENSIONS", true)?,
+            batch_size: r.int("COACHD_EMBEDDING_BATCH_SIZE", 128, 1, 2_048)?,
+            timeout: r.millis("COACHD_EMBEDDING_TIMEOUT_MS", 30_000, 1, 600_000)?,
+        };
+        let memory = MemorySettings {
+            max_text_bytes: r.int("COACHD_MEMORY_MAX_TEXT_BYTES", 16_384, 1, 1 << 20)?,
+            list_max: r.int("COACHD_MEMORY_LIST_MAX", 100, 1, 10_000)?,
+            ef_search: r.int("COACHD_MEMORY_EF_SEARCH", 40, 1, 1_000)?,
+            max_scan_tuples: r.int("COACHD_MEMORY_MAX_SCAN_TUPLES", 20_000, 1, 100_000_000)?,
+            embedded_max: r.int("COACHD_MEMORY_EMBEDDED_MAX", 100_000, 1, 100_000_000)?,
+        };
+
         Ok(Settings {
             host: r.parse(
                 "COACHD_HOST",
@@ -459,6 +557,9 @@ impl Settings {
             rate_limit_ttl: r.seconds("RATE_LIMIT_TTL", 60, 1, DAY_SECS)?,
             rate_limit_requests: r.int("RATE_LIMIT_REQUESTS", 60, 1, 1_000_000)?,
             rate_limit_enabled: r.boolean("RATE_LIMIT_ENABLED", true)?,
+            context_max_messages: r.int("COACHD_CONTEXT_MAX_MESSAGES", 100, 1, 100_000)?,
+            embedding,
+            memory,
             llm_provider,
             openai: provider(
                 "OPENAI_API_KEY",
@@ -550,6 +651,28 @@ mod tests {
         assert!(s.rate_limit_enabled);
         assert_eq!(s.llm_provider, ProviderKind::Openai);
         assert!(s.database_url.is_none() && s.redis_url.is_none());
+        assert_eq!(s.context_max_messages, 100);
+        assert_eq!(s.embedding.provider, EmbeddingProvider::Offline);
+        assert_eq!(s.embedding.dimension, 384);
+        assert_eq!(s.embedding.base_url.as_str(), "https://api.openai.com/v1");
+    }
+
+    #[test]
+    fn the_embedding_provider_is_never_switched_by_a_key() {
+        let s = load(&[("OPENAI_API_KEY", "sk-x")]).unwrap();
+        assert_eq!(s.embedding.provider, EmbeddingProvider::Offline);
+        assert_eq!(s.embedding.api_key.as_ref().map(Secret::expose), Some("sk-x"));
+        let s = load(&[("OPENAI_API_KEY", "sk-x"), ("COACHD_EMBEDDING_API_KEY", "sk-e")]).unwrap();
+        assert_eq!(s.embedding.api_key.as_ref().map(Secret::expose), Some("sk-e"));
+
+        let e = load(&[("COACHD_EMBEDDING_PROVIDER", "cohere")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid COACHD_EMBEDDING_PROVIDER: expected offline or openai (got \"cohere\")"
+        );
+        let e = load(&[("COACHD_EMBEDDING_DIM", "3072")]).unwrap_err();
+        assert_eq!(e.var, "COACHD_EMBEDDING_DIM");
+        assert!(e.to_string().contains("from 1 to 2000"));
     }
 
     #[test]

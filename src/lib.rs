@@ -11,12 +11,17 @@
 //! - [`startup`]: builds state and router, binds, serves, shuts down gracefully.
 //! - [`state`]: the shared handles every handler gets.
 //! - [`db`], [`redis`]: connections to PostgreSQL (with migrations) and Redis.
+//! - [`context`]: short-term session context and rate limits (Redis or in-process).
+//! - [`memory`]: long-term coach memory (PostgreSQL + pgvector or in-process); [`embed`]: embedders.
 //! - [`health`]: dependency checks; [`routes`]: the HTTP handlers.
 
 pub mod config;
+pub mod context;
 pub mod db;
+pub mod embed;
 pub mod error;
 pub mod health;
+pub mod memory;
 pub mod redis;
 pub mod routes;
 pub mod startup;

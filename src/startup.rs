@@ -20,10 +20,15 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use crate::config::Settings;
+use crate::context::rate_limit::{
+    DisabledRateLimiter, InProcessRateLimiter, RateLimit, RateLimiter, RedisRateLimiter,
+};
+use crate::context::{ContextCache, ContextLimits, InProcessContextCache, RedisContextCache};
 use crate::error::Error;
+use crate::memory::{InProcessMemoryStore, MemoryLimits, MemoryStore, PgMemoryStore};
 use crate::redis::RedisConn;
 use crate::state::AppState;
-use crate::{db, redis, routes};
+use crate::{db, embed, redis, routes};
 
 /// The request-id header, set when the client sent none and echoed on every response.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -62,6 +67,23 @@ pub enum StartupError {
         /// fred's reason.
         reason: String,
     },
+    /// The configured embedding dimension differs from the one the database was set up with.
+    #[error(
+        "COACHD_EMBEDDING_DIM is {configured} but the memory database holds {stored}-dimensional embeddings; \
+         set COACHD_EMBEDDING_DIM={stored} (with the embedding model that filled it) or use another database"
+    )]
+    EmbeddingDimension {
+        /// `COACHD_EMBEDDING_DIM`.
+        configured: usize,
+        /// The dimension recorded in the database.
+        stored: usize,
+    },
+    /// The memory store could not be set up (dimension record, index).
+    #[error("cannot set up the memory store: {0}")]
+    Memory(String),
+    /// The embedder could not be built.
+    #[error("cannot set up the embedder: {0}")]
+    Embedder(String),
     /// The listening socket could not be bound.
     #[error("cannot listen on {addr}: {reason}")]
     Bind {
@@ -111,6 +133,61 @@ impl Application {
             }
         };
 
+        let embedder = embed::from_settings(&settings).map_err(|e| StartupError::Embedder(e.to_string()))?;
+        tracing::info!(
+            provider = %settings.embedding.provider,
+            model = embedder.model(),
+            dimension = embedder.dimension(),
+            "embedder"
+        );
+        let memory: Arc<dyn MemoryStore> = match &db {
+            Some(pool) => {
+                let store = PgMemoryStore::prepare(pool.clone(), embedder.clone(), &settings.memory).await?;
+                tracing::info!("memory: PostgreSQL + pgvector (HNSW cosine index)");
+                Arc::new(store)
+            }
+            None => {
+                tracing::info!("memory: in-process (lost on restart)");
+                Arc::new(InProcessMemoryStore::new(
+                    embedder.clone(),
+                    MemoryLimits::from(&settings.memory),
+                    settings.memory.embedded_max,
+                ))
+            }
+        };
+        let limits = ContextLimits::from_settings(&settings);
+        let window = RateLimit {
+            requests: settings.rate_limit_requests,
+            window: settings.rate_limit_ttl,
+        };
+        let prefix = &settings.redis_key_prefix;
+        let (context, limiter): (Arc<dyn ContextCache>, Arc<dyn RateLimiter>) = match &redis {
+            Some(conn) => (
+                Arc::new(RedisContextCache::new(conn.pool.clone(), prefix, limits)),
+                Arc::new(RedisRateLimiter::new(conn.pool.clone(), prefix, window)),
+            ),
+            None => (
+                Arc::new(InProcessContextCache::new(limits)),
+                Arc::new(InProcessRateLimiter::new(window)),
+            ),
+        };
+        let backend = if redis.is_some() { "redis" } else { "in-process" };
+        tracing::info!(backend, max_messages = limits.max_messages, "context cache");
+        let rate_limiter: Arc<dyn RateLimiter> = if settings.rate_limit_enabled {
+            tracing::info!(
+                backend,
+                requests = window.requests,
+                window_secs = window.window.as_secs(),
+                "rate limiter"
+            );
+            limiter
+        } else {
+            tracing::info!("rate limiter: disabled (RATE_LIMIT_ENABLED=false)");
+            Arc::new(DisabledRateLimiter {
+                limit: settings.rate_limit_requests,
+            })
+        };
+
         let addr = SocketAddr::new(settings.host, settings.port);
         let listener = TcpListener::bind(addr).await.map_err(|e| StartupError::Bind {
             addr,
@@ -125,6 +202,10 @@ impl Application {
             settings,
             db,
             redis: redis.as_ref().map(|r| r.pool.clone()),
+            context,
+            rate_limiter,
+            memory,
+            embedder,
             shutdown: CancellationToken::new(),
             started_at: Instant::now(),
         };

@@ -7,6 +7,10 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::context::ContextCache;
+use crate::context::rate_limit::RateLimiter;
+use crate::embed::Embedder;
+use crate::memory::MemoryStore;
 
 /// Everything a handler may need. Cloning is cheap: every field is a handle.
 #[derive(Clone, Debug)]
@@ -17,6 +21,14 @@ pub struct AppState {
     pub db: Option<PgPool>,
     /// Redis pool, when `REDIS_URL` is set.
     pub redis: Option<fred::clients::Pool>,
+    /// Short-term context: Redis when `REDIS_URL` is set, in-process otherwise.
+    pub context: Arc<dyn ContextCache>,
+    /// Per-user, per-endpoint rate limits: Redis, in-process, or disabled (`RATE_LIMIT_ENABLED`).
+    pub rate_limiter: Arc<dyn RateLimiter>,
+    /// Long-term memory: PostgreSQL + pgvector when `DATABASE_URL` is set, in-process otherwise.
+    pub memory: Arc<dyn MemoryStore>,
+    /// The embedder the memory store uses (`COACHD_EMBEDDING_PROVIDER`).
+    pub embedder: Arc<dyn Embedder>,
     /// Cancelled when the server begins to shut down; long-lived streams watch it.
     pub shutdown: CancellationToken,
     /// When the process started serving.

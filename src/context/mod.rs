@@ -1,0 +1,139 @@
+//! Short-term conversation context and rate limits: the [`ContextCache`] trait with a Redis
+//! implementation (shared by every coachd instance) and an in-process one (no external service),
+//! which behave the same, plus the per-user rate limiter in [`rate_limit`].
+//!
+//! Key patterns and TTLs are the reference coach service's; see [`keys`].
+
+pub mod in_process;
+pub mod rate_limit;
+pub mod redis;
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Settings;
+pub use crate::error::StoreError;
+pub use in_process::InProcessContextCache;
+pub use redis::RedisContextCache;
+
+/// One message of a conversation, as kept in a context list (JSON-encoded in Redis).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContextMessage {
+    /// `user`, `assistant` or `system`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+    /// When it was said.
+    pub timestamp: DateTime<Utc>,
+    /// Anything else a caller wants to keep with it (turn number, model, ...).
+    #[serde(default)]
+    pub metadata: serde_json::Value,
+}
+
+impl ContextMessage {
+    /// A message stamped now, without metadata.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            timestamp: Utc::now(),
+            metadata: serde_json::Value::Null,
+        }
+    }
+}
+
+/// Short-term context of sessions and user–coach pairs, and each user's last session.
+/// Every list is capped at [`ContextLimits::max_messages`] (the oldest messages go first) and
+/// expires [`ContextLimits::session_ttl`] after its last append.
+#[async_trait]
+pub trait ContextCache: Send + Sync + fmt::Debug {
+    /// Appends to the session's list, refreshes its TTL, and records the session as the user's last.
+    async fn append_message(
+        &self,
+        session_id: &str,
+        user_id: &str,
+        coach_id: &str,
+        msg: ContextMessage,
+    ) -> Result<(), StoreError>;
+
+    /// The `limit` most recent messages of a session, oldest first.
+    async fn recent_messages(
+        &self,
+        session_id: &str,
+        limit: usize,
+    ) -> Result<Vec<ContextMessage>, StoreError>;
+
+    /// Appends to the user–coach context (conversation outside a formal session).
+    async fn append_user_coach(
+        &self,
+        user_id: &str,
+        coach_id: &str,
+        msg: ContextMessage,
+    ) -> Result<(), StoreError>;
+
+    /// The `limit` most recent messages of the user–coach context, oldest first.
+    async fn user_coach_context(
+        &self,
+        user_id: &str,
+        coach_id: &str,
+        limit: usize,
+    ) -> Result<Vec<ContextMessage>, StoreError>;
+
+    /// Records `session_id` as the user's last session for [`ContextLimits::user_session_ttl`].
+    async fn set_last_session(&self, user_id: &str, session_id: &str) -> Result<(), StoreError>;
+
+    /// The user's last session, if it has not expired.
+    async fn last_session(&self, user_id: &str) -> Result<Option<String>, StoreError>;
+
+    /// Forgets a session's context.
+    async fn clear_session(&self, session_id: &str) -> Result<(), StoreError>;
+}
+
+/// The TTLs and the list cap both implementations apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextLimits {
+    /// `SESSION_CONTEXT_TTL`: life of session and user–coach lists after their last append.
+    pub session_ttl: Duration,
+    /// `USER_SESSION_TTL`: life of a user's last-session pointer.
+    pub user_session_ttl: Duration,
+    /// `COACHD_CONTEXT_MAX_MESSAGES`: longest list.
+    pub max_messages: usize,
+}
+
+impl ContextLimits {
+    /// The limits from the settings.
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self {
+            session_ttl: settings.session_context_ttl,
+            user_session_ttl: settings.user_session_ttl,
+            max_messages: settings.context_max_messages,
+        }
+    }
+}
+
+/// The reference service's key patterns, without the deployment prefix.
+pub mod keys {
+    /// `session:{session_id}:context`
+    pub fn session_context(session_id: &str) -> String {
+        format!("session:{session_id}:context")
+    }
+
+    /// `user:{user_id}:last_session`
+    pub fn last_session(user_id: &str) -> String {
+        format!("user:{user_id}:last_session")
+    }
+
+    /// `user:{user_id}:coach:{coach_id}:context`
+    pub fn user_coach_context(user_id: &str, coach_id: &str) -> String {
+        format!("user:{user_id}:coach:{coach_id}:context")
+    }
+
+    /// `ratelimit:{user_id}:{endpoint}`
+    pub fn rate_limit(user_id: &str, endpoint: &str) -> String {
+        format!("ratelimit:{user_id}:{endpoint}")
+    }
+}

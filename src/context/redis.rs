@@ -1,0 +1,179 @@
+//! The Redis context cache: JSON messages in capped lists under the reference key patterns, behind
+//! the deployment's key prefix. Every append is one Lua script, so the push, the trim to the cap,
+//! the TTL and the last-session pointer are written together or not at all.
+
+use async_trait::async_trait;
+use fred::clients::Pool;
+use fred::interfaces::{KeysInterface, ListInterface};
+use fred::types::{Expiration, Value};
+
+use super::{ContextCache, ContextLimits, ContextMessage, StoreError, keys};
+use crate::redis::Script;
+
+/// KEYS[1]: a context list; KEYS[2] (optional): a last-session pointer.
+/// ARGV: message JSON, cap, list TTL (ms), then session id and pointer TTL (ms) when KEYS[2] is given.
+/// coachd talks to one Redis (not Cluster), so the two keys need not share a hash slot.
+static APPEND: Script = Script::new(
+    r"
+local n = redis.call('RPUSH', KEYS[1], ARGV[1])
+local cap = tonumber(ARGV[2])
+if n > cap then
+  redis.call('LTRIM', KEYS[1], -cap, -1)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if KEYS[2] then
+  redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
+end
+return n
+",
+);
+
+/// Context in Redis, shared by every coachd instance that uses the same Redis and key prefix.
+#[derive(Debug, Clone)]
+pub struct RedisContextCache {
+    pool: Pool,
+    prefix: String,
+    limits: ContextLimits,
+}
+
+impl RedisContextCache {
+    /// A cache on `pool` whose keys all start with `prefix` (`COACHD_REDIS_KEY_PREFIX`).
+    pub fn new(pool: Pool, prefix: impl Into<String>, limits: ContextLimits) -> Self {
+        Self {
+            pool,
+            prefix: prefix.into(),
+            limits,
+        }
+    }
+
+    /// The full Redis key of an unprefixed key from [`keys`].
+    pub fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    async fn append(
+        &self,
+        list: String,
+        pointer: Option<(String, &str)>,
+        msg: &ContextMessage,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(msg).map_err(|e| StoreError::Internal {
+            backend: "redis",
+            reason: format!("cannot encode a context message: {e}"),
+        })?;
+        let mut keys = vec![list];
+        let mut args: Vec<Value> = vec![
+            json.into(),
+            clamp_i64(self.limits.max_messages).into(),
+            millis(self.limits.session_ttl).into(),
+        ];
+        if let Some((key, session_id)) = pointer {
+            keys.push(key);
+            args.push(session_id.into());
+            args.push(millis(self.limits.user_session_ttl).into());
+        }
+        APPEND.run::<i64>(&self.pool, keys, args).await?;
+        Ok(())
+    }
+
+    async fn tail(&self, list: String, limit: usize) -> Result<Vec<ContextMessage>, StoreError> {
+        if limit == 0 {
+            // LRANGE key -0 -1 would return the whole list.
+            return Ok(Vec::new());
+        }
+        let start = -clamp_i64(limit);
+        let raw: Vec<String> = self.pool.lrange(&list, start, -1).await?;
+        Ok(decode(&list, raw))
+    }
+}
+
+#[async_trait]
+impl ContextCache for RedisContextCache {
+    async fn append_message(
+        &self,
+        session_id: &str,
+        user_id: &str,
+        _coach_id: &str,
+        msg: ContextMessage,
+    ) -> Result<(), StoreError> {
+        let list = self.key(&keys::session_context(session_id));
+        let pointer = self.key(&keys::last_session(user_id));
+        self.append(list, Some((pointer, session_id)), &msg).await
+    }
+
+    async fn recent_messages(
+        &self,
+        session_id: &str,
+        limit: usize,
+    ) -> Result<Vec<ContextMessage>, StoreError> {
+        self.tail(self.key(&keys::session_context(session_id)), limit)
+            .await
+    }
+
+    async fn append_user_coach(
+        &self,
+        user_id: &str,
+        coach_id: &str,
+        msg: ContextMessage,
+    ) -> Result<(), StoreError> {
+        self.append(self.key(&keys::user_coach_context(user_id, coach_id)), None, &msg)
+            .await
+    }
+
+    async fn user_coach_context(
+        &self,
+        user_id: &str,
+        coach_id: &str,
+        limit: usize,
+    ) -> Result<Vec<ContextMessage>, StoreError> {
+        self.tail(self.key(&keys::user_coach_context(user_id, coach_id)), limit)
+            .await
+    }
+
+    async fn set_last_session(&self, user_id: &str, session_id: &str) -> Result<(), StoreError> {
+        let ttl = Expiration::PX(millis(self.limits.user_session_ttl));
+        self.pool
+            .set::<(), _, _>(
+                self.key(&keys::last_session(user_id)),
+                session_id,
+                Some(ttl),
+                None,
+                false,
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn last_session(&self, user_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.pool.get(self.key(&keys::last_session(user_id))).await?)
+    }
+
+    async fn clear_session(&self, session_id: &str) -> Result<(), StoreError> {
+        self.pool
+            .del::<i64, _>(self.key(&keys::session_context(session_id)))
+            .await?;
+        Ok(())
+    }
+}
+
+/// Decodes list entries, skipping (and logging) any that are not a [`ContextMessage`]: one bad
+/// entry, e.g. written by another program, must not make the whole context unreadable.
+fn decode(key: &str, raw: Vec<String>) -> Vec<ContextMessage> {
+    raw.into_iter()
+        .filter_map(|entry| match serde_json::from_str(&entry) {
+            Ok(msg) => Some(msg),
+            Err(e) => {
+                tracing::warn!(key, error = %e, "skipping an undecodable context entry");
+                None
+            }
+        })
+        .collect()
+}
+
+fn millis(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn clamp_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,98 @@
+//! Text embeddings for coach memory: the [`Embedder`] trait, an offline feature-hashing embedder
+//! that needs no network (the default), and an OpenAI-compatible `/embeddings` client.
+//!
+//! The dimension is fixed per database (see `memory::pg`), so the provider is chosen explicitly in
+//! configuration and never switched implicitly by the presence of an API key.
+
+pub mod offline;
+pub mod openai;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::config::{EmbeddingProvider, Settings};
+
+pub use offline::OfflineEmbedder;
+pub use openai::OpenAiEmbedder;
+
+/// Turns texts into vectors of a fixed dimension.
+#[async_trait]
+pub trait Embedder: Send + Sync + fmt::Debug {
+    /// Length of every vector this embedder returns.
+    fn dimension(&self) -> usize;
+
+    /// Name of the model, recorded next to the vectors so a change of model can be noticed.
+    fn model(&self) -> &str;
+
+    /// One vector per text, in the order of `texts`. An empty slice gives an empty result without
+    /// any request.
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError>;
+}
+
+/// Why texts could not be embedded.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EmbedError {
+    /// The provider answered with an HTTP error.
+    #[error("embedding provider answered HTTP {status}{}: {message}", code.as_ref().map(|c| format!(" ({c})")).unwrap_or_default())]
+    Http {
+        /// The HTTP status.
+        status: u16,
+        /// The provider's error code (`error.code` or `error.type`), when it sent one.
+        code: Option<String>,
+        /// The provider's message, or the start of the body.
+        message: String,
+        /// Whether the same request may succeed later (429 for rate limits, 5xx, `x-should-retry`).
+        retryable: bool,
+        /// How long the provider asked us to wait (`retry-after-ms` / `retry-after`).
+        retry_after: Option<Duration>,
+    },
+    /// No answer within `COACHD_EMBEDDING_TIMEOUT_MS`.
+    #[error("embedding provider did not answer within {} ms", .0.as_millis())]
+    Timeout(Duration),
+    /// The provider could not be reached.
+    #[error("cannot reach the embedding provider: {0}")]
+    Connect(String),
+    /// The answer is not the expected JSON shape.
+    #[error("unexpected answer from the embedding provider: {0}")]
+    Decode(String),
+    /// A vector of the wrong length: the configured dimension does not fit the model.
+    #[error("the embedding model returned {got}-dimensional vectors but COACHD_EMBEDDING_DIM is {expected}")]
+    Dimension {
+        /// The configured dimension.
+        expected: usize,
+        /// What the model returned.
+        got: usize,
+    },
+}
+
+impl EmbedError {
+    /// Whether the same request may succeed later.
+    pub fn retryable(&self) -> bool {
+        match self {
+            EmbedError::Http { retryable, .. } => *retryable,
+            EmbedError::Timeout(_) | EmbedError::Connect(_) => true,
+            EmbedError::Decode(_) | EmbedError::Dimension { .. } => false,
+        }
+    }
+}
+
+/// The embedder selected by `COACHD_EMBEDDING_PROVIDER`.
+pub fn from_settings(settings: &Settings) -> Result<Arc<dyn Embedder>, EmbedError> {
+    let e = &settings.embedding;
+    Ok(match e.provider {
+        EmbeddingProvider::Offline => Arc::new(OfflineEmbedder::new(e.dimension)),
+        EmbeddingProvider::Openai => Arc::new(OpenAiEmbedder::new(openai::OpenAiConfig {
+            base_url: e.base_url.clone(),
+            api_key: e.api_key.clone(),
+            model: e.model.clone(),
+            dimension: e.dimension,
+            send_dimensions: e.send_dimensions,
+            batch_size: e.batch_size,
+            timeout: e.timeout,
+            connect_timeout: settings.llm_timeouts.connect,
+        })?),
+    })
+}

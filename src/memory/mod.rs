@@ -1,0 +1,287 @@
+//! Long-term coach memory: texts with their embeddings per (user, coach, memory type), searched by
+//! cosine similarity. [`MemoryStore`] has a PostgreSQL + pgvector implementation ([`pg`]) and an
+//! in-process one ([`in_process`]) that behave the same; both embed through an [`Embedder`].
+//!
+//! [`Embedder`]: crate::embed::Embedder
+
+pub mod in_process;
+pub mod pg;
+
+use std::fmt;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::config::MemorySettings;
+pub use crate::error::StoreError;
+pub use in_process::InProcessMemoryStore;
+pub use pg::PgMemoryStore;
+
+/// Longest user id, coach id or memory type accepted (bytes).
+pub const MAX_ID_BYTES: usize = 256;
+
+/// A memory to store. `user_id` and `coach_id` are strings because the reference services use
+/// both integers and UUIDs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMemory {
+    /// The text; surrounding whitespace is trimmed before storing.
+    pub text: String,
+    /// Owner.
+    pub user_id: String,
+    /// Coach the memory belongs to.
+    pub coach_id: String,
+    /// Kind of memory, e.g. `insight`, `goal`, `conversation`.
+    pub memory_type: String,
+    /// A JSON object (or null, stored as `{}`).
+    pub metadata: serde_json::Value,
+}
+
+/// A stored memory.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Memory {
+    /// Time-ordered id (UUID v7).
+    pub id: Uuid,
+    /// Owner.
+    pub user_id: String,
+    /// Coach.
+    pub coach_id: String,
+    /// Kind of memory.
+    pub memory_type: String,
+    /// The text.
+    pub text: String,
+    /// Caller-defined JSON object.
+    pub metadata: serde_json::Value,
+    /// When it was stored (microsecond precision in both stores).
+    pub created_at: DateTime<Utc>,
+}
+
+/// A memory found by a similarity search.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ScoredMemory {
+    /// The memory.
+    pub memory: Memory,
+    /// Cosine similarity to the query, from -1 to 1 (1 = same direction).
+    pub similarity: f32,
+}
+
+/// What [`MemoryStore::store`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOutcome {
+    /// The id of the memory: the new one, or the existing duplicate's.
+    pub id: Uuid,
+    /// False when an identical memory (same user, coach, type and text) already existed.
+    pub created: bool,
+}
+
+/// Long-term memory of (user, coach) pairs.
+#[async_trait]
+pub trait MemoryStore: Send + Sync + fmt::Debug {
+    /// Embeds and stores one memory; an exact duplicate is not stored twice.
+    async fn store(&self, memory: NewMemory) -> Result<StoreOutcome, StoreError>;
+
+    /// Stores many memories with one embedding call and one insert; outcomes in input order.
+    /// Duplicates inside the batch are stored once.
+    async fn store_batch(&self, memories: Vec<NewMemory>) -> Result<Vec<StoreOutcome>, StoreError>;
+
+    /// The `limit` memories of the pair most similar to `query` with a similarity of at least
+    /// `min_similarity`, most similar first. Never fewer than `limit` when that many qualify.
+    /// `limit` is capped at `COACHD_MEMORY_LIST_MAX`.
+    async fn search_similar(
+        &self,
+        user_id: &str,
+        coach_id: &str,
+        query: &str,
+        limit: usize,
+        min_similarity: f32,
+    ) -> Result<Vec<ScoredMemory>, StoreError>;
+
+    /// One page of the pair's memories, newest first, and how many the pair has in total.
+    /// `limit` is capped at `COACHD_MEMORY_LIST_MAX`; `limit = 0` only counts.
+    async fn list(
+        &self,
+        user_id: &str,
+        coach_id: &str,
+        limit: usize,
+        offset: usize,
+    ) -> Result<(Vec<Memory>, u64), StoreError>;
+
+    /// Deletes one memory of the pair; false when it does not exist (or belongs to another pair).
+    async fn delete(&self, user_id: &str, coach_id: &str, id: Uuid) -> Result<bool, StoreError>;
+
+    /// Deletes every memory of the pair; returns how many.
+    async fn clear(&self, user_id: &str, coach_id: &str) -> Result<u64, StoreError>;
+
+    /// Deletes every memory of the user, with every coach; returns how many.
+    async fn erase_user(&self, user_id: &str) -> Result<u64, StoreError>;
+}
+
+/// The limits both stores apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryLimits {
+    /// Longest text and query, in bytes.
+    pub max_text_bytes: usize,
+    /// Largest list page and search result.
+    pub list_max: usize,
+}
+
+impl From<&MemorySettings> for MemoryLimits {
+    fn from(s: &MemorySettings) -> Self {
+        Self {
+            max_text_bytes: s.max_text_bytes,
+            list_max: s.list_max,
+        }
+    }
+}
+
+/// A validated [`NewMemory`] with its text trimmed, its metadata an object and its hash.
+#[derive(Debug, Clone)]
+pub(crate) struct Prepared {
+    pub(crate) text: String,
+    pub(crate) user_id: String,
+    pub(crate) coach_id: String,
+    pub(crate) memory_type: String,
+    pub(crate) metadata: serde_json::Value,
+    pub(crate) hash: [u8; 32],
+}
+
+impl Prepared {
+    /// The identity of a memory for de-duplication.
+    pub(crate) fn dedup_key(&self) -> (String, String, String, [u8; 32]) {
+        (
+            self.user_id.clone(),
+            self.coach_id.clone(),
+            self.memory_type.clone(),
+            self.hash,
+        )
+    }
+}
+
+/// Checks a new memory against the limits; the messages are safe to show to clients.
+pub(crate) fn prepare(m: NewMemory, limits: &MemoryLimits) -> Result<Prepared, StoreError> {
+    let text = m.text.trim();
+    if text.is_empty() {
+        return Err(StoreError::Invalid("memory text is empty".to_owned()));
+    }
+    if text.len() > limits.max_text_bytes {
+        return Err(StoreError::Invalid(format!(
+            "memory text is {} bytes; the limit is {}",
+            text.len(),
+            limits.max_text_bytes
+        )));
+    }
+    check_id("user_id", &m.user_id)?;
+    check_id("coach_id", &m.coach_id)?;
+    check_id("memory_type", &m.memory_type)?;
+    let metadata = match m.metadata {
+        serde_json::Value::Null => serde_json::Value::Object(serde_json::Map::new()),
+        v @ serde_json::Value::Object(_) => v,
+        _ => return Err(StoreError::Invalid("metadata must be a JSON object".to_owned())),
+    };
+    Ok(Prepared {
+        hash: content_hash(text),
+        text: text.to_owned(),
+        user_id: m.user_id,
+        coach_id: m.coach_id,
+        memory_type: m.memory_type,
+        metadata,
+    })
+}
+
+/// Checks a search query against the limits.
+pub(crate) fn check_query(query: &str, limits: &MemoryLimits) -> Result<(), StoreError> {
+    if query.trim().is_empty() {
+        return Err(StoreError::Invalid("query is empty".to_owned()));
+    }
+    if query.len() > limits.max_text_bytes {
+        return Err(StoreError::Invalid(format!(
+            "query is {} bytes; the limit is {}",
+            query.len(),
+            limits.max_text_bytes
+        )));
+    }
+    Ok(())
+}
+
+fn check_id(name: &str, value: &str) -> Result<(), StoreError> {
+    if value.is_empty() || value.len() > MAX_ID_BYTES || value.chars().any(char::is_control) {
+        return Err(StoreError::Invalid(format!(
+            "{name} must be 1 to {MAX_ID_BYTES} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// SHA-256 of the (trimmed) text: the de-duplication key, so the unique index stays small however
+/// long the texts are.
+pub(crate) fn content_hash(text: &str) -> [u8; 32] {
+    Sha256::digest(text.as_bytes()).into()
+}
+
+/// Cosine similarity; 0 when either vector is zero.
+pub(crate) fn cosine_similarity(a: &[f32], b: &[f32]) -> f32 {
+    let (mut dot, mut na, mut nb) = (0.0_f64, 0.0_f64, 0.0_f64);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (f64::from(*x), f64::from(*y));
+        dot += x * y;
+        na += x * x;
+        nb += y * y;
+    }
+    if na == 0.0 || nb == 0.0 {
+        return 0.0;
+    }
+    (dot / (na.sqrt() * nb.sqrt())) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> MemoryLimits {
+        MemoryLimits {
+            max_text_bytes: 10,
+            list_max: 100,
+        }
+    }
+
+    fn new(text: &str) -> NewMemory {
+        NewMemory {
+            text: text.to_owned(),
+            user_id: "1".to_owned(),
+            coach_id: "2".to_owned(),
+            memory_type: "insight".to_owned(),
+            metadata: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn new_memories_are_trimmed_and_checked() {
+        let p = prepare(new("  hello \n"), &limits()).unwrap();
+        assert_eq!(p.text, "hello");
+        assert_eq!(p.metadata, serde_json::json!({}));
+        assert_eq!(p.hash, content_hash("hello"));
+
+        for bad in ["", "   ", "01234567890"] {
+            assert!(
+                matches!(prepare(new(bad), &limits()), Err(StoreError::Invalid(_))),
+                "{bad:?}"
+            );
+        }
+        let mut m = new("x");
+        m.metadata = serde_json::json!([1]);
+        assert!(matches!(prepare(m, &limits()), Err(StoreError::Invalid(_))));
+        let mut m = new("x");
+        m.user_id = String::new();
+        assert!(matches!(prepare(m, &limits()), Err(StoreError::Invalid(_))));
+    }
+
+    #[test]
+    fn cosine_similarity_of_simple_vectors() {
+        assert!((cosine_similarity(&[1.0, 0.0], &[2.0, 0.0]) - 1.0).abs() < 1e-6);
+        assert!(cosine_similarity(&[1.0, 0.0], &[0.0, 1.0]).abs() < 1e-6);
+        assert!((cosine_similarity(&[1.0, 0.0], &[-1.0, 0.0]) + 1.0).abs() < 1e-6);
+        assert_eq!(cosine_similarity(&[0.0, 0.0], &[1.0, 0.0]), 0.0);
+    }
+}
