@@ -1,6 +1,7 @@
 //! HTTP routes: thin handlers only, one module per surface, merged into one router here.
 
 pub mod health;
+pub mod memory;
 
 use axum::Router;
 
@@ -8,5 +9,5 @@ use crate::state::AppState;
 
 /// Every route of coachd.
 pub fn router() -> Router<AppState> {
-    Router::new().merge(health::router())
+    Router::new().merge(health::router()).merge(memory::router())
 }
