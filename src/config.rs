@@ -226,6 +226,9 @@ pub struct Settings {
     pub llm_max_retries: u32,
     /// `COACHD_LLM_RETRY_BASE_MS`: first backoff delay, doubled on each retry.
     pub llm_retry_base: Duration,
+    /// `COACHD_LLM_MAX_RETRY_WAIT_MS`: longest back-off (or provider retry-after) honoured before
+    /// falling back to the next model instead.
+    pub llm_max_retry_wait: Duration,
     /// `COACHD_LLM_TASKS_FILE`: TOML file of extra or overriding tasks.
     pub llm_tasks_file: Option<PathBuf>,
     /// `COACHD_OFFLINE_TOKEN_DELAY_MS`: pace of the offline provider.
@@ -493,6 +496,7 @@ impl Settings {
             llm_timeouts,
             llm_max_retries: r.int("COACHD_LLM_MAX_RETRIES", 2, 0, 10)?,
             llm_retry_base: r.millis("COACHD_LLM_RETRY_BASE_MS", 250, 0, 60_000)?,
+            llm_max_retry_wait: r.millis("COACHD_LLM_MAX_RETRY_WAIT_MS", 10_000, 0, 600_000)?,
             llm_tasks_file: r.raw("COACHD_LLM_TASKS_FILE").map(PathBuf::from),
             offline_token_delay: r.millis("COACHD_OFFLINE_TOKEN_DELAY_MS", 20, 0, 10_000)?,
             supabase_jwt_secret: r.secret("SUPABASE_JWT_SECRET"),

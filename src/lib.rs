@@ -11,12 +11,17 @@
 //! - [`startup`]: builds state and router, binds, serves, shuts down gracefully.
 //! - [`state`]: the shared handles every handler gets.
 //! - [`db`], [`redis`]: connections to PostgreSQL (with migrations) and Redis.
+//! - [`llm`]: providers (OpenAI-compatible, Anthropic, offline), task routing, timeouts.
 //! - [`health`]: dependency checks; [`routes`]: the HTTP handlers.
+//! - `fake_upstream` (feature `fake-upstream`): the fake LLM server for tests and benchmarks.
 
 pub mod config;
 pub mod db;
 pub mod error;
+#[cfg(feature = "fake-upstream")]
+pub mod fake_upstream;
 pub mod health;
+pub mod llm;
 pub mod redis;
 pub mod routes;
 pub mod startup;

@@ -62,6 +62,9 @@ pub enum StartupError {
         /// fred's reason.
         reason: String,
     },
+    /// The LLM configuration (providers, tasks file) is unusable.
+    #[error("LLM configuration: {0}")]
+    Llm(String),
     /// The listening socket could not be bound.
     #[error("cannot listen on {addr}: {reason}")]
     Bind {
@@ -111,6 +114,13 @@ impl Application {
             }
         };
 
+        let llm = crate::llm::Llm::from_settings(&settings).map_err(StartupError::Llm)?;
+        tracing::info!(
+            default_provider = %llm.default_provider(),
+            tasks = llm.tasks().count(),
+            "llm: providers and tasks ready"
+        );
+
         let addr = SocketAddr::new(settings.host, settings.port);
         let listener = TcpListener::bind(addr).await.map_err(|e| StartupError::Bind {
             addr,
@@ -125,6 +135,7 @@ impl Application {
             settings,
             db,
             redis: redis.as_ref().map(|r| r.pool.clone()),
+            llm: Arc::new(llm),
             shutdown: CancellationToken::new(),
             started_at: Instant::now(),
         };

@@ -7,6 +7,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::llm::Llm;
 
 /// Everything a handler may need. Cloning is cheap: every field is a handle.
 #[derive(Clone, Debug)]
@@ -17,6 +18,8 @@ pub struct AppState {
     pub db: Option<PgPool>,
     /// Redis pool, when `REDIS_URL` is set.
     pub redis: Option<fred::clients::Pool>,
+    /// The LLM gateway: providers and task routing.
+    pub llm: Arc<Llm>,
     /// Cancelled when the server begins to shut down; long-lived streams watch it.
     pub shutdown: CancellationToken,
     /// When the process started serving.
