@@ -233,6 +233,8 @@ pub struct Settings {
     pub llm_tasks_file: Option<PathBuf>,
     /// `COACHD_OFFLINE_TOKEN_DELAY_MS`: pace of the offline provider.
     pub offline_token_delay: Duration,
+    /// `COACHD_PERSONAS_FILE`: TOML file of extra or replacing coach personas.
+    pub personas_file: Option<PathBuf>,
     /// `SUPABASE_JWT_SECRET`.
     pub supabase_jwt_secret: Option<Secret>,
     /// `XENIOS_BACKEND_API_KEY`.
@@ -499,6 +501,7 @@ impl Settings {
             llm_max_retry_wait: r.millis("COACHD_LLM_MAX_RETRY_WAIT_MS", 10_000, 0, 600_000)?,
             llm_tasks_file: r.raw("COACHD_LLM_TASKS_FILE").map(PathBuf::from),
             offline_token_delay: r.millis("COACHD_OFFLINE_TOKEN_DELAY_MS", 20, 0, 10_000)?,
+            personas_file: r.raw("COACHD_PERSONAS_FILE").map(PathBuf::from),
             supabase_jwt_secret: r.secret("SUPABASE_JWT_SECRET"),
             backend_api_key: r.secret("XENIOS_BACKEND_API_KEY"),
             log_format,

@@ -12,9 +12,11 @@
 //! - [`state`]: the shared handles every handler gets.
 //! - [`db`], [`redis`]: connections to PostgreSQL (with migrations) and Redis.
 //! - [`llm`]: providers (OpenAI-compatible, Anthropic, offline), task routing, timeouts.
+//! - [`coach`]: personas, prompt assembly, session notes.
 //! - [`health`]: dependency checks; [`routes`]: the HTTP handlers.
 //! - `fake_upstream` (feature `fake-upstream`): the fake LLM server for tests and benchmarks.
 
+pub mod coach;
 pub mod config;
 pub mod db;
 pub mod error;

@@ -65,6 +65,9 @@ pub enum StartupError {
     /// The LLM configuration (providers, tasks file) is unusable.
     #[error("LLM configuration: {0}")]
     Llm(String),
+    /// The personas file is unusable.
+    #[error("{0}")]
+    Personas(String),
     /// The listening socket could not be bound.
     #[error("cannot listen on {addr}: {reason}")]
     Bind {
@@ -121,6 +124,9 @@ impl Application {
             "llm: providers and tasks ready"
         );
 
+        let personas = crate::coach::Personas::from_file(settings.personas_file.as_deref())
+            .map_err(StartupError::Personas)?;
+
         let addr = SocketAddr::new(settings.host, settings.port);
         let listener = TcpListener::bind(addr).await.map_err(|e| StartupError::Bind {
             addr,
@@ -136,6 +142,7 @@ impl Application {
             db,
             redis: redis.as_ref().map(|r| r.pool.clone()),
             llm: Arc::new(llm),
+            personas: Arc::new(personas),
             shutdown: CancellationToken::new(),
             started_at: Instant::now(),
         };
