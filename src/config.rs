@@ -289,10 +289,15 @@ pub struct Settings {
     pub llm_max_retries: u32,
     /// `COACHD_LLM_RETRY_BASE_MS`: first backoff delay, doubled on each retry.
     pub llm_retry_base: Duration,
+    /// `COACHD_LLM_MAX_RETRY_WAIT_MS`: longest back-off (or provider retry-after) honoured before
+    /// falling back to the next model instead.
+    pub llm_max_retry_wait: Duration,
     /// `COACHD_LLM_TASKS_FILE`: TOML file of extra or overriding tasks.
     pub llm_tasks_file: Option<PathBuf>,
     /// `COACHD_OFFLINE_TOKEN_DELAY_MS`: pace of the offline provider.
     pub offline_token_delay: Duration,
+    /// `COACHD_PERSONAS_FILE`: TOML file of extra or replacing coach personas.
+    pub personas_file: Option<PathBuf>,
     /// `SUPABASE_JWT_SECRET`.
     pub supabase_jwt_secret: Option<Secret>,
     /// `XENIOS_BACKEND_API_KEY`.
@@ -594,8 +599,10 @@ impl Settings {
             llm_timeouts,
             llm_max_retries: r.int("COACHD_LLM_MAX_RETRIES", 2, 0, 10)?,
             llm_retry_base: r.millis("COACHD_LLM_RETRY_BASE_MS", 250, 0, 60_000)?,
+            llm_max_retry_wait: r.millis("COACHD_LLM_MAX_RETRY_WAIT_MS", 10_000, 0, 600_000)?,
             llm_tasks_file: r.raw("COACHD_LLM_TASKS_FILE").map(PathBuf::from),
             offline_token_delay: r.millis("COACHD_OFFLINE_TOKEN_DELAY_MS", 20, 0, 10_000)?,
+            personas_file: r.raw("COACHD_PERSONAS_FILE").map(PathBuf::from),
             supabase_jwt_secret: r.secret("SUPABASE_JWT_SECRET"),
             backend_api_key: r.secret("XENIOS_BACKEND_API_KEY"),
             log_format,

@@ -105,24 +105,25 @@ pub async fn check_redis(state: &AppState) -> ComponentReport {
     }
 }
 
-/// The default LLM provider: configured, or the offline provider when no key is set.
+/// The default LLM provider: a models listing (cheap, generates nothing), or `embedded` when
+/// the offline provider answers because no key is configured.
 pub async fn check_llm(state: &AppState) -> ComponentReport {
-    let s = &state.settings;
-    let kind = s.llm_provider;
-    let key = match kind {
-        ProviderKind::Openai => s.openai.api_key.as_ref(),
-        ProviderKind::Groq => s.groq.api_key.as_ref(),
-        ProviderKind::Anthropic => s.anthropic.api_key.as_ref(),
-        ProviderKind::Openrouter => s.openrouter.api_key.as_ref(),
-        ProviderKind::Offline => None,
-    };
-    if key.is_none() {
+    let kind = state.llm.default_provider();
+    if kind == ProviderKind::Offline {
+        let detail = if state.settings.llm_provider == ProviderKind::Offline {
+            "LLM_PROVIDER=offline: the built-in offline provider answers".to_owned()
+        } else {
+            format!(
+                "no API key for {}: the offline provider answers",
+                state.settings.llm_provider
+            )
+        };
         return ComponentReport {
             status: Status::Embedded,
             backend: ProviderKind::Offline.to_string(),
             latency_ms: 0.0,
-            detail: Some(format!("no API key for {kind}: the offline provider answers")),
+            detail: Some(detail),
         };
     }
-    timed(state, kind.as_str(), async { Ok::<(), String>(()) }).await
+    timed(state, kind.as_str(), state.llm.check_default()).await
 }

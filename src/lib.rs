@@ -11,16 +11,23 @@
 //! - [`startup`]: builds state and router, binds, serves, shuts down gracefully.
 //! - [`state`]: the shared handles every handler gets.
 //! - [`db`], [`redis`]: connections to PostgreSQL (with migrations) and Redis.
+//! - [`llm`]: providers (OpenAI-compatible, Anthropic, offline), task routing, timeouts.
+//! - [`coach`]: personas, prompt assembly, session notes.
 //! - [`context`]: short-term session context and rate limits (Redis or in-process).
 //! - [`memory`]: long-term coach memory (PostgreSQL + pgvector or in-process); [`embed`]: embedders.
 //! - [`health`]: dependency checks; [`routes`]: the HTTP handlers.
+//! - `fake_upstream` (feature `fake-upstream`): the fake LLM server for tests and benchmarks.
 
+pub mod coach;
 pub mod config;
 pub mod context;
 pub mod db;
 pub mod embed;
 pub mod error;
+#[cfg(feature = "fake-upstream")]
+pub mod fake_upstream;
 pub mod health;
+pub mod llm;
 pub mod memory;
 pub mod redis;
 pub mod routes;

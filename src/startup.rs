@@ -84,6 +84,12 @@ pub enum StartupError {
     /// The embedder could not be built.
     #[error("cannot set up the embedder: {0}")]
     Embedder(String),
+    /// The LLM configuration (providers, tasks file) is unusable.
+    #[error("LLM configuration: {0}")]
+    Llm(String),
+    /// The personas file is unusable.
+    #[error("{0}")]
+    Personas(String),
     /// The listening socket could not be bound.
     #[error("cannot listen on {addr}: {reason}")]
     Bind {
@@ -132,6 +138,16 @@ impl Application {
                 None
             }
         };
+
+        let llm = crate::llm::Llm::from_settings(&settings).map_err(StartupError::Llm)?;
+        tracing::info!(
+            default_provider = %llm.default_provider(),
+            tasks = llm.tasks().count(),
+            "llm: providers and tasks ready"
+        );
+
+        let personas = crate::coach::Personas::from_file(settings.personas_file.as_deref())
+            .map_err(StartupError::Personas)?;
 
         let embedder = embed::from_settings(&settings).map_err(|e| StartupError::Embedder(e.to_string()))?;
         tracing::info!(
@@ -206,6 +222,8 @@ impl Application {
             rate_limiter,
             memory,
             embedder,
+            llm: Arc::new(llm),
+            personas: Arc::new(personas),
             shutdown: CancellationToken::new(),
             started_at: Instant::now(),
         };

@@ -10,6 +10,7 @@ use crate::config::Settings;
 use crate::context::ContextCache;
 use crate::context::rate_limit::RateLimiter;
 use crate::embed::Embedder;
+use crate::llm::Llm;
 use crate::memory::MemoryStore;
 
 /// Everything a handler may need. Cloning is cheap: every field is a handle.
@@ -21,6 +22,10 @@ pub struct AppState {
     pub db: Option<PgPool>,
     /// Redis pool, when `REDIS_URL` is set.
     pub redis: Option<fred::clients::Pool>,
+    /// The LLM gateway: providers and task routing.
+    pub llm: Arc<Llm>,
+    /// Coach personas.
+    pub personas: Arc<crate::coach::Personas>,
     /// Short-term context: Redis when `REDIS_URL` is set, in-process otherwise.
     pub context: Arc<dyn ContextCache>,
     /// Per-user, per-endpoint rate limits: Redis, in-process, or disabled (`RATE_LIMIT_ENABLED`).

@@ -1,0 +1,623 @@
+//! Task routing, as in the reference AI backend: each task (session_summary, insight_generation,
+//! chat, intent_classification, entity_extraction, plus tasks from a TOML file) has a primary
+//! model and ordered fallbacks. A call retries one model with back-off and falls back to the next
+//! only before the first token has been handed on; after that, a failure ends the stream with an
+//! error event. When every model fails, one error lists each attempt and why.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use super::error::Attempt;
+use super::offline::Offline;
+use super::timeout::with_timeouts;
+use super::{
+    ChatRequest, Completion, EventStream, LlmError, LlmEvent, Message, Params, Provider, ResponseFormat,
+    anthropic, collect, groq, openai, openrouter,
+};
+use crate::config::{LlmTimeouts, ProviderKind, Settings};
+
+/// The built-in task names of the reference AI backend.
+pub const BUILTIN_TASKS: [&str; 5] = [
+    "session_summary",
+    "insight_generation",
+    "chat",
+    "intent_classification",
+    "entity_extraction",
+];
+
+/// One model a task may use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelRef {
+    /// Provider.
+    pub provider: ProviderKind,
+    /// Provider-specific model name.
+    pub model: String,
+    /// Parameters for this model (override the task's).
+    #[serde(flatten)]
+    pub params: Params,
+}
+
+/// A task and its models.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskSpec {
+    /// Task name.
+    pub name: String,
+    /// What it is for.
+    pub description: String,
+    /// Tried first.
+    pub primary: ModelRef,
+    /// Tried in order when the primary fails before its first token.
+    pub fallbacks: Vec<ModelRef>,
+    /// Default parameters of the task.
+    #[serde(flatten)]
+    pub params: Params,
+}
+
+impl<'de> Deserialize<'de> for ProviderKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(|()| {
+            serde::de::Error::custom(format!(
+                "unknown provider {s:?} (expected openai, groq, anthropic, openrouter or offline)"
+            ))
+        })
+    }
+}
+
+/// Retry and back-off policy of routed calls.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Retries of one model before falling back.
+    pub max_retries: u32,
+    /// First back-off delay; doubled on each retry, with ±25 % jitter.
+    pub base: Duration,
+    /// A provider asking to wait longer than this (retry-after) is skipped for the fallback.
+    pub max_wait: Duration,
+}
+
+/// The LLM gateway: configured providers, the task table, timeouts and retry policy.
+#[derive(Debug, Clone)]
+pub struct Llm {
+    providers: HashMap<ProviderKind, Arc<dyn Provider>>,
+    tasks: BTreeMap<String, TaskSpec>,
+    default_provider: ProviderKind,
+    timeouts: LlmTimeouts,
+    retry: RetryPolicy,
+}
+
+impl Llm {
+    /// A gateway over the given providers and tasks.
+    pub fn new(
+        providers: Vec<Arc<dyn Provider>>,
+        tasks: Vec<TaskSpec>,
+        default_provider: ProviderKind,
+        timeouts: LlmTimeouts,
+        retry: RetryPolicy,
+    ) -> Self {
+        Llm {
+            providers: providers.into_iter().map(|p| (p.kind(), p)).collect(),
+            tasks: tasks.into_iter().map(|t| (t.name.clone(), t)).collect(),
+            default_provider,
+            timeouts,
+            retry,
+        }
+    }
+
+    /// Builds every provider that has a key (plus the offline one), the default task table, and
+    /// the tasks of `COACHD_LLM_TASKS_FILE`. LLM_PROVIDER without a key falls back to offline.
+    pub fn from_settings(s: &Settings) -> Result<Self, String> {
+        let t = s.llm_timeouts;
+        let client = reqwest::Client::builder()
+            // Nagle would hold small upstream writes; the first token should not wait 40 ms.
+            .tcp_nodelay(true)
+            .connect_timeout(t.connect)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .user_agent(concat!("coachd/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let mut providers: Vec<Arc<dyn Provider>> = vec![Arc::new(Offline::new(s.offline_token_delay))];
+        if let Some(key) = &s.openai.api_key {
+            providers.push(Arc::new(openai::OpenAiCompatible::new(
+                ProviderKind::Openai,
+                client.clone(),
+                &s.openai,
+                key.clone(),
+                Default::default(),
+                true,
+                t.connect,
+            )));
+        }
+        if let Some(key) = &s.groq.api_key {
+            providers.push(Arc::new(groq::provider(
+                client.clone(),
+                &s.groq,
+                key.clone(),
+                t.connect,
+            )));
+        }
+        if let Some(key) = &s.anthropic.api_key {
+            providers.push(Arc::new(anthropic::Anthropic::new(
+                client.clone(),
+                &s.anthropic,
+                key.clone(),
+                t.connect,
+            )));
+        }
+        if let Some(key) = &s.openrouter.api_key {
+            providers.push(Arc::new(openrouter::provider(
+                client.clone(),
+                &s.openrouter,
+                key.clone(),
+                s.openrouter_referer.as_deref(),
+                &s.openrouter_title,
+                t.connect,
+            )));
+        }
+        let configured: Vec<ProviderKind> = providers.iter().map(|p| p.kind()).collect();
+        let default_provider = if configured.contains(&s.llm_provider) {
+            s.llm_provider
+        } else {
+            ProviderKind::Offline
+        };
+        let model_of = |kind: ProviderKind| -> String {
+            providers
+                .iter()
+                .find(|p| p.kind() == kind)
+                .map(|p| p.default_model().to_owned())
+                .unwrap_or_default()
+        };
+        let mut tasks = default_tasks(default_provider, &configured, model_of);
+        if let Some(path) = &s.llm_tasks_file {
+            for task in load_tasks_file(path)? {
+                tasks.retain(|t| t.name != task.name);
+                tasks.push(task);
+            }
+        }
+        for task in &tasks {
+            for m in std::iter::once(&task.primary).chain(&task.fallbacks) {
+                if !configured.contains(&m.provider) {
+                    return Err(format!(
+                        "task {:?} uses provider {} which has no API key configured",
+                        task.name, m.provider
+                    ));
+                }
+            }
+        }
+        let retry = RetryPolicy {
+            max_retries: s.llm_max_retries,
+            base: s.llm_retry_base,
+            max_wait: s.llm_max_retry_wait,
+        };
+        Ok(Llm::new(providers, tasks, default_provider, t, retry))
+    }
+
+    /// The provider requests without a task go to.
+    pub fn default_provider(&self) -> ProviderKind {
+        self.default_provider
+    }
+
+    /// A configured provider.
+    pub fn provider(&self, kind: ProviderKind) -> Option<&Arc<dyn Provider>> {
+        self.providers.get(&kind)
+    }
+
+    /// Every task, by name.
+    pub fn tasks(&self) -> impl Iterator<Item = &TaskSpec> {
+        self.tasks.values()
+    }
+
+    /// One task.
+    pub fn task(&self, name: &str) -> Option<&TaskSpec> {
+        self.tasks.get(name)
+    }
+
+    /// Checks the default provider (lists models; generates nothing).
+    pub async fn check_default(&self) -> Result<(), LlmError> {
+        match self.providers.get(&self.default_provider) {
+            Some(p) => p.check().await,
+            None => Err(LlmError::NotConfigured {
+                provider: self.default_provider,
+            }),
+        }
+    }
+
+    /// Streams a task's reply, routed through its models. The first event is `Start` naming the
+    /// model that serves; errors before it are retried or fallen back; an error after it ends the
+    /// stream. Dropping the stream aborts the upstream request.
+    pub fn stream_task(
+        &self,
+        task: &str,
+        system: Option<String>,
+        messages: Vec<Message>,
+        response_format: Option<ResponseFormat>,
+    ) -> EventStream {
+        let Some(spec) = self.tasks.get(task).cloned() else {
+            let err = LlmError::UnknownTask(task.to_owned());
+            return Box::pin(futures::stream::once(async move { Err(err) }));
+        };
+        let chain: Vec<ModelRef> = std::iter::once(spec.primary.clone())
+            .chain(spec.fallbacks.clone())
+            .collect();
+        self.stream_chain(
+            spec.name.clone(),
+            chain,
+            spec.params.clone(),
+            system,
+            messages,
+            response_format,
+        )
+    }
+
+    /// Streams from one model (with retries, no fallback), e.g. a provider model named directly.
+    pub fn stream_model(
+        &self,
+        model: ModelRef,
+        system: Option<String>,
+        messages: Vec<Message>,
+        response_format: Option<ResponseFormat>,
+    ) -> EventStream {
+        let label = format!("{}/{}", model.provider, model.model);
+        self.stream_chain(
+            label,
+            vec![model],
+            Params::default(),
+            system,
+            messages,
+            response_format,
+        )
+    }
+
+    fn stream_chain(
+        &self,
+        task: String,
+        chain: Vec<ModelRef>,
+        task_params: Params,
+        system: Option<String>,
+        messages: Vec<Message>,
+        response_format: Option<ResponseFormat>,
+    ) -> EventStream {
+        let providers = self.providers.clone();
+        let timeouts = self.timeouts;
+        let retry = self.retry;
+        Box::pin(async_stream::stream! {
+            let mut attempts: Vec<Attempt> = Vec::new();
+            for model in chain {
+                let Some(provider) = providers.get(&model.provider).cloned() else {
+                    attempts.push(Attempt {
+                        provider: model.provider,
+                        model: model.model.clone(),
+                        error: LlmError::NotConfigured { provider: model.provider }.to_string(),
+                    });
+                    continue;
+                };
+                let mut tries = 0u32;
+                loop {
+                    let request = ChatRequest {
+                        model: model.model.clone(),
+                        system: system.clone(),
+                        messages: messages.clone(),
+                        params: model.params.or(&task_params),
+                        response_format: response_format.clone(),
+                    };
+                    let p = provider.clone();
+                    let mut stream = with_timeouts(model.provider, timeouts, async move { p.stream(request).await });
+
+                    // Hold events back until the first text delta: until then, a failure can still
+                    // be retried or fallen back without the client having seen anything.
+                    let mut held = Vec::new();
+                    let first = loop {
+                        match stream.next().await {
+                            Some(Ok(LlmEvent::Delta(text))) => break Ok(Some(text)),
+                            Some(Ok(event)) => held.push(event),
+                            Some(Err(e)) => break Err(e),
+                            None => break Ok(None),
+                        }
+                    };
+                    match first {
+                        Ok(first) => {
+                            yield Ok(LlmEvent::Start { provider: model.provider, model: model.model.clone() });
+                            if let Some(text) = first {
+                                yield Ok(LlmEvent::Delta(text));
+                            }
+                            for event in held {
+                                yield Ok(event);
+                            }
+                            // From here on the client has text: an error ends the stream, as is.
+                            while let Some(item) = stream.next().await {
+                                let failed = item.is_err();
+                                yield item;
+                                if failed {
+                                    return;
+                                }
+                            }
+                            return;
+                        }
+                        Err(e) => {
+                            tries += 1;
+                            tracing::warn!(
+                                task = %task, provider = %model.provider, model = %model.model,
+                                attempt = tries, error = %e, "LLM attempt failed before the first token"
+                            );
+                            let wait = backoff(&retry, tries, &e);
+                            attempts.push(Attempt { provider: model.provider, model: model.model.clone(), error: e.to_string() });
+                            match wait {
+                                Some(wait) if e.retryable() && tries <= retry.max_retries => {
+                                    tokio::time::sleep(wait).await;
+                                }
+                                _ => break,
+                            }
+                        }
+                    }
+                }
+            }
+            yield Err(LlmError::AllFailed { task, attempts });
+        })
+    }
+
+    /// The reference coach service's `generate(prompt, system_prompt, history)`, on task `chat`.
+    pub async fn generate(
+        &self,
+        prompt: &str,
+        system_prompt: Option<&str>,
+        history: &[Message],
+    ) -> Result<Completion, LlmError> {
+        self.generate_task("chat", prompt, system_prompt, history).await
+    }
+
+    /// `generate` on a named task.
+    pub async fn generate_task(
+        &self,
+        task: &str,
+        prompt: &str,
+        system_prompt: Option<&str>,
+        history: &[Message],
+    ) -> Result<Completion, LlmError> {
+        let mut messages = history.to_vec();
+        messages.push(Message::user(prompt));
+        let stream = self.stream_task(task, system_prompt.map(str::to_owned), messages, None);
+        collect(stream, (self.default_provider, "")).await
+    }
+}
+
+/// How long to wait before retry number `tries` (1-based), or `None` when the provider asks for
+/// longer than the policy allows.
+fn backoff(policy: &RetryPolicy, tries: u32, error: &LlmError) -> Option<Duration> {
+    let exp = policy
+        .base
+        .saturating_mul(1u32 << tries.saturating_sub(1).min(16));
+    let jitter = rand::thread_rng().gen_range(0.75..1.25);
+    let mut wait = exp.mul_f64(jitter);
+    if let LlmError::RateLimited {
+        retry_after: Some(after),
+        ..
+    } = error
+    {
+        if *after > policy.max_wait {
+            return None;
+        }
+        wait = wait.max(*after);
+    }
+    Some(wait.min(policy.max_wait))
+}
+
+fn model(provider: ProviderKind, name: &str) -> ModelRef {
+    ModelRef {
+        provider,
+        model: name.to_owned(),
+        params: Params::default(),
+    }
+}
+
+fn params(temperature: f64, max_tokens: u32) -> Params {
+    Params {
+        temperature: Some(temperature),
+        max_tokens: Some(max_tokens),
+        ..Params::default()
+    }
+}
+
+/// The default task table. With LLM_PROVIDER=openrouter it is the reference AI backend's
+/// (Opus 4.5 → Sonnet 4; Sonnet 4 → GPT-4o-mini); otherwise every task uses the default
+/// provider's model, falling back to each other configured provider's default model.
+pub fn default_tasks(
+    default: ProviderKind,
+    configured: &[ProviderKind],
+    model_of: impl Fn(ProviderKind) -> String,
+) -> Vec<TaskSpec> {
+    let described = [
+        (
+            "session_summary",
+            "Summarise a coaching session into notes with action items",
+            params(0.3, 2048),
+        ),
+        (
+            "insight_generation",
+            "Derive insights about the client from their sessions",
+            params(0.5, 2048),
+        ),
+        ("chat", "Coach conversation turns", params(0.7, 1024)),
+        (
+            "intent_classification",
+            "Classify the intent of a message",
+            params(0.0, 256),
+        ),
+        (
+            "entity_extraction",
+            "Extract typed entities with their text spans",
+            params(0.0, 1024),
+        ),
+    ];
+    described
+        .into_iter()
+        .map(|(name, description, params)| {
+            let (primary, fallbacks) = if default == ProviderKind::Openrouter {
+                let heavy = !matches!(name, "intent_classification" | "entity_extraction");
+                if heavy {
+                    (
+                        model(default, "anthropic/claude-opus-4.5"),
+                        vec![model(default, "anthropic/claude-sonnet-4")],
+                    )
+                } else {
+                    (
+                        model(default, "anthropic/claude-sonnet-4"),
+                        vec![model(default, "openai/gpt-4o-mini")],
+                    )
+                }
+            } else {
+                let fallbacks = ProviderKind::ALL
+                    .into_iter()
+                    .filter(|k| *k != default && *k != ProviderKind::Offline && configured.contains(k))
+                    .map(|k| model(k, &model_of(k)))
+                    .collect();
+                (model(default, &model_of(default)), fallbacks)
+            };
+            TaskSpec {
+                name: name.to_owned(),
+                description: description.to_owned(),
+                primary,
+                fallbacks,
+                params,
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TasksFile {
+    tasks: BTreeMap<String, FileTask>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FileTask {
+    #[serde(default)]
+    description: String,
+    primary: ModelRef,
+    #[serde(default)]
+    fallbacks: Vec<ModelRef>,
+    #[serde(flatten)]
+    params: Params,
+}
+
+/// Reads a TOML tasks file:
+///
+/// ```toml
+/// [tasks.chat]
+/// description = "Coach conversation turns"
+/// temperature = 0.7
+/// primary = { provider = "openai", model = "gpt-4o-mini" }
+/// fallbacks = [{ provider = "anthropic", model = "claude-3-5-haiku-latest", max_tokens = 512 }]
+/// ```
+pub fn load_tasks_file(path: &Path) -> Result<Vec<TaskSpec>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read COACHD_LLM_TASKS_FILE {}: {e}", path.display()))?;
+    parse_tasks(&text).map_err(|e| format!("invalid COACHD_LLM_TASKS_FILE {}: {e}", path.display()))
+}
+
+/// Parses the TOML of a tasks file.
+pub fn parse_tasks(text: &str) -> Result<Vec<TaskSpec>, String> {
+    let file: TasksFile = toml::from_str(text).map_err(|e| e.message().to_owned())?;
+    Ok(file
+        .tasks
+        .into_iter()
+        .map(|(name, t)| TaskSpec {
+            name,
+            description: t.description,
+            primary: t.primary,
+            fallbacks: t.fallbacks,
+            params: t.params,
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openrouter_default_table_matches_the_reference() {
+        let tasks = default_tasks(ProviderKind::Openrouter, &[ProviderKind::Openrouter], |_| {
+            String::new()
+        });
+        let chat = tasks.iter().find(|t| t.name == "chat").unwrap();
+        assert_eq!(chat.primary.model, "anthropic/claude-opus-4.5");
+        assert_eq!(chat.fallbacks[0].model, "anthropic/claude-sonnet-4");
+        let intent = tasks.iter().find(|t| t.name == "intent_classification").unwrap();
+        assert_eq!(intent.primary.model, "anthropic/claude-sonnet-4");
+        assert_eq!(intent.fallbacks[0].model, "openai/gpt-4o-mini");
+        assert_eq!(tasks.len(), BUILTIN_TASKS.len());
+    }
+
+    #[test]
+    fn other_configured_providers_become_fallbacks() {
+        let configured = [
+            ProviderKind::Offline,
+            ProviderKind::Openai,
+            ProviderKind::Anthropic,
+        ];
+        let tasks = default_tasks(ProviderKind::Anthropic, &configured, |k| format!("{k}-model"));
+        let chat = tasks.iter().find(|t| t.name == "chat").unwrap();
+        assert_eq!(chat.primary, model(ProviderKind::Anthropic, "anthropic-model"));
+        assert_eq!(chat.fallbacks, vec![model(ProviderKind::Openai, "openai-model")]);
+    }
+
+    #[test]
+    fn tasks_file_parses_and_rejects_unknown_providers() {
+        let tasks = parse_tasks(
+            r#"
+            [tasks.coach_reflection]
+            description = "Reflect"
+            temperature = 0.2
+            primary = { provider = "groq", model = "llama-3.3-70b-versatile" }
+            fallbacks = [{ provider = "openai", model = "gpt-4o-mini", max_tokens = 300 }]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(tasks[0].name, "coach_reflection");
+        assert_eq!(tasks[0].params.temperature, Some(0.2));
+        assert_eq!(tasks[0].fallbacks[0].params.max_tokens, Some(300));
+        let err = parse_tasks("[tasks.x]\nprimary = { provider = \"cohere\", model = \"m\" }").unwrap_err();
+        assert!(err.contains("unknown provider"), "{err}");
+    }
+
+    #[test]
+    fn backoff_doubles_and_honours_retry_after_up_to_the_cap() {
+        let policy = RetryPolicy {
+            max_retries: 3,
+            base: Duration::from_millis(100),
+            max_wait: Duration::from_secs(2),
+        };
+        let e = LlmError::Unavailable {
+            provider: ProviderKind::Openai,
+            status: Some(503),
+            message: String::new(),
+        };
+        let w1 = backoff(&policy, 1, &e).unwrap();
+        let w3 = backoff(&policy, 3, &e).unwrap();
+        assert!(
+            w1 >= Duration::from_millis(75) && w1 <= Duration::from_millis(125),
+            "{w1:?}"
+        );
+        assert!(
+            w3 >= Duration::from_millis(300) && w3 <= Duration::from_millis(500),
+            "{w3:?}"
+        );
+        let limited = |secs| LlmError::RateLimited {
+            provider: ProviderKind::Openai,
+            retry_after: Some(Duration::from_secs(secs)),
+            message: String::new(),
+        };
+        assert_eq!(backoff(&policy, 1, &limited(1)), Some(Duration::from_secs(1)));
+        assert_eq!(
+            backoff(&policy, 1, &limited(30)),
+            None,
+            "too long a wait goes to the fallback"
+        );
+    }
+}

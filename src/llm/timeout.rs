@@ -1,0 +1,71 @@
+//! The four upstream timeouts around one provider call: connect (in the HTTP client), first
+//! token (request sent → first text delta), idle (between events once text flows) and total.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::time::{Instant, timeout_at};
+
+use super::error::TimeoutPhase;
+use super::{EventStream, LlmError, LlmEvent};
+use crate::config::{LlmTimeouts, ProviderKind};
+
+/// Runs `start` (which sends the request and waits for headers) and then its stream under the
+/// first-token, idle and total timeouts. The connect timeout is the HTTP client's own.
+pub fn with_timeouts<F>(provider: ProviderKind, t: LlmTimeouts, start: F) -> EventStream
+where
+    F: Future<Output = Result<EventStream, LlmError>> + Send + 'static,
+{
+    let stream = async_stream::stream! {
+        let begun = Instant::now();
+        let total_deadline = begun + t.total;
+        // The nearer of a phase's own deadline and the total one, with the error it means.
+        let limit = |deadline: Instant, phase: TimeoutPhase, after: Duration| {
+            if deadline < total_deadline {
+                (deadline, LlmError::Timeout { provider, phase, after })
+            } else {
+                (total_deadline, LlmError::Timeout { provider, phase: TimeoutPhase::Total, after: t.total })
+            }
+        };
+        let first_token = limit(begun + t.first_token, TimeoutPhase::FirstToken, t.first_token);
+
+        let mut inner = match timeout_at(first_token.0, start).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                yield Err(e);
+                return;
+            }
+            Err(_) => {
+                yield Err(first_token.1);
+                return;
+            }
+        };
+        let mut seen_text = false;
+        loop {
+            let (deadline, error) = if seen_text {
+                limit(Instant::now() + t.idle, TimeoutPhase::Idle, t.idle)
+            } else {
+                first_token.clone()
+            };
+            match timeout_at(deadline, inner.next()).await {
+                Ok(Some(Ok(event))) => {
+                    if matches!(&event, LlmEvent::Delta(text) if !text.is_empty()) {
+                        seen_text = true;
+                    }
+                    yield Ok(event);
+                }
+                Ok(Some(Err(e))) => {
+                    yield Err(e);
+                    return;
+                }
+                Ok(None) => return,
+                Err(_) => {
+                    yield Err(error);
+                    return;
+                }
+            }
+        }
+    };
+    Box::pin(stream)
+}
