@@ -238,7 +238,7 @@ struct ErrorDetail {
 mod tests {
     use super::*;
 
-    const RESPONSE: &str = include_str!("../../tests/fixtures/openai_embeddings_response.json");
+    const RESPONSE: &str = include_str!("../../tests/wire/openai_embeddings_response.json");
 
     #[test]
     fn the_request_has_the_openai_wire_shape() {
@@ -252,10 +252,8 @@ mod tests {
             encoding_format: "float",
             dimensions: Some(8),
         };
-        let expected: serde_json::Value = serde_json::from_str(include_str!(
-            "../../tests/fixtures/openai_embeddings_request.json"
-        ))
-        .unwrap();
+        let expected: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/wire/openai_embeddings_request.json")).unwrap();
         assert_eq!(serde_json::to_value(&body).unwrap(), expected);
         let without = EmbeddingsRequest {
             dimensions: None,
