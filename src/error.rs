@@ -1,5 +1,6 @@
-//! The one error type of the HTTP surface. Its status code, JSON body, retryability and
+//! The one error type of the HTTP surface. Its status code, JSON body, headers, retryability and
 //! WebSocket close code are all derived here, so every transport reports a failure the same way.
+//! [`StoreError`], the failure of a store, lives here too so its mapping to [`Error`] is in one place.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -34,8 +35,31 @@ pub enum Error {
     /// Too many requests in the current window.
     #[error("rate limit exceeded; retry in {retry_after_secs} s")]
     RateLimited {
-        /// Seconds until the window resets.
+        /// Requests allowed per window (`X-RateLimit-Limit`).
+        limit: u32,
+        /// Requests left in the window (`X-RateLimit-Remaining`); 0 when limited.
+        remaining: u32,
+        /// Seconds until the window resets (`Retry-After`, `X-RateLimit-Reset`).
         retry_after_secs: u64,
+    },
+    /// The session existed but has ended.
+    #[error("the session has ended")]
+    SessionEnded,
+    /// Too many messages wait behind the reply streaming now.
+    #[error("{max} messages already wait for the current reply; wait for it or send with mode \"interrupt\"")]
+    QueueFull {
+        /// The configured limit.
+        max: usize,
+    },
+    /// A turn failed before any reply text; carries the upstream error's code.
+    #[error("{message}")]
+    TurnFailed {
+        /// The code of the error event.
+        code: String,
+        /// Its message.
+        message: String,
+        /// Whether trying again may work.
+        retryable: bool,
     },
     /// A dependency (database, Redis, LLM provider) cannot serve the request now.
     #[error("{0}")]
@@ -66,10 +90,10 @@ pub struct ErrorBody {
 }
 
 /// Code and message of an [`ErrorBody`].
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ErrorDetail {
     /// Stable machine-readable code.
-    pub code: &'static str,
+    pub code: String,
     /// Human-readable message, safe to show.
     pub message: String,
 }
@@ -93,6 +117,10 @@ impl Error {
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::SessionEnded => StatusCode::GONE,
+            Error::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::TurnFailed { code, .. } if code.contains("timeout") => StatusCode::GATEWAY_TIMEOUT,
+            Error::TurnFailed { .. } => StatusCode::BAD_GATEWAY,
             Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -100,9 +128,12 @@ impl Error {
     }
 
     /// The stable code sent to clients.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> &str {
         match self {
             Error::BadRequest { code, .. } | Error::Upstream { code, .. } => code,
+            Error::TurnFailed { code, .. } => code,
+            Error::SessionEnded => "session_ended",
+            Error::QueueFull { .. } => "turn_queue_full",
             Error::Unauthorized => "unauthorized",
             Error::Forbidden => "forbidden",
             Error::NotFound(_) => "not_found",
@@ -117,7 +148,11 @@ impl Error {
     /// Whether the same request may succeed later.
     pub fn retryable(&self) -> bool {
         match self {
-            Error::RateLimited { .. } | Error::Unavailable(_) | Error::Timeout(_) => true,
+            Error::RateLimited { .. }
+            | Error::Unavailable(_)
+            | Error::Timeout(_)
+            | Error::QueueFull { .. } => true,
+            Error::TurnFailed { retryable, .. } => *retryable,
             Error::Upstream { retryable, .. } => *retryable,
             _ => false,
         }
@@ -133,7 +168,11 @@ impl Error {
             Error::Forbidden => 4403,
             Error::NotFound(_) => 4404,
             Error::RateLimited { .. } => 4429,
-            Error::Unavailable(_) | Error::Timeout(_) | Error::Upstream { .. } => 1013,
+            Error::SessionEnded => 1000,
+            Error::QueueFull { .. } => 4429,
+            Error::Unavailable(_) | Error::Timeout(_) | Error::Upstream { .. } | Error::TurnFailed { .. } => {
+                1013
+            }
             Error::Internal(_) => 1011,
         }
     }
@@ -142,7 +181,7 @@ impl Error {
     pub fn body(&self) -> ErrorBody {
         ErrorBody {
             error: ErrorDetail {
-                code: self.code(),
+                code: self.code().to_owned(),
                 message: self.to_string(),
             },
         }
@@ -163,12 +202,122 @@ impl IntoResponse for Error {
         }
         let status = self.status_code();
         let mut response = (status, axum::Json(self.body())).into_response();
-        if let Error::RateLimited { retry_after_secs } = self {
-            if let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string()) {
-                response.headers_mut().insert(header::RETRY_AFTER, v);
-            }
+        if let Error::RateLimited {
+            limit,
+            remaining,
+            retry_after_secs,
+        } = self
+        {
+            let headers = response.headers_mut();
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            insert_rate_limit_headers(headers, limit, remaining, retry_after_secs);
         }
         response
+    }
+}
+
+/// `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset` (seconds until the window
+/// resets, like `Retry-After`), on admitted and refused requests alike.
+pub fn insert_rate_limit_headers(headers: &mut http::HeaderMap, limit: u32, remaining: u32, reset_secs: u64) {
+    headers.insert(RATE_LIMIT_LIMIT, HeaderValue::from(limit));
+    headers.insert(RATE_LIMIT_REMAINING, HeaderValue::from(remaining));
+    headers.insert(RATE_LIMIT_RESET, HeaderValue::from(reset_secs));
+}
+
+/// `X-RateLimit-Limit`: requests allowed per window.
+pub const RATE_LIMIT_LIMIT: header::HeaderName = header::HeaderName::from_static("x-ratelimit-limit");
+/// `X-RateLimit-Remaining`: requests left in the current window.
+pub const RATE_LIMIT_REMAINING: header::HeaderName = header::HeaderName::from_static("x-ratelimit-remaining");
+/// `X-RateLimit-Reset`: seconds until the current window resets.
+pub const RATE_LIMIT_RESET: header::HeaderName = header::HeaderName::from_static("x-ratelimit-reset");
+
+/// A failure of a store (context cache, rate limiter, memory store) or of the embedder behind it.
+/// Converted into [`Error`] by `?` in handlers.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend cannot be reached or did not answer in time; trying again later may work.
+    #[error("{backend} unavailable: {reason}")]
+    Unavailable {
+        /// `redis` or `postgresql`.
+        backend: &'static str,
+        /// The driver's reason (may name hosts: logged, not sent).
+        reason: String,
+    },
+    /// The input cannot be stored or searched (empty, too large, malformed); safe to show.
+    #[error("{0}")]
+    Invalid(String),
+    /// The embedder failed.
+    #[error(transparent)]
+    Embed(#[from] crate::embed::EmbedError),
+    /// Anything else: a bug, corrupt data, an unexpected answer.
+    #[error("{backend}: {reason}")]
+    Internal {
+        /// `redis`, `postgresql` or `in-process`.
+        backend: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+impl From<fred::error::Error> for StoreError {
+    fn from(e: fred::error::Error) -> Self {
+        use fred::error::ErrorKind as K;
+        let reason = e.to_string();
+        match e.kind() {
+            K::IO | K::Timeout | K::Canceled | K::Backpressure | K::Routing | K::Cluster | K::Sentinel => {
+                StoreError::Unavailable {
+                    backend: "redis",
+                    reason,
+                }
+            }
+            _ => StoreError::Internal {
+                backend: "redis",
+                reason,
+            },
+        }
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        let reason = e.to_string();
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed => StoreError::Unavailable {
+                backend: "postgresql",
+                reason,
+            },
+            _ => StoreError::Internal {
+                backend: "postgresql",
+                reason,
+            },
+        }
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable { backend, reason } => {
+                // The reason may name hosts and ports: log it, tell the client only which store.
+                tracing::warn!(backend, reason, "store unavailable");
+                Error::Unavailable(format!("{backend} is unavailable; try again later"))
+            }
+            StoreError::Invalid(message) => Error::bad_request("invalid_input", message),
+            StoreError::Embed(e) => {
+                tracing::warn!(error = %e, "embedding failed");
+                Error::Upstream {
+                    code: "embedding_failed",
+                    message: "the embedding provider failed".to_owned(),
+                    retryable: e.retryable(),
+                }
+            }
+            StoreError::Internal { backend, reason } => {
+                Error::Internal(anyhow::anyhow!("{backend}: {reason}"))
+            }
+        }
     }
 }
 
@@ -206,7 +355,11 @@ mod tests {
             (Error::Unauthorized, 401, "unauthorized", 4401),
             (Error::NotFound("session".into()), 404, "not_found", 4404),
             (
-                Error::RateLimited { retry_after_secs: 3 },
+                Error::RateLimited {
+                    limit: 60,
+                    remaining: 0,
+                    retry_after_secs: 3,
+                },
                 429,
                 "rate_limited",
                 4429,
@@ -219,6 +372,55 @@ mod tests {
             assert_eq!(err.code(), code);
             assert_eq!(err.ws_close_code(), close);
         }
+    }
+
+    #[test]
+    fn a_rate_limited_answer_carries_retry_after_and_the_rate_limit_headers() {
+        let response = Error::RateLimited {
+            limit: 5,
+            remaining: 0,
+            retry_after_secs: 42,
+        }
+        .into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        let h = response.headers();
+        assert_eq!(h[header::RETRY_AFTER], "42");
+        assert_eq!(h["x-ratelimit-limit"], "5");
+        assert_eq!(h["x-ratelimit-remaining"], "0");
+        assert_eq!(h["x-ratelimit-reset"], "42");
+    }
+
+    #[test]
+    fn store_errors_map_to_unavailable_bad_request_upstream_or_internal() {
+        let unavailable: Error = StoreError::Unavailable {
+            backend: "redis",
+            reason: "connection refused to 10.0.0.7:6379".into(),
+        }
+        .into();
+        assert_eq!(unavailable.status_code(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            !unavailable.to_string().contains("10.0.0.7"),
+            "hosts are not sent"
+        );
+
+        let invalid: Error = StoreError::Invalid("text is empty".into()).into();
+        assert_eq!(
+            (invalid.status_code().as_u16(), invalid.code()),
+            (400, "invalid_input")
+        );
+
+        let embed: Error = StoreError::Embed(crate::embed::EmbedError::Timeout(
+            std::time::Duration::from_secs(1),
+        ))
+        .into();
+        assert_eq!((embed.status_code().as_u16(), embed.retryable()), (502, true));
+
+        let internal: Error = StoreError::Internal {
+            backend: "postgresql",
+            reason: "bad row".into(),
+        }
+        .into();
+        assert_eq!(internal.status_code(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 
     #[test]

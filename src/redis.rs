@@ -59,3 +59,52 @@ pub fn connect(url: &ServiceUrl, settings: &Settings) -> Result<RedisConn, Start
     let task = pool.connect();
     Ok(RedisConn { pool, task })
 }
+
+/// A Lua script run with `EVALSHA`: loaded with `SCRIPT LOAD` on first use, and again when Redis
+/// answers `NOSCRIPT` (after a restart or `SCRIPT FLUSH`). Its SHA-1 never changes, so it is
+/// remembered once.
+#[derive(Debug)]
+pub struct Script {
+    body: &'static str,
+    sha: std::sync::OnceLock<String>,
+}
+
+impl Script {
+    /// A script with this Lua source.
+    pub const fn new(body: &'static str) -> Self {
+        Self {
+            body,
+            sha: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Runs the script on one client of the pool.
+    pub async fn run<R>(
+        &self,
+        pool: &fred::clients::Pool,
+        keys: Vec<String>,
+        args: Vec<fred::types::Value>,
+    ) -> Result<R, fred::error::Error>
+    where
+        R: fred::types::FromValue,
+    {
+        use fred::interfaces::LuaInterface;
+        let client = pool.next();
+        let sha = match self.sha.get() {
+            Some(sha) => sha.clone(),
+            None => {
+                let sha: String = client.script_load(self.body).await?;
+                // Two tasks may race to load it; both get the same SHA-1, so either value is fine.
+                let _ = self.sha.set(sha.clone());
+                sha
+            }
+        };
+        match client.evalsha(sha.as_str(), keys.clone(), args.clone()).await {
+            Err(e) if e.details().starts_with("NOSCRIPT") => {
+                client.script_load::<String, _>(self.body).await?;
+                client.evalsha(sha.as_str(), keys, args).await
+            }
+            result => result,
+        }
+    }
+}

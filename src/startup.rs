@@ -20,10 +20,15 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use crate::config::Settings;
+use crate::context::rate_limit::{
+    DisabledRateLimiter, InProcessRateLimiter, RateLimit, RateLimiter, RedisRateLimiter,
+};
+use crate::context::{ContextCache, ContextLimits, InProcessContextCache, RedisContextCache};
 use crate::error::Error;
+use crate::memory::{InProcessMemoryStore, MemoryLimits, MemoryStore, PgMemoryStore};
 use crate::redis::RedisConn;
 use crate::state::AppState;
-use crate::{db, redis, routes};
+use crate::{db, embed, redis, routes};
 
 /// The request-id header, set when the client sent none and echoed on every response.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -62,6 +67,23 @@ pub enum StartupError {
         /// fred's reason.
         reason: String,
     },
+    /// The configured embedding dimension differs from the one the database was set up with.
+    #[error(
+        "COACHD_EMBEDDING_DIM is {configured} but the memory database holds {stored}-dimensional embeddings; \
+         set COACHD_EMBEDDING_DIM={stored} (with the embedding model that filled it) or use another database"
+    )]
+    EmbeddingDimension {
+        /// `COACHD_EMBEDDING_DIM`.
+        configured: usize,
+        /// The dimension recorded in the database.
+        stored: usize,
+    },
+    /// The memory store could not be set up (dimension record, index).
+    #[error("cannot set up the memory store: {0}")]
+    Memory(String),
+    /// The embedder could not be built.
+    #[error("cannot set up the embedder: {0}")]
+    Embedder(String),
     /// The LLM configuration (providers, tasks file) is unusable.
     #[error("LLM configuration: {0}")]
     Llm(String),
@@ -85,6 +107,8 @@ pub struct Application {
     addr: SocketAddr,
     state: AppState,
     redis: Option<RedisConn>,
+    write_tasks: tokio_util::task::TaskTracker,
+    write_stop: CancellationToken,
 }
 
 impl Application {
@@ -127,6 +151,61 @@ impl Application {
         let personas = crate::coach::Personas::from_file(settings.personas_file.as_deref())
             .map_err(StartupError::Personas)?;
 
+        let embedder = embed::from_settings(&settings).map_err(|e| StartupError::Embedder(e.to_string()))?;
+        tracing::info!(
+            provider = %settings.embedding.provider,
+            model = embedder.model(),
+            dimension = embedder.dimension(),
+            "embedder"
+        );
+        let memory: Arc<dyn MemoryStore> = match &db {
+            Some(pool) => {
+                let store = PgMemoryStore::prepare(pool.clone(), embedder.clone(), &settings.memory).await?;
+                tracing::info!("memory: PostgreSQL + pgvector (HNSW cosine index)");
+                Arc::new(store)
+            }
+            None => {
+                tracing::info!("memory: in-process (lost on restart)");
+                Arc::new(InProcessMemoryStore::new(
+                    embedder.clone(),
+                    MemoryLimits::from(&settings.memory),
+                    settings.memory.embedded_max,
+                ))
+            }
+        };
+        let limits = ContextLimits::from_settings(&settings);
+        let window = RateLimit {
+            requests: settings.rate_limit_requests,
+            window: settings.rate_limit_ttl,
+        };
+        let prefix = &settings.redis_key_prefix;
+        let (context, limiter): (Arc<dyn ContextCache>, Arc<dyn RateLimiter>) = match &redis {
+            Some(conn) => (
+                Arc::new(RedisContextCache::new(conn.pool.clone(), prefix, limits)),
+                Arc::new(RedisRateLimiter::new(conn.pool.clone(), prefix, window)),
+            ),
+            None => (
+                Arc::new(InProcessContextCache::new(limits)),
+                Arc::new(InProcessRateLimiter::new(window)),
+            ),
+        };
+        let backend = if redis.is_some() { "redis" } else { "in-process" };
+        tracing::info!(backend, max_messages = limits.max_messages, "context cache");
+        let rate_limiter: Arc<dyn RateLimiter> = if settings.rate_limit_enabled {
+            tracing::info!(
+                backend,
+                requests = window.requests,
+                window_secs = window.window.as_secs(),
+                "rate limiter"
+            );
+            limiter
+        } else {
+            tracing::info!("rate limiter: disabled (RATE_LIMIT_ENABLED=false)");
+            Arc::new(DisabledRateLimiter {
+                limit: settings.rate_limit_requests,
+            })
+        };
+
         let addr = SocketAddr::new(settings.host, settings.port);
         let listener = TcpListener::bind(addr).await.map_err(|e| StartupError::Bind {
             addr,
@@ -137,13 +216,40 @@ impl Application {
             reason: e.to_string(),
         })?;
 
+        let llm = Arc::new(llm);
+        let personas = Arc::new(personas);
+        let shutdown = CancellationToken::new();
+        let tasks = tokio_util::task::TaskTracker::new();
+        let write_tasks = tokio_util::task::TaskTracker::new();
+        let write_stop = CancellationToken::new();
+        let layer = build_sessions(
+            &settings,
+            llm.clone(),
+            personas.clone(),
+            context.clone(),
+            memory.clone(),
+            db.as_ref(),
+            &shutdown,
+            &tasks,
+            &write_tasks,
+            &write_stop,
+        );
         let state = AppState {
             settings,
             db,
             redis: redis.as_ref().map(|r| r.pool.clone()),
-            llm: Arc::new(llm),
-            personas: Arc::new(personas),
-            shutdown: CancellationToken::new(),
+            context,
+            rate_limiter,
+            memory,
+            embedder,
+            sessions: layer.sessions,
+            session_tokens: layer.tokens,
+            write_behind: layer.write_behind,
+            notes: layer.notes,
+            tasks,
+            llm,
+            personas,
+            shutdown,
             started_at: Instant::now(),
         };
         Ok(Self {
@@ -151,6 +257,8 @@ impl Application {
             addr,
             state,
             redis,
+            write_tasks,
+            write_stop,
         })
     }
 
@@ -182,6 +290,8 @@ impl Application {
             addr,
             state,
             redis,
+            write_tasks,
+            write_stop,
         } = self;
         let token = state.shutdown.clone();
         let grace = state.settings.shutdown_grace;
@@ -207,6 +317,24 @@ impl Application {
             () = token.cancelled() => drain(&mut server, grace).await,
         };
         token.cancel();
+
+        // Sessions end (storing interrupted turns) and connections close; then the write-behind
+        // drains what they queued. Both within the grace period.
+        state.tasks.close();
+        if tokio::time::timeout(grace, state.tasks.wait()).await.is_err() {
+            tracing::warn!(
+                left = state.tasks.len(),
+                "session tasks still running after the grace period"
+            );
+        }
+        write_stop.cancel();
+        write_tasks.close();
+        if tokio::time::timeout(grace, write_tasks.wait()).await.is_err() {
+            tracing::warn!(
+                queued = state.write_behind.depth(),
+                "write-behind not drained within the grace period: queued turns are lost"
+            );
+        }
 
         if let Some(conn) = redis {
             if let Err(e) = conn.pool.quit().await {
@@ -297,5 +425,87 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => tracing::info!("SIGINT received"),
         () = terminate => tracing::info!("SIGTERM received"),
+    }
+}
+
+/// What the realtime layer adds to the application: the session manager and its helpers.
+pub(crate) struct SessionLayer {
+    pub(crate) sessions: Arc<crate::session::ConnectionManager>,
+    pub(crate) write_behind: crate::persist::WriteBehind,
+    pub(crate) notes: Arc<dyn crate::coach::notes::NotesStore>,
+    pub(crate) tokens: crate::session::token::TokenKey,
+}
+
+/// Builds the session manager over the stores. Session tasks and transports run on `tasks`;
+/// the write-behind workers run on `write_tasks` and stop on `write_stop`, which shutdown cancels
+/// only after every session task is done, so no finished turn is refused by a closed queue.
+#[allow(clippy::too_many_arguments, reason = "one call site, at start-up")]
+pub(crate) fn build_sessions(
+    settings: &Settings,
+    llm: Arc<crate::llm::Llm>,
+    personas: Arc<crate::coach::Personas>,
+    context: Arc<dyn crate::context::ContextCache>,
+    memory: Arc<dyn crate::memory::MemoryStore>,
+    db: Option<&sqlx::PgPool>,
+    shutdown: &CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
+    write_tasks: &tokio_util::task::TaskTracker,
+    write_stop: &CancellationToken,
+) -> SessionLayer {
+    let rt = &settings.realtime;
+    let write_behind = crate::persist::WriteBehind::start(
+        crate::persist::WriteBehindConfig {
+            workers: rt.write_behind_workers,
+            queue_capacity: rt.write_behind_queue,
+            max_attempts: rt.write_behind_max_attempts,
+            retry_base: Duration::from_millis(100),
+            memory_max_bytes: settings.memory.max_text_bytes,
+        },
+        context.clone(),
+        memory.clone(),
+        write_tasks,
+        write_stop.clone(),
+    );
+    let notes: Arc<dyn crate::coach::notes::NotesStore> = match db {
+        Some(pool) => Arc::new(crate::coach::notes::PgNotesStore::new(pool.clone())),
+        None => Arc::new(crate::coach::notes::InProcessNotesStore::new(10_000)),
+    };
+    let limits = crate::session::SessionLimits {
+        max_sessions: rt.max_sessions,
+        idle_timeout: rt.idle_timeout,
+        log_events: rt.log_events,
+        client_queue: rt.client_queue,
+        max_queued_turns: rt.max_queued_turns,
+        max_text_chars: rt.max_text_chars,
+        max_actions: rt.max_actions,
+        notes_max_turns: rt.notes_max_turns,
+        ended_kept: rt.ended_kept,
+        prompt: crate::coach::prompt::PromptLimits {
+            context_messages: rt.prompt_context_messages,
+            memories: rt.prompt_memories,
+            min_similarity: rt.prompt_min_similarity,
+            fetch_timeout: rt.prompt_fetch_timeout,
+            query_max_bytes: settings.memory.max_text_bytes,
+        },
+    };
+    let deps = crate::session::Deps {
+        llm,
+        personas,
+        context,
+        memory,
+        notes: notes.clone(),
+        write_behind: write_behind.clone(),
+        limits,
+        stats: Arc::new(crate::session::Stats::default()),
+        shutdown: shutdown.clone(),
+    };
+    if rt.token_secret.is_none() {
+        tracing::info!("COACHD_SESSION_TOKEN_SECRET unset: session tokens are valid on this node only");
+    }
+    SessionLayer {
+        sessions: Arc::new(crate::session::ConnectionManager::new(deps, tasks.clone())),
+        write_behind,
+        notes,
+        tokens: crate::session::token::TokenKey::new(rt.token_secret.as_ref(), rt.token_ttl),
     }
 }
