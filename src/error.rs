@@ -1,7 +1,9 @@
-//! The one error type of the HTTP surface. Its status code, JSON body, retryability and
-//! WebSocket close code are all derived here, so every transport reports a failure the same way.
+//! The one error type of the HTTP surface. Its status code, JSON body, SSE `error` event,
+//! retryability and WebSocket close code are all derived here, so every transport reports a
+//! failure the same way.
 
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -59,16 +61,17 @@ pub enum Error {
 }
 
 /// The JSON body of every error response: `{"error":{"code","message"}}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// The error itself.
     pub error: ErrorDetail,
 }
 
 /// Code and message of an [`ErrorBody`].
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     /// Stable machine-readable code.
+    #[schema(value_type = String, example = "invalid_field")]
     pub code: &'static str,
     /// Human-readable message, safe to show.
     pub message: String,
@@ -147,6 +150,17 @@ impl Error {
             },
         }
     }
+
+    /// The SSE event that ends a stream which had already begun (its HTTP status was sent):
+    /// `event: error` with the JSON body as data.
+    pub fn sse_event(&self) -> Event {
+        if let Error::Internal(cause) = self {
+            tracing::error!(error = format!("{cause:#}"), "internal error in a stream");
+        }
+        let data = serde_json::to_string(&self.body())
+            .unwrap_or_else(|_| r#"{"error":{"code":"internal","message":"internal error"}}"#.to_owned());
+        Event::default().event("error").data(data)
+    }
 }
 
 impl From<anyhow::Error> for Error {
@@ -219,6 +233,12 @@ mod tests {
             assert_eq!(err.code(), code);
             assert_eq!(err.ws_close_code(), close);
         }
+    }
+
+    #[test]
+    fn forbidden_maps_to_403() {
+        assert_eq!(Error::Forbidden.status_code().as_u16(), 403);
+        assert_eq!(Error::Forbidden.code(), "forbidden");
     }
 
     #[test]

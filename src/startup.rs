@@ -124,6 +124,9 @@ impl Application {
             "llm: providers and tasks ready"
         );
 
+        let auth = crate::auth::Authenticator::from_settings(&settings);
+        auth.log_summary();
+
         let personas = crate::coach::Personas::from_file(settings.personas_file.as_deref())
             .map_err(StartupError::Personas)?;
 
@@ -142,6 +145,7 @@ impl Application {
             db,
             redis: redis.as_ref().map(|r| r.pool.clone()),
             llm: Arc::new(llm),
+            auth: Arc::new(auth),
             personas: Arc::new(personas),
             shutdown: CancellationToken::new(),
             started_at: Instant::now(),

@@ -20,6 +20,8 @@ pub struct AppState {
     pub redis: Option<fred::clients::Pool>,
     /// The LLM gateway: providers and task routing.
     pub llm: Arc<Llm>,
+    /// API-key and JWT verification.
+    pub auth: Arc<crate::auth::Authenticator>,
     /// Coach personas.
     pub personas: Arc<crate::coach::Personas>,
     /// Cancelled when the server begins to shut down; long-lived streams watch it.
