@@ -359,6 +359,26 @@ pub struct Settings {
     pub supabase_jwt_secret: Option<Secret>,
     /// `XENIOS_BACKEND_API_KEY`.
     pub backend_api_key: Option<Secret>,
+    /// Every accepted API key: `XENIOS_BACKEND_API_KEY` plus the comma-separated `COACHD_API_KEYS`.
+    pub api_keys: Vec<Secret>,
+    /// `COACHD_JWT_AUDIENCE`: the `aud` end-user JWTs must carry (Supabase's is `authenticated`).
+    pub jwt_audience: String,
+    /// `COACHD_JWT_LEEWAY_SECS`: clock skew tolerated on `exp` and `nbf`.
+    pub jwt_leeway: Duration,
+    /// `COACHD_API_MAX_TEXT_CHARS`: longest text, prompt, system prompt or message (characters).
+    pub api_max_text_chars: usize,
+    /// `COACHD_API_MAX_MESSAGES`: most messages in one LLM request.
+    pub api_max_messages: usize,
+    /// `COACHD_API_MAX_OUTPUT_TOKENS`: highest `max_tokens` a request may ask for.
+    pub api_max_output_tokens: u32,
+    /// `COACHD_API_MAX_LABELS`: most intent labels or entity types one request may name.
+    pub api_max_labels: usize,
+    /// `COACHD_INTENT_LABELS`: the default labels of `/api/v1/llm/classify-intent`.
+    pub intent_labels: Vec<String>,
+    /// `COACHD_ENTITY_TYPES`: the default entity types of `/api/v1/llm/extract-entities`.
+    pub entity_types: Vec<String>,
+    /// `COACHD_SSE_KEEP_ALIVE_SECS`: interval of SSE keep-alive comments.
+    pub sse_keep_alive: Duration,
     /// `COACHD_LOG_FORMAT`.
     pub log_format: LogFormat,
     /// `COACHD_LOG`: a tracing filter directive; defaults from `DEBUG`.
@@ -490,6 +510,43 @@ impl<S: Source> Reader<'_, S> {
         Ok(Some(ServiceUrl(url)))
     }
 
+    /// A comma-separated list of labels (see [`is_label`]), without duplicates, or `default`.
+    fn labels(&self, var: &str, default: &[&str]) -> Result<Vec<String>, ConfigError> {
+        let Some(raw) = self.raw(var) else {
+            return Ok(default.iter().map(|l| (*l).to_owned()).collect());
+        };
+        let expected =
+            "a comma-separated list of 1 to 100 distinct labels of letters, digits, _ - . (at most 64 each)";
+        let labels: Vec<String> = raw.split(',').map(|l| l.trim().to_owned()).collect();
+        let distinct = labels.iter().collect::<std::collections::HashSet<_>>().len() == labels.len();
+        if labels.is_empty() || labels.len() > 100 || !distinct || !labels.iter().all(|l| is_label(l)) {
+            return Err(invalid(var, expected, Some(raw)));
+        }
+        Ok(labels)
+    }
+
+    /// API keys: comma-separated, each of visible ASCII (so it fits an HTTP header). Never echoed.
+    fn api_keys(&self, var: &str) -> Result<Vec<Secret>, ConfigError> {
+        let Some(raw) = self.raw(var) else {
+            return Ok(Vec::new());
+        };
+        raw.split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(|k| {
+                if k.bytes().all(|b| b.is_ascii_graphic()) {
+                    Ok(Secret(k.to_owned()))
+                } else {
+                    Err(invalid(
+                        var,
+                        "comma-separated keys of visible ASCII characters",
+                        None,
+                    ))
+                }
+            })
+            .collect()
+    }
+
     fn base_url(&self, var: &str, default: &str) -> Result<Url, ConfigError> {
         let raw = self.string(var, default);
         let expected = "an http(s) URL such as https://api.example.com/v1";
@@ -501,6 +558,38 @@ impl<S: Source> Reader<'_, S> {
         Ok(url)
     }
 }
+
+/// Whether `s` can be an intent label or entity type: 1 to 64 ASCII letters, digits, `_`, `-`, `.`.
+pub fn is_label(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// The default intent labels: what people bring to a coach.
+pub const DEFAULT_INTENT_LABELS: [&str; 7] = [
+    "goal_setting",
+    "progress_update",
+    "question",
+    "feedback",
+    "scheduling",
+    "smalltalk",
+    "other",
+];
+
+/// The default entity types of entity extraction.
+pub const DEFAULT_ENTITY_TYPES: [&str; 10] = [
+    "person",
+    "organization",
+    "location",
+    "date",
+    "time",
+    "duration",
+    "money",
+    "quantity",
+    "goal",
+    "metric",
+];
 
 fn invalid(var: &str, expected: &str, shown: Option<String>) -> ConfigError {
     ConfigError {
@@ -607,6 +696,19 @@ impl Settings {
             max_scan_tuples: r.int("COACHD_MEMORY_MAX_SCAN_TUPLES", 20_000, 1, 100_000_000)?,
             embedded_max: r.int("COACHD_MEMORY_EMBEDDED_MAX", 100_000, 1, 100_000_000)?,
         };
+        let backend_api_key = r.secret("XENIOS_BACKEND_API_KEY");
+        if backend_api_key
+            .as_ref()
+            .is_some_and(|k| !k.expose().bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(invalid(
+                "XENIOS_BACKEND_API_KEY",
+                "a key of visible ASCII characters",
+                None,
+            ));
+        }
+        let mut api_keys: Vec<Secret> = backend_api_key.iter().cloned().collect();
+        api_keys.extend(r.api_keys("COACHD_API_KEYS")?);
 
         Ok(Settings {
             host: r.parse(
@@ -698,7 +800,17 @@ impl Settings {
             max_transcript_chars: r.int("COACHD_MAX_TRANSCRIPT_CHARS", 200_000, 1, 10_000_000)?,
             personas_file: r.raw("COACHD_PERSONAS_FILE").map(PathBuf::from),
             supabase_jwt_secret: r.secret("SUPABASE_JWT_SECRET"),
-            backend_api_key: r.secret("XENIOS_BACKEND_API_KEY"),
+            backend_api_key,
+            api_keys,
+            jwt_audience: r.string("COACHD_JWT_AUDIENCE", "authenticated"),
+            jwt_leeway: r.seconds("COACHD_JWT_LEEWAY_SECS", 30, 0, 600)?,
+            api_max_text_chars: r.int("COACHD_API_MAX_TEXT_CHARS", 32_000, 1, 10_000_000)?,
+            api_max_messages: r.int("COACHD_API_MAX_MESSAGES", 200, 1, 100_000)?,
+            api_max_output_tokens: r.int("COACHD_API_MAX_OUTPUT_TOKENS", 16_384, 1, 1_000_000)?,
+            api_max_labels: r.int("COACHD_API_MAX_LABELS", 50, 1, 1_000)?,
+            intent_labels: r.labels("COACHD_INTENT_LABELS", &DEFAULT_INTENT_LABELS)?,
+            entity_types: r.labels("COACHD_ENTITY_TYPES", &DEFAULT_ENTITY_TYPES)?,
+            sse_keep_alive: r.seconds("COACHD_SSE_KEEP_ALIVE_SECS", 15, 1, 3_600)?,
             log_format,
             log_filter,
             shutdown_grace: r.seconds("COACHD_SHUTDOWN_GRACE_SECS", 30, 0, 3_600)?,
@@ -836,11 +948,41 @@ mod tests {
     }
 
     #[test]
+    fn api_keys_combine_both_variables_and_are_never_echoed() {
+        let s = load(&[
+            ("XENIOS_BACKEND_API_KEY", "backend-key"),
+            ("COACHD_API_KEYS", " key-one, ,key-two "),
+        ])
+        .unwrap();
+        let keys: Vec<&str> = s.api_keys.iter().map(Secret::expose).collect();
+        assert_eq!(keys, ["backend-key", "key-one", "key-two"]);
+        assert!(load(&[]).unwrap().api_keys.is_empty());
+        let e = load(&[("COACHD_API_KEYS", "ok-key,bad key\u{7f}")]).unwrap_err();
+        assert_eq!(e.var, "COACHD_API_KEYS");
+        assert!(!e.to_string().contains("ok-key"));
+    }
+
+    #[test]
+    fn labels_are_validated() {
+        let s = load(&[]).unwrap();
+        assert_eq!(s.intent_labels.len(), DEFAULT_INTENT_LABELS.len());
+        assert_eq!(s.jwt_audience, "authenticated");
+        let s = load(&[("COACHD_INTENT_LABELS", "a, b_c ,d-e")]).unwrap();
+        assert_eq!(s.intent_labels, ["a", "b_c", "d-e"]);
+        for bad in ["a,a", "a,,b", "has space", "ü"] {
+            let e = load(&[("COACHD_INTENT_LABELS", bad)]).unwrap_err();
+            assert_eq!(e.var, "COACHD_INTENT_LABELS", "{bad}");
+        }
+        assert!(load(&[("COACHD_ENTITY_TYPES", "x,x")]).is_err());
+    }
+
+    #[test]
     fn secrets_are_hidden_from_debug() {
         let s = load(&[
             ("OPENAI_API_KEY", "sk-live-abcdef"),
             ("SUPABASE_JWT_SECRET", "jwt-secret-xyz"),
             ("XENIOS_BACKEND_API_KEY", "backend-key-123"),
+            ("COACHD_API_KEYS", "extra-key-789"),
             ("REDIS_PASSWORD", "redis-pass-456"),
             ("REDIS_URL", "redis://:urlpass789@localhost:6379/0"),
         ])
@@ -850,6 +992,7 @@ mod tests {
             "sk-live-abcdef",
             "jwt-secret-xyz",
             "backend-key-123",
+            "extra-key-789",
             "redis-pass-456",
             "urlpass789",
         ] {

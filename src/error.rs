@@ -1,8 +1,10 @@
-//! The one error type of the HTTP surface. Its status code, JSON body, headers, retryability and
-//! WebSocket close code are all derived here, so every transport reports a failure the same way.
-//! [`StoreError`], the failure of a store, lives here too so its mapping to [`Error`] is in one place.
+//! The one error type of the HTTP surface. Its status code, JSON body, headers, SSE `error` event,
+//! retryability and WebSocket close code are all derived here, so every transport reports a
+//! failure the same way. [`StoreError`], the failure of a store, lives here too so its mapping to
+//! [`Error`] is in one place.
 
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -83,16 +85,17 @@ pub enum Error {
 }
 
 /// The JSON body of every error response: `{"error":{"code","message"}}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// The error itself.
     pub error: ErrorDetail,
 }
 
 /// Code and message of an [`ErrorBody`].
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     /// Stable machine-readable code.
+    #[schema(example = "invalid_field")]
     pub code: String,
     /// Human-readable message, safe to show.
     pub message: String,
@@ -185,6 +188,17 @@ impl Error {
                 message: self.to_string(),
             },
         }
+    }
+
+    /// The SSE event that ends a stream which had already begun (its HTTP status was sent):
+    /// `event: error` with the JSON body as data.
+    pub fn sse_event(&self) -> Event {
+        if let Error::Internal(cause) = self {
+            tracing::error!(error = format!("{cause:#}"), "internal error in a stream");
+        }
+        let data = serde_json::to_string(&self.body())
+            .unwrap_or_else(|_| r#"{"error":{"code":"internal","message":"internal error"}}"#.to_owned());
+        Event::default().event("error").data(data)
     }
 }
 
@@ -421,6 +435,12 @@ mod tests {
         }
         .into();
         assert_eq!(internal.status_code(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn forbidden_maps_to_403() {
+        assert_eq!(Error::Forbidden.status_code().as_u16(), 403);
+        assert_eq!(Error::Forbidden.code(), "forbidden");
     }
 
     #[test]

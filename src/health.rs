@@ -11,7 +11,7 @@ use crate::config::ProviderKind;
 use crate::state::AppState;
 
 /// Status of one component.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Configured and answering.
@@ -23,7 +23,7 @@ pub enum Status {
 }
 
 /// The report of one component check.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ComponentReport {
     /// Status of the component.
     pub status: Status,

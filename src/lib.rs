@@ -6,7 +6,8 @@
 //!
 //! # Layout
 //! - [`config`]: typed settings from the environment and `.env`, validated at start.
-//! - [`error`]: the one error type; HTTP status, JSON body and WebSocket close code.
+//! - [`error`]: the one error type; HTTP status, JSON body, SSE event and WebSocket close code.
+//! - [`auth`]: API keys and end-user JWTs, as extractors with one rule per route family.
 //! - [`telemetry`]: tracing set-up (text or JSON).
 //! - [`startup`]: builds state and router, binds, serves, shuts down gracefully.
 //! - [`state`]: the shared handles every handler gets.
@@ -23,6 +24,7 @@
 //! - [`health`]: dependency checks; [`routes`]: the HTTP handlers.
 //! - `fake_upstream` (feature `fake-upstream`): the fake LLM server for tests and benchmarks.
 
+pub mod auth;
 pub mod coach;
 pub mod config;
 pub mod context;

@@ -148,6 +148,9 @@ impl Application {
             "llm: providers and tasks ready"
         );
 
+        let auth = crate::auth::Authenticator::from_settings(&settings);
+        auth.log_summary();
+
         let personas = crate::coach::Personas::from_file(settings.personas_file.as_deref())
             .map_err(StartupError::Personas)?;
 
@@ -250,6 +253,7 @@ impl Application {
             llm,
             personas,
             shutdown,
+            auth: Arc::new(auth),
             started_at: Instant::now(),
         };
         Ok(Self {

@@ -47,6 +47,8 @@ pub struct AppState {
     pub tasks: tokio_util::task::TaskTracker,
     /// The LLM gateway: providers and task routing.
     pub llm: Arc<Llm>,
+    /// API-key and JWT verification.
+    pub auth: Arc<crate::auth::Authenticator>,
     /// Coach personas.
     pub personas: Arc<crate::coach::Personas>,
     /// Cancelled when the server begins to shut down; long-lived streams watch it.

@@ -27,7 +27,7 @@ pub use router::{Llm, ModelRef, TaskSpec};
 use crate::config::ProviderKind;
 
 /// Who said a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Instructions (providers that take a separate system prompt get it there).
@@ -39,7 +39,7 @@ pub enum Role {
 }
 
 /// One message of a conversation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Message {
     /// Who said it.
     pub role: Role,
@@ -87,7 +87,7 @@ pub enum ResponseFormat {
 }
 
 /// Sampling parameters of one model call; unset means the provider's default.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Params {
     /// Sampling temperature.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -237,12 +237,29 @@ impl Llm {
         messages: Vec<Message>,
         response_format: Option<ResponseFormat>,
     ) -> EventStream {
+        self.stream_task_with(task, &Params::default(), system, messages, response_format)
+    }
+
+    /// [`Llm::stream_task`] with parameters set by the caller (an API request's `temperature`,
+    /// `max_tokens`, ...), which win over the task's and each model's own.
+    pub fn stream_task_with(
+        &self,
+        task: &str,
+        overrides: &Params,
+        system: Option<String>,
+        messages: Vec<Message>,
+        response_format: Option<ResponseFormat>,
+    ) -> EventStream {
         let Some(spec) = self.tasks.get(task).cloned() else {
             let err = LlmError::UnknownTask(task.to_owned());
             return Box::pin(futures::stream::once(async move { Err(err) }));
         };
         let chain: Vec<ModelRef> = std::iter::once(spec.primary.clone())
             .chain(spec.fallbacks.clone())
+            .map(|mut m| {
+                m.params = overrides.or(&m.params);
+                m
+            })
             .collect();
         self.stream_chain(
             spec.name.clone(),

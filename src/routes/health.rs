@@ -7,9 +7,18 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
+use utoipa::OpenApi;
 
 use crate::health::{self, ComponentReport};
 use crate::state::AppState;
+
+/// The OpenAPI description of these routes.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    paths(root, live, ready, db, redis, llm, all),
+    components(schemas(ComponentReport, health::Status))
+)]
+pub struct HealthDoc;
 
 /// The health router.
 pub fn router() -> Router<AppState> {
@@ -31,6 +40,11 @@ fn status_for(down: bool) -> StatusCode {
     }
 }
 
+/// Process is up.
+#[utoipa::path(get, path = "/health", tag = "health", responses(
+    (status = 200, description = "`{status: healthy, service, version, uptime_secs}`", body = serde_json::Value,
+        example = json!({"status": "healthy", "service": "coachd", "version": "0.1.0", "uptime_secs": 42})),
+))]
 async fn root(State(state): State<AppState>) -> Json<serde_json::Value> {
     Json(json!({
         "status": "healthy",
@@ -40,10 +54,19 @@ async fn root(State(state): State<AppState>) -> Json<serde_json::Value> {
     }))
 }
 
+/// Liveness: never touches a dependency.
+#[utoipa::path(get, path = "/health/live", tag = "health", responses(
+    (status = 200, description = "`{status: alive}`", body = serde_json::Value, example = json!({"status": "alive"})),
+))]
 async fn live() -> Json<serde_json::Value> {
     Json(json!({ "status": "alive" }))
 }
 
+/// Readiness: database and Redis.
+#[utoipa::path(get, path = "/health/ready", tag = "health", responses(
+    (status = 200, description = "`{status: ready, checks: {db, redis}}`", body = serde_json::Value),
+    (status = 503, description = "A configured dependency is down, or the server is shutting down", body = serde_json::Value),
+))]
 async fn ready(State(state): State<AppState>) -> Response {
     let (db, redis) = tokio::join!(health::check_db(&state), health::check_redis(&state));
     let draining = state.shutdown.is_cancelled();
@@ -66,18 +89,38 @@ fn component(report: ComponentReport) -> Response {
     (status_for(report.is_down()), Json(report)).into_response()
 }
 
+/// PostgreSQL.
+#[utoipa::path(get, path = "/health/db", tag = "health", responses(
+    (status = 200, description = "Up, or embedded", body = ComponentReport),
+    (status = 503, description = "Down", body = ComponentReport),
+))]
 async fn db(State(state): State<AppState>) -> Response {
     component(health::check_db(&state).await)
 }
 
+/// Redis.
+#[utoipa::path(get, path = "/health/redis", tag = "health", responses(
+    (status = 200, description = "Up, or embedded", body = ComponentReport),
+    (status = 503, description = "Down", body = ComponentReport),
+))]
 async fn redis(State(state): State<AppState>) -> Response {
     component(health::check_redis(&state).await)
 }
 
+/// The default LLM provider (lists models; generates nothing).
+#[utoipa::path(get, path = "/health/llm", tag = "health", responses(
+    (status = 200, description = "Up, or embedded", body = ComponentReport),
+    (status = 503, description = "Down", body = ComponentReport),
+))]
 async fn llm(State(state): State<AppState>) -> Response {
     component(health::check_llm(&state).await)
 }
 
+/// Every component.
+#[utoipa::path(get, path = "/health/all", tag = "health", responses(
+    (status = 200, description = "`{status, version, uptime_secs, components: {db, redis, llm}}`", body = serde_json::Value),
+    (status = 503, description = "A configured component is down", body = serde_json::Value),
+))]
 async fn all(State(state): State<AppState>) -> Response {
     let (db, redis, llm) = tokio::join!(
         health::check_db(&state),

@@ -1,12 +1,27 @@
-//! HTTP routes: thin handlers only, one module per surface, merged into one router here.
+//! HTTP routes: thin handlers only, one module per surface, merged into one router here, plus the
+//! two pieces every surface shares: a JSON body extractor with crate-shaped errors and the SSE
+//! response with the streaming headers.
 
+pub mod api_v1;
 pub mod coach;
+pub mod docs;
 pub mod health;
 pub mod memory;
+pub mod openai_compat;
+pub mod personas;
 pub mod realtime;
 
-use axum::Router;
+use std::time::Duration;
 
+use axum::Router;
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderValue, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, from_json_rejection};
 use crate::state::AppState;
 
 /// Every route of coachd.
@@ -16,4 +31,50 @@ pub fn router() -> Router<AppState> {
         .merge(realtime::router())
         .merge(coach::router())
         .merge(memory::router())
+        .merge(api_v1::router())
+        .merge(openai_compat::router())
+        .merge(personas::router())
+        .merge(docs::router())
+}
+
+/// A JSON request body whose rejections (bad JSON, missing or mistyped fields, wrong content type,
+/// oversized body) are [`Error`]s with the crate's JSON shape.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(value)) => Ok(JsonBody(value)),
+            Err(rejection) => Err(match from_json_rejection(rejection) {
+                // The rejection does not know the limit; the settings do.
+                Error::PayloadTooLarge { .. } => Error::PayloadTooLarge {
+                    limit: state.settings.max_body_bytes,
+                },
+                other => other,
+            }),
+        }
+    }
+}
+
+/// An SSE response that reaches the client event by event: each event is its own body frame
+/// (never buffered to a size), proxies are told not to buffer or transform it
+/// (`Cache-Control: no-cache, no-transform`, `X-Accel-Buffering: no`), and a keep-alive comment
+/// goes out every `keep_alive` while no event does.
+pub fn sse_response<S>(events: S, keep_alive: Duration) -> Response
+where
+    S: Stream<Item = Result<Event, std::convert::Infallible>> + Send + 'static,
+{
+    let mut response = Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(keep_alive))
+        .into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-transform"),
+    );
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
 }

@@ -1,0 +1,321 @@
+//! An OpenAI-compatible surface, so the official OpenAI SDKs (and anything built on them) work
+//! with coachd as their base URL unchanged: `POST /v1/chat/completions` (streaming in OpenAI's exact
+//! chunk format, or one `chat.completion` object) and `GET /v1/models`. A `model` is a coachd task
+//! (`chat`, routed with fallbacks) or a provider model as `provider/model`. Errors use OpenAI's
+//! shape `{"error":{"message","type","param","code"}}`, which is what the SDKs parse.
+//!
+//! `error.rs` holds the OpenAI-shaped errors and the extractors; `request.rs` the request types and
+//! their validation; this file the handlers and the response and chunk formats.
+
+mod error;
+mod request;
+
+use std::collections::HashSet;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, State};
+use axum::response::sse::Event;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::{Value, json};
+use utoipa::{OpenApi, ToSchema};
+
+pub use error::{OpenAiCaller, OpenAiError, OpenAiErrorBody, OpenAiErrorDetail, OpenAiJson};
+pub use request::{
+    ChatCompletionRequest, ChatMessage, ContentPart, JsonSchemaSpec, MessageContent, ResponseFormatSpec,
+    StopSpec, StreamOptions,
+};
+
+use crate::config::ProviderKind;
+use crate::llm::{FinishReason, LlmError, LlmEvent};
+use crate::routes::sse_response;
+use crate::state::AppState;
+use request::ChatInput;
+
+/// The OpenAI-compatible router.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{*id}", get(get_model))
+}
+
+/// The OpenAPI description of these routes.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    paths(chat_completions, list_models, get_model),
+    components(schemas(
+        ChatCompletionRequest,
+        ChatMessage,
+        MessageContent,
+        ContentPart,
+        StopSpec,
+        StreamOptions,
+        ResponseFormatSpec,
+        JsonSchemaSpec,
+        ModelObject,
+        ModelList,
+        OpenAiErrorBody,
+        OpenAiErrorDetail
+    ))
+)]
+pub struct OpenAiCompatDoc;
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// OpenAI's finish reasons; anything else coachd knows is a normal stop to an OpenAI client.
+fn openai_finish(reason: &FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Length => "length",
+        FinishReason::ContentFilter => "content_filter",
+        FinishReason::ToolCalls => "tool_calls",
+        FinishReason::Stop | FinishReason::Cancelled | FinishReason::Other(_) => "stop",
+    }
+}
+
+fn usage_json(usage: Option<crate::llm::Usage>) -> Value {
+    match usage {
+        Some(u) => json!({
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens.saturating_add(u.completion_tokens),
+        }),
+        None => Value::Null,
+    }
+}
+
+/// Builds the chunks of one streamed completion.
+struct Chunks {
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+}
+
+impl Chunks {
+    fn chunk(&self, delta: Value, finish: Option<&str>) -> Event {
+        let mut c = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": null,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        });
+        if self.include_usage {
+            // As OpenAI does: every chunk carries `usage: null` except the last one.
+            c["usage"] = Value::Null;
+        }
+        Event::default().data(c.to_string())
+    }
+
+    fn usage(&self, usage: Option<crate::llm::Usage>) -> Event {
+        let c = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": null,
+            "choices": [],
+            "usage": usage_json(usage),
+        });
+        Event::default().data(c.to_string())
+    }
+}
+
+/// Chat completion, OpenAI-compatible.
+#[utoipa::path(
+    post, path = "/v1/chat/completions", tag = "openai",
+    security(("api_key" = []), ("bearer_api_key" = [])),
+    request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, description = "A `chat.completion` object, or with `stream: true` server-sent \
+            `chat.completion.chunk` events ending with `data: [DONE]`", body = Object),
+        (status = 400, description = "Invalid request", body = OpenAiErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = OpenAiErrorBody),
+        (status = 404, description = "Unknown model", body = OpenAiErrorBody),
+        (status = 502, description = "Every model failed before the first token", body = OpenAiErrorBody),
+    )
+)]
+async fn chat_completions(
+    State(state): State<AppState>,
+    _caller: OpenAiCaller,
+    OpenAiJson(req): OpenAiJson<ChatCompletionRequest>,
+) -> Result<Response, OpenAiError> {
+    let streaming = req.stream.unwrap_or(false);
+    let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let requested = req.model.clone();
+    let input = ChatInput::validate(&state, req)?;
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let created = unix_now();
+    let mut upstream = input.stream(&state);
+
+    if !streaming {
+        let c = crate::llm::collect(upstream, (state.llm.default_provider(), "")).await?;
+        let body = json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": format!("{}/{}", c.provider, c.model),
+            "system_fingerprint": null,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": c.content, "refusal": null},
+                "logprobs": null,
+                "finish_reason": openai_finish(&c.finish_reason),
+            }],
+            "usage": usage_json(c.usage),
+        });
+        return Ok(Json(body).into_response());
+    }
+
+    // Nothing is sent before the first event, so a failure of every model still gets its HTTP
+    // status (which the SDKs turn into typed exceptions).
+    let first = match upstream.next().await {
+        Some(Ok(event)) => event,
+        Some(Err(e)) => return Err(e.into()),
+        None => {
+            return Err(LlmError::Incomplete {
+                provider: state.llm.default_provider(),
+            }
+            .into());
+        }
+    };
+    let mut chunks = Chunks {
+        id,
+        created,
+        model: requested,
+        include_usage,
+    };
+    let default_provider = state.llm.default_provider();
+    let events = async_stream::stream! {
+        let mut upstream = futures::stream::iter([Ok(first)]).chain(upstream);
+        let (mut usage, mut finished) = (None, false);
+        while let Some(item) = upstream.next().await {
+            match item {
+                Ok(LlmEvent::Start { provider, model }) => {
+                    chunks.model = format!("{provider}/{model}");
+                    yield Ok(chunks.chunk(json!({"role": "assistant", "content": ""}), None));
+                }
+                Ok(LlmEvent::Delta(text)) => yield Ok(chunks.chunk(json!({"content": text}), None)),
+                Ok(LlmEvent::Usage(u)) => usage = Some(u),
+                Ok(LlmEvent::Finish(reason)) => {
+                    finished = true;
+                    yield Ok(chunks.chunk(json!({}), Some(openai_finish(&reason))));
+                }
+                Err(e) => {
+                    yield Ok(OpenAiError::from(e).sse_event());
+                    return;
+                }
+            }
+        }
+        if !finished {
+            yield Ok(OpenAiError::from(LlmError::Incomplete { provider: default_provider }).sse_event());
+            return;
+        }
+        if chunks.include_usage {
+            yield Ok(chunks.usage(usage));
+        }
+        yield Ok(Event::default().data("[DONE]"));
+    };
+    Ok(sse_response(events, state.settings.sse_keep_alive))
+}
+
+/// One entry of `GET /v1/models`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelObject {
+    /// A task name or `provider/model`.
+    pub id: String,
+    /// Always `model`.
+    pub object: &'static str,
+    /// Always 0 (unknown).
+    pub created: u64,
+    /// `coachd` for tasks, else the provider.
+    pub owned_by: String,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelList {
+    /// Always `list`.
+    pub object: &'static str,
+    /// Tasks first, then provider models.
+    pub data: Vec<ModelObject>,
+}
+
+fn models_of(state: &AppState) -> Vec<ModelObject> {
+    let model = |id: String, owned_by: String| ModelObject {
+        id,
+        object: "model",
+        created: 0,
+        owned_by,
+    };
+    let mut out: Vec<ModelObject> = state
+        .llm
+        .tasks()
+        .map(|t| model(t.name.clone(), "coachd".to_owned()))
+        .collect();
+    // Each configured provider's default model, then every model a task names.
+    let mut seen = HashSet::new();
+    let defaults = ProviderKind::ALL
+        .into_iter()
+        .filter_map(|k| state.llm.provider(k).map(|p| (k, p.default_model().to_owned())));
+    let from_tasks = state.llm.tasks().flat_map(|t| {
+        std::iter::once(&t.primary)
+            .chain(&t.fallbacks)
+            .map(|m| (m.provider, m.model.clone()))
+    });
+    for (kind, name) in defaults.chain(from_tasks.collect::<Vec<_>>()) {
+        if !name.is_empty() && seen.insert((kind, name.clone())) {
+            out.push(model(format!("{kind}/{name}"), kind.to_string()));
+        }
+    }
+    out
+}
+
+/// The models: every task, and every configured provider's models as `provider/model`.
+#[utoipa::path(
+    get, path = "/v1/models", tag = "openai",
+    security(("api_key" = []), ("bearer_api_key" = [])),
+    responses(
+        (status = 200, description = "Tasks and provider models", body = ModelList),
+        (status = 401, description = "Missing or invalid API key", body = OpenAiErrorBody),
+    )
+)]
+async fn list_models(State(state): State<AppState>, _caller: OpenAiCaller) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list",
+        data: models_of(&state),
+    })
+}
+
+/// One model (a task name or `provider/model`).
+#[utoipa::path(
+    get, path = "/v1/models/{id}", tag = "openai",
+    security(("api_key" = []), ("bearer_api_key" = [])),
+    params(("id" = String, Path, description = "A task name or provider/model")),
+    responses(
+        (status = 200, description = "The model", body = ModelObject),
+        (status = 401, description = "Missing or invalid API key", body = OpenAiErrorBody),
+        (status = 404, description = "Unknown model", body = OpenAiErrorBody),
+    )
+)]
+async fn get_model(
+    State(state): State<AppState>,
+    _caller: OpenAiCaller,
+    Path(id): Path<String>,
+) -> Result<Json<ModelObject>, OpenAiError> {
+    models_of(&state)
+        .into_iter()
+        .find(|m| m.id == id)
+        .map(Json)
+        .ok_or_else(|| OpenAiError::model_not_found(&id))
+}
