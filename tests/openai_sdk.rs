@@ -17,6 +17,15 @@ use common::{Services, spawn_app_with};
 const KEY: &str = "sk-coachd-sdk-test";
 
 fn python_with_openai() -> Option<String> {
+    // scripts/test always provides one: there, a missing SDK is a failure, not a skip.
+    if let Ok(python) = std::env::var("COACHD_TEST_OPENAI_PYTHON") {
+        let ok = Command::new(&python)
+            .args(["-c", "import openai"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(ok, "COACHD_TEST_OPENAI_PYTHON={python} cannot import openai");
+        return Some(python);
+    }
     let candidate = std::env::var("COACHD_TEST_OPENAI_PYTHON").unwrap_or_else(|_| "python3".to_owned());
     let ok = Command::new(&candidate)
         .args(["-c", "import openai"])

@@ -6,14 +6,21 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use super::realtime::{check_id, id_string};
+use axum::http::HeaderMap;
+use axum::response::Response;
+
+use super::realtime::{check_id, id_string, live, run_turn};
+use crate::auth::Caller;
 use crate::coach::notes::{self, StoredNotes};
 use crate::error::{Error, from_json_rejection};
+use crate::session::TurnMode;
 use crate::state::AppState;
 
 /// The coach router.
 pub fn router() -> Router<AppState> {
-    Router::new().route("/ai/coach/notes", post(create_notes))
+    Router::new()
+        .route("/ai/coach/notes", post(create_notes))
+        .route("/ai/coach/respond", post(respond))
 }
 
 #[derive(Debug, Deserialize)]
@@ -30,11 +37,13 @@ struct NotesBody {
 
 async fn create_notes(
     State(state): State<AppState>,
+    caller: Caller,
     body: Result<Json<NotesBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<StoredNotes>, Error> {
     let Json(body) = body.map_err(from_json_rejection)?;
     check_id("user_id", &body.user_id)?;
     check_id("coach_id", &body.coach_id)?;
+    caller.authorize_user(&body.user_id)?;
     let transcript = body.transcript.trim();
     if transcript.is_empty() {
         return Err(Error::bad_request("empty_text", "transcript must not be empty"));
@@ -58,4 +67,53 @@ async fn create_notes(
         )
         .await?;
     Ok(Json(stored))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RespondBody {
+    #[serde(deserialize_with = "id_string")]
+    user_id: String,
+    #[serde(deserialize_with = "id_string")]
+    coach_id: String,
+    text: String,
+    #[serde(default)]
+    session_id: Option<String>,
+}
+
+/// `POST /ai/coach/respond`: one coach reply through the realtime pipeline (persona, memories,
+/// context, write-behind). With `session_id` the turn runs in that live session; without, in a
+/// one-turn session that ends after it (the user–coach context carries the conversation over).
+/// JSON by default, the turn's events with `Accept: text/event-stream`.
+async fn respond(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Json<RespondBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, Error> {
+    let Json(body) = body.map_err(from_json_rejection)?;
+    check_id("user_id", &body.user_id)?;
+    check_id("coach_id", &body.coach_id)?;
+    caller.authorize_user(&body.user_id)?;
+    let sse = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    let (session, one_turn) = match &body.session_id {
+        Some(id) => {
+            let session = live(&state, &caller, id)?;
+            if *session.user_id != body.user_id || *session.coach_id != body.coach_id {
+                return Err(Error::bad_request(
+                    "session_mismatch",
+                    "session_id belongs to another user or coach",
+                ));
+            }
+            (session, false)
+        }
+        None => (
+            state.sessions.create(&body.user_id, &body.coach_id, "http")?,
+            true,
+        ),
+    };
+    run_turn(&state, session, body.text, TurnMode::Queue, None, sse, one_turn).await
 }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::auth::Caller;
 use crate::context::rate_limit::{RateHeaders, enforce};
 use crate::error::Error;
 use crate::memory::{Memory, ScoredMemory};
@@ -72,10 +73,12 @@ impl MemoryView {
 /// first, or most similar first when `query` is given. `total` counts all of the pair's memories.
 async fn list(
     State(state): State<AppState>,
+    caller: Caller,
     path: Result<Path<(String, String)>, PathRejection>,
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<(RateHeaders, Json<Value>), Error> {
     let (user_id, coach_id) = pair(path)?;
+    caller.authorize_user(&user_id)?;
     let Query(p) = params.map_err(|e| Error::bad_request("invalid_query", e.body_text()))?;
     let max = state.settings.memory.list_max;
     let limit = p.limit.unwrap_or(DEFAULT_LIMIT.min(max));
@@ -135,9 +138,11 @@ async fn list(
 /// `DELETE /ai/coach/memory/{user_id}/{coach_id}`: forgets every memory of the pair.
 async fn clear(
     State(state): State<AppState>,
+    caller: Caller,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<(RateHeaders, Json<Value>), Error> {
     let (user_id, coach_id) = pair(path)?;
+    caller.authorize_user(&user_id)?;
     let headers = enforce(&state, &user_id, PAIR_ROUTE).await?;
     let deleted = state.memory.clear(&user_id, &coach_id).await?;
     Ok((
@@ -150,11 +155,13 @@ async fn clear(
 /// pair has no such memory.
 async fn delete_one(
     State(state): State<AppState>,
+    caller: Caller,
     path: Result<Path<(String, String, String)>, PathRejection>,
 ) -> Result<(RateHeaders, Json<Value>), Error> {
     let Path((user_id, coach_id, memory_id)) = path.map_err(path_error)?;
     check_id("user_id", &user_id)?;
     check_id("coach_id", &coach_id)?;
+    caller.authorize_user(&user_id)?;
     let id = Uuid::parse_str(&memory_id)
         .map_err(|_| Error::bad_request("invalid_path", "memory_id must be a UUID"))?;
     let headers = enforce(&state, &user_id, ONE_ROUTE).await?;
@@ -170,10 +177,12 @@ async fn delete_one(
 /// `DELETE /ai/coach/memory/{user_id}`: erases every memory of the user, with every coach.
 async fn erase_user(
     State(state): State<AppState>,
+    caller: Caller,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<(RateHeaders, Json<Value>), Error> {
     let Path(user_id) = path.map_err(path_error)?;
     check_id("user_id", &user_id)?;
+    caller.authorize_user(&user_id)?;
     let headers = enforce(&state, &user_id, USER_ROUTE).await?;
     let deleted = state.memory.erase_user(&user_id).await?;
     Ok((headers, Json(json!({ "user_id": user_id, "deleted": deleted }))))

@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 
+use crate::auth::Caller;
 use crate::error::{Error, from_json_rejection};
 use crate::session::manager::Gauge;
 use crate::session::{SessionHandle, TurnMode};
@@ -70,11 +71,13 @@ struct CreateBody {
 
 async fn create(
     State(state): State<AppState>,
+    caller: Caller,
     body: Result<Json<CreateBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, Error> {
     let Json(body) = body.map_err(from_json_rejection)?;
     check_id("user_id", &body.user_id)?;
     check_id("coach_id", &body.coach_id)?;
+    caller.authorize_user(&body.user_id)?;
     let transport = match body.transport.as_deref().unwrap_or("http") {
         "http" => "http",
         "sse" => "sse",
@@ -111,22 +114,37 @@ async fn create(
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-fn live(state: &AppState, id: &str) -> Result<SessionHandle, Error> {
-    state.sessions.get(id).ok_or_else(|| {
-        if state.sessions.ended(id).is_some() {
-            Error::SessionEnded
-        } else {
-            Error::NotFound("session".to_owned())
+/// A live session the caller may act on (a JWT user only on their own: 403 otherwise).
+pub(crate) fn live(state: &AppState, caller: &Caller, id: &str) -> Result<SessionHandle, Error> {
+    match state.sessions.get(id) {
+        Some(session) => {
+            caller.authorize_user(&session.user_id)?;
+            Ok(session)
         }
-    })
+        None => match state.sessions.ended(id) {
+            Some(ended) => {
+                caller.authorize_user(&ended.user_id)?;
+                Err(Error::SessionEnded)
+            }
+            None => Err(Error::NotFound("session".to_owned())),
+        },
+    }
 }
 
-async fn status(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, Error> {
+async fn status(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, Error> {
     if let Some(session) = state.sessions.get(&id) {
+        caller.authorize_user(&session.user_id)?;
         return Ok(Json(session.info().await?).into_response());
     }
     match state.sessions.ended(&id) {
-        Some(ended) => Ok(Json(ended).into_response()),
+        Some(ended) => {
+            caller.authorize_user(&ended.user_id)?;
+            Ok(Json(ended).into_response())
+        }
         None => Err(Error::NotFound("session".to_owned())),
     }
 }
@@ -159,21 +177,51 @@ fn drive_options(state: &AppState, heartbeat: std::time::Duration) -> DriveOptio
 
 async fn turn(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Result<Json<TurnBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, Error> {
     let Json(body) = body.map_err(from_json_rejection)?;
-    let session = live(&state, &id)?;
+    let session = live(&state, &caller, &id)?;
+    run_turn(
+        &state,
+        session,
+        body.text,
+        body.mode,
+        body.client_id,
+        wants_sse(&headers),
+        false,
+    )
+    .await
+}
+
+/// Runs one turn in a session: a JSON answer once its `turn_end` arrives, or (with `sse`) its
+/// events as they happen. With `end_after`, the session ends itself once the turn is over (even
+/// if the client has left): the one-turn sessions of `POST /ai/coach/respond`.
+pub(crate) async fn run_turn(
+    state: &AppState,
+    session: SessionHandle,
+    text: String,
+    mode: TurnMode,
+    client_id: Option<String>,
+    sse: bool,
+    end_after: bool,
+) -> Result<Response, Error> {
     let rt = &state.settings.realtime;
+    let id = session.id.to_string();
     // Subscribe before sending the message, so none of the turn's events can slip past.
     let sub = session.subscribe(None);
-    let number = session.user_message(body.text, body.mode, body.client_id).await?;
+    let accepted = session.user_message(text, mode, client_id).await;
+    if end_after {
+        session.end_when_idle().await?;
+    }
+    let number = accepted?;
 
-    if wants_sse(&headers) {
+    if sse {
         let (mut transport, response) = SseTransport::new(rt.client_queue, rt.send_timeout, Some(number));
         let gauge = Gauge::enter(state.sessions.stats(), |s| &s.sse_connections);
-        let opts = drive_options(&state, rt.sse_heartbeat);
+        let opts = drive_options(state, rt.sse_heartbeat);
         state.tasks.spawn(async move {
             let _gauge = gauge;
             drive(session, sub, &mut transport, opts).await;
@@ -187,7 +235,7 @@ async fn turn(
         session,
         sub,
         &mut collector,
-        drive_options(&state, rt.sse_heartbeat),
+        drive_options(state, rt.sse_heartbeat),
     )
     .await;
     let Some(end) = collector.turn_end else {
@@ -222,8 +270,12 @@ async fn turn(
     Ok(Json(out).into_response())
 }
 
-async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, Error> {
-    let session = live(&state, &id)?;
+async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, Error> {
+    let session = live(&state, &caller, &id)?;
     let cancelled = session.cancel().await?;
     Ok(Json(json!({ "session_id": id, "cancelled": cancelled })))
 }
@@ -237,10 +289,11 @@ struct EndBody {
 
 async fn end(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     body: Option<Json<EndBody>>,
 ) -> Result<Json<Value>, Error> {
-    let session = live(&state, &id)?;
+    let session = live(&state, &caller, &id)?;
     let generate_notes = body.map(|Json(b)| b.generate_notes).unwrap_or(false);
     let outcome = session.end(generate_notes).await?;
     state.sessions.note_ended();
@@ -299,7 +352,8 @@ async fn events(
     Query(query): Query<AttachQuery>,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
-    let session = live(&state, &id)?;
+    // The session token is the credential here: browsers cannot send headers on these routes.
+    let session = live(&state, &Caller::Anonymous, &id)?;
     authorize_attach(&state, &session, &query, &headers)?;
     // Without a position the whole retained log is replayed: a new follower sees the session so far.
     let sub = session.subscribe(Some(after_seq(&query, &headers)?.unwrap_or(0)));
@@ -321,7 +375,8 @@ async fn websocket(
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, Error> {
-    let session = live(&state, &id)?;
+    // The session token is the credential here: browsers cannot send headers on these routes.
+    let session = live(&state, &Caller::Anonymous, &id)?;
     authorize_attach(&state, &session, &query, &headers)?;
     let rt = state.settings.realtime.clone();
     let after = after_seq(&query, &headers)?;
@@ -357,9 +412,13 @@ async fn websocket(
     Ok(response)
 }
 
-async fn stats(State(state): State<AppState>) -> Json<Value> {
+async fn stats(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, Error> {
+    // Server-wide figures are for operators and backends, not for one end user.
+    if caller.user_id().is_some() {
+        return Err(Error::Forbidden);
+    }
     let wb = &state.write_behind;
-    Json(json!({
+    Ok(Json(json!({
         "active_sessions": state.sessions.live_count(),
         "max_sessions": state.settings.realtime.max_sessions,
         "sessions": state.sessions.stats(),
@@ -368,5 +427,5 @@ async fn stats(State(state): State<AppState>) -> Json<Value> {
             "queue_capacity": wb.capacity(),
             "counters": wb.stats(),
         },
-    }))
+    })))
 }

@@ -47,6 +47,8 @@ pub enum Command {
         /// The outcome.
         reply: oneshot::Sender<EndOutcome>,
     },
+    /// End the session once no turn runs or waits (the turn in flight still finishes).
+    EndWhenIdle,
     /// Report the session's state.
     Info {
         /// The state.
@@ -89,6 +91,7 @@ pub(super) struct Actor {
     queue: VecDeque<Pending>,
     transcript: VecDeque<(String, String)>,
     last_activity: Instant,
+    end_when_idle: bool,
 }
 
 /// The next event of the current turn; pending forever when no turn runs.
@@ -119,6 +122,7 @@ impl Actor {
             queue: VecDeque::new(),
             transcript: VecDeque::new(),
             last_activity: Instant::now(),
+            end_when_idle: false,
         }
     }
 
@@ -171,6 +175,11 @@ impl Actor {
                     self.last_activity = Instant::now();
                     self.on_llm_item(item).await;
                 }
+                () = std::future::ready(()), if self.end_when_idle && self.current.is_none() && self.queue.is_empty() => {
+                    self.handle.log.publish(self.session_event("ended"));
+                    self.deps.stats.sessions_ended.inc();
+                    break;
+                }
                 () = tokio::time::sleep_until(idle_deadline), if self.current.is_none() => {
                     if self.handle.log.subscriber_count() == 0 && self.queue.is_empty() {
                         tracing::info!(session_id = %self.handle.id, "session expired after idling");
@@ -207,6 +216,10 @@ impl Actor {
                 self.interrupt_current("cancelled").await;
                 self.start_next();
                 let _ = reply.send(running);
+                Flow::Continue
+            }
+            Command::EndWhenIdle => {
+                self.end_when_idle = true;
                 Flow::Continue
             }
             Command::Info { reply } => {

@@ -262,6 +262,11 @@ impl SessionHandle {
         .await
     }
 
+    /// Ends the session once its current and queued turns are over.
+    pub async fn end_when_idle(&self) -> Result<(), Error> {
+        self.tx.send(Command::EndWhenIdle).await.map_err(|_| gone())
+    }
+
     /// The session's state.
     pub async fn info(&self) -> Result<SessionInfo, Error> {
         self.ask(|reply| Command::Info { reply }).await

@@ -91,8 +91,13 @@ impl TestApp {
     pub async fn wait_written_for(&self, n: u64, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
         while tokio::time::Instant::now() < deadline {
-            let stats: Value = self.get("/realtime/stats").await.json().await.unwrap();
-            if stats["write_behind"]["counters"]["written"].as_u64().unwrap_or(0) >= n {
+            let written = self
+                .state
+                .write_behind
+                .stats()
+                .written
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if written >= n {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
