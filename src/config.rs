@@ -228,6 +228,59 @@ pub struct LlmTimeouts {
     pub total: Duration,
 }
 
+/// Settings of live sessions and their transports.
+#[derive(Debug, Clone)]
+pub struct RealtimeSettings {
+    /// `COACHD_MAX_SESSIONS`: live sessions at most.
+    pub max_sessions: usize,
+    /// `COACHD_SESSION_IDLE_SECS`: a session idle this long with no connection ends.
+    pub idle_timeout: Duration,
+    /// `COACHD_SESSION_LOG_EVENTS`: events kept per session for replay.
+    pub log_events: usize,
+    /// `COACHD_CLIENT_QUEUE_EVENTS`: events queued per connection before it counts as slow.
+    pub client_queue: usize,
+    /// `COACHD_SEND_TIMEOUT_MS`: longest wait to hand one event to a connection.
+    pub send_timeout: Duration,
+    /// `COACHD_MAX_QUEUED_TURNS`: messages waiting behind a streaming reply at most.
+    pub max_queued_turns: usize,
+    /// `COACHD_MAX_TEXT_CHARS`: longest user message.
+    pub max_text_chars: usize,
+    /// `COACHD_SESSION_TOKEN_SECRET`: key of session tokens (random per process when unset).
+    pub token_secret: Option<Secret>,
+    /// `COACHD_SESSION_TOKEN_TTL_SECS`.
+    pub token_ttl: Duration,
+    /// `COACHD_SSE_HEARTBEAT_SECS`.
+    pub sse_heartbeat: Duration,
+    /// `COACHD_WS_PING_SECS`.
+    pub ws_ping: Duration,
+    /// `COACHD_WS_PONG_TIMEOUT_SECS`.
+    pub ws_pong_timeout: Duration,
+    /// `COACHD_WS_MAX_MESSAGE_BYTES`.
+    pub ws_max_message_bytes: usize,
+    /// `COACHD_WS_MAX_BAD_FRAMES`: consecutive malformed frames before closing with 1008.
+    pub ws_max_bad_frames: u32,
+    /// `COACHD_PROMPT_CONTEXT_MESSAGES`: recent messages in a prompt.
+    pub prompt_context_messages: usize,
+    /// `COACHD_PROMPT_MEMORIES`: memories in a prompt.
+    pub prompt_memories: usize,
+    /// `COACHD_PROMPT_MIN_SIMILARITY`: least similarity of a memory in a prompt.
+    pub prompt_min_similarity: f32,
+    /// `COACHD_PROMPT_FETCH_TIMEOUT_MS`: longest wait for context and memories.
+    pub prompt_fetch_timeout: Duration,
+    /// `COACHD_WRITE_BEHIND_QUEUE`: queued turns per write-behind worker.
+    pub write_behind_queue: usize,
+    /// `COACHD_WRITE_BEHIND_WORKERS`.
+    pub write_behind_workers: usize,
+    /// `COACHD_WRITE_BEHIND_MAX_ATTEMPTS`: attempts per store before a turn is given up.
+    pub write_behind_max_attempts: u32,
+    /// `COACHD_ENDED_SESSIONS_KEPT`: ended sessions remembered for status queries.
+    pub ended_kept: usize,
+    /// `COACHD_NOTES_MAX_TURNS`: turns kept for end-of-session notes.
+    pub notes_max_turns: usize,
+    /// `COACHD_MAX_ACTIONS`: action items per turn.
+    pub max_actions: usize,
+}
+
 /// Every setting of coachd, validated.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -296,6 +349,10 @@ pub struct Settings {
     pub llm_tasks_file: Option<PathBuf>,
     /// `COACHD_OFFLINE_TOKEN_DELAY_MS`: pace of the offline provider.
     pub offline_token_delay: Duration,
+    /// Live sessions and transports.
+    pub realtime: RealtimeSettings,
+    /// `COACHD_MAX_TRANSCRIPT_CHARS`: longest transcript for notes.
+    pub max_transcript_chars: usize,
     /// `COACHD_PERSONAS_FILE`: TOML file of extra or replacing coach personas.
     pub personas_file: Option<PathBuf>,
     /// `SUPABASE_JWT_SECRET`.
@@ -388,6 +445,16 @@ impl<S: Source> Reader<'_, S> {
 
     fn millis(&self, var: &str, default: u64, min: u64, max: u64) -> Result<Duration, ConfigError> {
         self.int(var, default, min, max).map(Duration::from_millis)
+    }
+
+    /// A number from 0 to 1.
+    fn fraction(&self, var: &str, default: f32) -> Result<f32, ConfigError> {
+        let expected = "a number from 0 to 1";
+        let value: f32 = self.parse(var, default, expected)?;
+        if !(0.0..=1.0).contains(&value) {
+            return Err(invalid(var, expected, self.raw(var)));
+        }
+        Ok(value)
     }
 
     fn boolean(&self, var: &str, default: bool) -> Result<bool, ConfigError> {
@@ -602,6 +669,33 @@ impl Settings {
             llm_max_retry_wait: r.millis("COACHD_LLM_MAX_RETRY_WAIT_MS", 10_000, 0, 600_000)?,
             llm_tasks_file: r.raw("COACHD_LLM_TASKS_FILE").map(PathBuf::from),
             offline_token_delay: r.millis("COACHD_OFFLINE_TOKEN_DELAY_MS", 20, 0, 10_000)?,
+            realtime: RealtimeSettings {
+                max_sessions: r.int("COACHD_MAX_SESSIONS", 10_000, 1, 10_000_000)?,
+                idle_timeout: r.seconds("COACHD_SESSION_IDLE_SECS", 1_800, 1, 7 * DAY_SECS)?,
+                log_events: r.int("COACHD_SESSION_LOG_EVENTS", 2_048, 16, 1_000_000)?,
+                client_queue: r.int("COACHD_CLIENT_QUEUE_EVENTS", 1_024, 1, 1_000_000)?,
+                send_timeout: r.millis("COACHD_SEND_TIMEOUT_MS", 5_000, 1, 600_000)?,
+                max_queued_turns: r.int("COACHD_MAX_QUEUED_TURNS", 4, 0, 1_000)?,
+                max_text_chars: r.int("COACHD_MAX_TEXT_CHARS", 8_000, 1, 1_000_000)?,
+                token_secret: r.secret("COACHD_SESSION_TOKEN_SECRET"),
+                token_ttl: r.seconds("COACHD_SESSION_TOKEN_TTL_SECS", 3_600, 1, 30 * DAY_SECS)?,
+                sse_heartbeat: r.seconds("COACHD_SSE_HEARTBEAT_SECS", 15, 1, 3_600)?,
+                ws_ping: r.seconds("COACHD_WS_PING_SECS", 25, 1, 3_600)?,
+                ws_pong_timeout: r.seconds("COACHD_WS_PONG_TIMEOUT_SECS", 8, 1, 3_600)?,
+                ws_max_message_bytes: r.int("COACHD_WS_MAX_MESSAGE_BYTES", 65_536, 256, 64 << 20)?,
+                ws_max_bad_frames: r.int("COACHD_WS_MAX_BAD_FRAMES", 10, 0, 1_000)?,
+                prompt_context_messages: r.int("COACHD_PROMPT_CONTEXT_MESSAGES", 20, 0, 1_000)?,
+                prompt_memories: r.int("COACHD_PROMPT_MEMORIES", 5, 0, 100)?,
+                prompt_min_similarity: r.fraction("COACHD_PROMPT_MIN_SIMILARITY", 0.3)?,
+                prompt_fetch_timeout: r.millis("COACHD_PROMPT_FETCH_TIMEOUT_MS", 1_500, 1, 60_000)?,
+                write_behind_queue: r.int("COACHD_WRITE_BEHIND_QUEUE", 10_000, 1, 10_000_000)?,
+                write_behind_workers: r.int("COACHD_WRITE_BEHIND_WORKERS", 2, 1, 64)?,
+                write_behind_max_attempts: r.int("COACHD_WRITE_BEHIND_MAX_ATTEMPTS", 8, 1, 100)?,
+                ended_kept: r.int("COACHD_ENDED_SESSIONS_KEPT", 1_000, 1, 1_000_000)?,
+                notes_max_turns: r.int("COACHD_NOTES_MAX_TURNS", 200, 1, 10_000)?,
+                max_actions: r.int("COACHD_MAX_ACTIONS", 5, 0, 100)?,
+            },
+            max_transcript_chars: r.int("COACHD_MAX_TRANSCRIPT_CHARS", 200_000, 1, 10_000_000)?,
             personas_file: r.raw("COACHD_PERSONAS_FILE").map(PathBuf::from),
             supabase_jwt_secret: r.secret("SUPABASE_JWT_SECRET"),
             backend_api_key: r.secret("XENIOS_BACKEND_API_KEY"),

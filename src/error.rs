@@ -42,6 +42,25 @@ pub enum Error {
         /// Seconds until the window resets (`Retry-After`, `X-RateLimit-Reset`).
         retry_after_secs: u64,
     },
+    /// The session existed but has ended.
+    #[error("the session has ended")]
+    SessionEnded,
+    /// Too many messages wait behind the reply streaming now.
+    #[error("{max} messages already wait for the current reply; wait for it or send with mode \"interrupt\"")]
+    QueueFull {
+        /// The configured limit.
+        max: usize,
+    },
+    /// A turn failed before any reply text; carries the upstream error's code.
+    #[error("{message}")]
+    TurnFailed {
+        /// The code of the error event.
+        code: String,
+        /// Its message.
+        message: String,
+        /// Whether trying again may work.
+        retryable: bool,
+    },
     /// A dependency (database, Redis, LLM provider) cannot serve the request now.
     #[error("{0}")]
     Unavailable(String),
@@ -71,10 +90,10 @@ pub struct ErrorBody {
 }
 
 /// Code and message of an [`ErrorBody`].
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ErrorDetail {
     /// Stable machine-readable code.
-    pub code: &'static str,
+    pub code: String,
     /// Human-readable message, safe to show.
     pub message: String,
 }
@@ -98,6 +117,10 @@ impl Error {
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::SessionEnded => StatusCode::GONE,
+            Error::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::TurnFailed { code, .. } if code.contains("timeout") => StatusCode::GATEWAY_TIMEOUT,
+            Error::TurnFailed { .. } => StatusCode::BAD_GATEWAY,
             Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -105,9 +128,12 @@ impl Error {
     }
 
     /// The stable code sent to clients.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> &str {
         match self {
             Error::BadRequest { code, .. } | Error::Upstream { code, .. } => code,
+            Error::TurnFailed { code, .. } => code,
+            Error::SessionEnded => "session_ended",
+            Error::QueueFull { .. } => "turn_queue_full",
             Error::Unauthorized => "unauthorized",
             Error::Forbidden => "forbidden",
             Error::NotFound(_) => "not_found",
@@ -122,7 +148,11 @@ impl Error {
     /// Whether the same request may succeed later.
     pub fn retryable(&self) -> bool {
         match self {
-            Error::RateLimited { .. } | Error::Unavailable(_) | Error::Timeout(_) => true,
+            Error::RateLimited { .. }
+            | Error::Unavailable(_)
+            | Error::Timeout(_)
+            | Error::QueueFull { .. } => true,
+            Error::TurnFailed { retryable, .. } => *retryable,
             Error::Upstream { retryable, .. } => *retryable,
             _ => false,
         }
@@ -138,7 +168,11 @@ impl Error {
             Error::Forbidden => 4403,
             Error::NotFound(_) => 4404,
             Error::RateLimited { .. } => 4429,
-            Error::Unavailable(_) | Error::Timeout(_) | Error::Upstream { .. } => 1013,
+            Error::SessionEnded => 1000,
+            Error::QueueFull { .. } => 4429,
+            Error::Unavailable(_) | Error::Timeout(_) | Error::Upstream { .. } | Error::TurnFailed { .. } => {
+                1013
+            }
             Error::Internal(_) => 1011,
         }
     }
@@ -147,7 +181,7 @@ impl Error {
     pub fn body(&self) -> ErrorBody {
         ErrorBody {
             error: ErrorDetail {
-                code: self.code(),
+                code: self.code().to_owned(),
                 message: self.to_string(),
             },
         }

@@ -12,6 +12,11 @@
 //! - [`state`]: the shared handles every handler gets.
 //! - [`db`], [`redis`]: connections to PostgreSQL (with migrations) and Redis.
 //! - [`llm`]: providers (OpenAI-compatible, Anthropic, offline), task routing, timeouts.
+//! - [`context`]: short-term session context and rate limits (Redis or in-process).
+//! - [`memory`]: long-term coach memory (PostgreSQL + pgvector or in-process); [`embed`]: embedders.
+//! - [`session`]: the ConnectionManager and one task per live session (turn order, cancel,
+//!   event log, replay); [`transport`]: the Transport trait and its WebSocket, SSE and HTTP adapters.
+//! - [`persist`]: write-behind of finished turns to the context cache and memory store.
 //! - [`coach`]: personas, prompt assembly, session notes.
 //! - [`context`]: short-term session context and rate limits (Redis or in-process).
 //! - [`memory`]: long-term coach memory (PostgreSQL + pgvector or in-process); [`embed`]: embedders.
@@ -29,11 +34,14 @@ pub mod fake_upstream;
 pub mod health;
 pub mod llm;
 pub mod memory;
+pub mod persist;
 pub mod redis;
 pub mod routes;
+pub mod session;
 pub mod startup;
 pub mod state;
 pub mod telemetry;
+pub mod transport;
 
 pub use config::Settings;
 pub use error::Error;

@@ -6,12 +6,16 @@ use std::time::Instant;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::coach::notes::NotesStore;
 use crate::config::Settings;
 use crate::context::ContextCache;
 use crate::context::rate_limit::RateLimiter;
 use crate::embed::Embedder;
 use crate::llm::Llm;
 use crate::memory::MemoryStore;
+use crate::persist::WriteBehind;
+use crate::session::ConnectionManager;
+use crate::session::token::TokenKey;
 
 /// Everything a handler may need. Cloning is cheap: every field is a handle.
 #[derive(Clone, Debug)]
@@ -22,10 +26,6 @@ pub struct AppState {
     pub db: Option<PgPool>,
     /// Redis pool, when `REDIS_URL` is set.
     pub redis: Option<fred::clients::Pool>,
-    /// The LLM gateway: providers and task routing.
-    pub llm: Arc<Llm>,
-    /// Coach personas.
-    pub personas: Arc<crate::coach::Personas>,
     /// Short-term context: Redis when `REDIS_URL` is set, in-process otherwise.
     pub context: Arc<dyn ContextCache>,
     /// Per-user, per-endpoint rate limits: Redis, in-process, or disabled (`RATE_LIMIT_ENABLED`).
@@ -34,6 +34,21 @@ pub struct AppState {
     pub memory: Arc<dyn MemoryStore>,
     /// The embedder the memory store uses (`COACHD_EMBEDDING_PROVIDER`).
     pub embedder: Arc<dyn Embedder>,
+    /// Live realtime sessions.
+    pub sessions: Arc<ConnectionManager>,
+    /// Issues and checks session tokens.
+    pub session_tokens: TokenKey,
+    /// Write-behind of finished turns (for its statistics).
+    pub write_behind: WriteBehind,
+    /// Session notes.
+    pub notes: Arc<dyn NotesStore>,
+    /// Tasks that outlive a request (SSE and WebSocket connections, session tasks); waited for
+    /// at shutdown.
+    pub tasks: tokio_util::task::TaskTracker,
+    /// The LLM gateway: providers and task routing.
+    pub llm: Arc<Llm>,
+    /// Coach personas.
+    pub personas: Arc<crate::coach::Personas>,
     /// Cancelled when the server begins to shut down; long-lived streams watch it.
     pub shutdown: CancellationToken,
     /// When the process started serving.

@@ -9,6 +9,8 @@
     clippy::panic
 )]
 
+pub mod realtime;
+
 use std::sync::Once;
 
 use coachd::{Application, Settings};

@@ -1,0 +1,201 @@
+//! A session's event log: assigns each event its seq, keeps the last N for replay after a
+//! reconnect, and fans each event out to the attached connections through bounded queues. A
+//! connection whose queue is full is detached as a slow client rather than buffered without bound.
+//!
+//! Publishing and subscribing take the same lock, so a subscriber gets every event after its
+//! `after_seq` exactly once: the replay and the live queue never overlap or leave a gap. The lock
+//! is a std `Mutex` because it is never held across an `.await` and critical sections are short.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::mpsc;
+
+use super::event::{EventBody, Published};
+
+/// Shared by the session task (publishing) and the transports (subscribing).
+#[derive(Debug)]
+pub struct EventLog {
+    session_id: String,
+    capacity: usize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    last_seq: u64,
+    ring: VecDeque<Arc<Published>>,
+    subscribers: Vec<Subscriber>,
+    closed: bool,
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    tx: mpsc::Sender<Arc<Published>>,
+    lagged: Arc<AtomicBool>,
+}
+
+/// A connection's view of the log.
+#[derive(Debug)]
+pub struct Subscription {
+    /// Logged events after the requested seq, to send first.
+    pub replay: Vec<Arc<Published>>,
+    /// The requested seq is older than the log keeps: send a `resync` instead of a replay.
+    pub resync_needed: bool,
+    /// Live events.
+    pub live: mpsc::Receiver<Arc<Published>>,
+    /// Set when the live queue overflowed and the connection was detached.
+    pub lagged: Arc<AtomicBool>,
+    /// The latest seq when subscribing.
+    pub last_seq: u64,
+}
+
+impl EventLog {
+    /// An empty log keeping the last `capacity` events.
+    pub fn new(session_id: &str, capacity: usize) -> Self {
+        EventLog {
+            session_id: session_id.to_owned(),
+            capacity: capacity.max(1),
+            inner: Mutex::new(Inner {
+                last_seq: 0,
+                ring: VecDeque::new(),
+                subscribers: Vec::new(),
+                closed: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock leaves consistent data (every update is one push).
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Assigns the next seq, logs the event and hands it to every live queue. Never waits.
+    pub fn publish(&self, body: EventBody) -> u64 {
+        let mut inner = self.lock();
+        inner.last_seq += 1;
+        let seq = inner.last_seq;
+        let event = Arc::new(Published::new(&self.session_id, seq, body));
+        if inner.ring.len() == self.capacity {
+            inner.ring.pop_front();
+        }
+        inner.ring.push_back(event.clone());
+        inner.subscribers.retain(|s| match s.tx.try_send(event.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                s.lagged.store(true, Ordering::SeqCst);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+        seq
+    }
+
+    /// Attaches a connection. With `after_seq`, logged events after it are replayed (or a resync is
+    /// flagged when they are gone); without, only live events follow.
+    pub fn subscribe(&self, after_seq: Option<u64>, queue: usize) -> Subscription {
+        let (tx, live) = mpsc::channel(queue.max(1));
+        let lagged = Arc::new(AtomicBool::new(false));
+        let mut inner = self.lock();
+        let oldest = inner.ring.front().map_or(inner.last_seq + 1, |e| e.seq);
+        let (replay, resync_needed) = match after_seq {
+            None => (Vec::new(), false),
+            Some(after) if after >= inner.last_seq => (Vec::new(), false),
+            // Events after `after` start at after+1; the log must still hold that one.
+            Some(after) if after + 1 < oldest => (Vec::new(), true),
+            Some(after) => (
+                inner.ring.iter().filter(|e| e.seq > after).cloned().collect(),
+                false,
+            ),
+        };
+        if !inner.closed {
+            inner.subscribers.push(Subscriber {
+                tx,
+                lagged: lagged.clone(),
+            });
+        }
+        Subscription {
+            replay,
+            resync_needed,
+            live,
+            lagged,
+            last_seq: inner.last_seq,
+        }
+    }
+
+    /// The latest seq and the oldest still replayable.
+    pub fn bounds(&self) -> (u64, u64) {
+        let inner = self.lock();
+        let oldest = inner.ring.front().map_or(inner.last_seq + 1, |e| e.seq);
+        (inner.last_seq, oldest)
+    }
+
+    /// Number of attached connections.
+    pub fn subscriber_count(&self) -> usize {
+        let mut inner = self.lock();
+        inner.subscribers.retain(|s| !s.tx.is_closed());
+        inner.subscribers.len()
+    }
+
+    /// Ends every live queue (the session is over); later subscribers get the replay only.
+    pub fn close(&self) {
+        let mut inner = self.lock();
+        inner.closed = true;
+        inner.subscribers.clear();
+    }
+
+    /// The session id.
+    pub fn session_id(&self) -> &str {
+        &self.session_id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(i: u32) -> EventBody {
+        EventBody::Token {
+            turn_number: 1,
+            text: format!("t{i}"),
+            index: i,
+        }
+    }
+
+    #[tokio::test]
+    async fn replay_and_live_never_overlap_or_gap() {
+        let log = EventLog::new("s", 100);
+        for i in 0..5 {
+            log.publish(token(i));
+        }
+        let mut sub = log.subscribe(Some(2), 16);
+        log.publish(token(5));
+        let replayed: Vec<u64> = sub.replay.iter().map(|e| e.seq).collect();
+        assert_eq!(replayed, [3, 4, 5]);
+        assert_eq!(sub.live.recv().await.unwrap().seq, 6);
+    }
+
+    #[test]
+    fn a_client_too_far_behind_needs_a_resync() {
+        let log = EventLog::new("s", 3);
+        for i in 0..10 {
+            log.publish(token(i));
+        }
+        assert_eq!(log.bounds(), (10, 8));
+        assert!(log.subscribe(Some(2), 4).resync_needed);
+        assert!(!log.subscribe(Some(7), 4).resync_needed);
+        assert_eq!(log.subscribe(Some(7), 4).replay.len(), 3);
+    }
+
+    #[test]
+    fn a_full_queue_detaches_the_slow_subscriber() {
+        let log = EventLog::new("s", 100);
+        let sub = log.subscribe(None, 2);
+        for i in 0..3 {
+            log.publish(token(i));
+        }
+        assert!(sub.lagged.load(Ordering::SeqCst));
+        assert_eq!(log.subscriber_count(), 0);
+    }
+}

@@ -1,0 +1,435 @@
+//! The ConnectionManager: the registry of live sessions (one task each), the cap on how many may
+//! live at once, a short memory of recently ended sessions, and the statistics behind
+//! `/realtime/stats`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::TurnMode;
+use super::actor::{Actor, Command};
+use super::event::{Notes, PersonaInfo};
+use super::log::{EventLog, Subscription};
+use crate::coach::Personas;
+use crate::coach::notes::NotesStore;
+use crate::coach::prompt::PromptLimits;
+use crate::context::ContextCache;
+use crate::error::{Error, ErrorDetail};
+use crate::llm::Llm;
+use crate::memory::MemoryStore;
+use crate::persist::WriteBehind;
+
+/// Limits of sessions, all configurable.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// Live sessions at most.
+    pub max_sessions: usize,
+    /// A session with no activity and no connection for this long ends.
+    pub idle_timeout: Duration,
+    /// Events kept for replay.
+    pub log_events: usize,
+    /// Events queued per connection before it is dropped as a slow client.
+    pub client_queue: usize,
+    /// Messages waiting behind the current reply at most.
+    pub max_queued_turns: usize,
+    /// Longest user message, in characters.
+    pub max_text_chars: usize,
+    /// Action items per turn at most.
+    pub max_actions: usize,
+    /// Turns kept for the end-of-session notes.
+    pub notes_max_turns: usize,
+    /// Ended sessions remembered for `GET /realtime/sessions/{id}`.
+    pub ended_kept: usize,
+    /// Prompt assembly.
+    pub prompt: PromptLimits,
+}
+
+/// A monotonically increasing counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Serialize for Counter {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.get())
+    }
+}
+
+/// Session and connection counters.
+#[derive(Debug, Default, Serialize)]
+pub struct Stats {
+    /// Sessions created.
+    pub sessions_created: Counter,
+    /// Sessions ended by the client.
+    pub sessions_ended: Counter,
+    /// Sessions ended after idling.
+    pub expired: Counter,
+    /// Session creations refused at the cap.
+    pub rejected_at_capacity: Counter,
+    /// Turns begun.
+    pub turns_started: Counter,
+    /// Turns finished normally.
+    pub turns_completed: Counter,
+    /// Turns cancelled or interrupted.
+    pub turns_interrupted: Counter,
+    /// Turns that failed.
+    pub turns_failed: Counter,
+    /// Tokens streamed.
+    pub tokens: Counter,
+    /// Connections closed for not keeping up.
+    pub slow_clients: Counter,
+    /// WebSocket connections open now.
+    pub ws_connections: Gauge,
+    /// SSE connections open now.
+    pub sse_connections: Gauge,
+}
+
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    /// Adds one to the gauge `pick` selects; the guard takes it away again when dropped.
+    pub fn enter(stats: &Arc<Stats>, pick: fn(&Stats) -> &Gauge) -> GaugeGuard {
+        pick(stats).0.fetch_add(1, Ordering::Relaxed);
+        GaugeGuard(stats.clone(), pick)
+    }
+
+    /// The value.
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Serialize for Gauge {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i64(self.get())
+    }
+}
+
+/// Keeps a [`Gauge`] raised while alive.
+#[derive(Debug)]
+pub struct GaugeGuard(Arc<Stats>, fn(&Stats) -> &Gauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        (self.1)(&self.0).0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a session task needs; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Deps {
+    /// LLM gateway.
+    pub llm: Arc<Llm>,
+    /// Personas.
+    pub personas: Arc<Personas>,
+    /// Short-term context.
+    pub context: Arc<dyn ContextCache>,
+    /// Long-term memory.
+    pub memory: Arc<dyn MemoryStore>,
+    /// Notes.
+    pub notes: Arc<dyn NotesStore>,
+    /// Write-behind producer.
+    pub write_behind: WriteBehind,
+    /// Limits.
+    pub limits: SessionLimits,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Cancelled at shutdown.
+    pub shutdown: CancellationToken,
+}
+
+/// A session's state, as `GET /realtime/sessions/{id}` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionInfo {
+    /// Id.
+    pub session_id: String,
+    /// Owner.
+    pub user_id: String,
+    /// Coach.
+    pub coach_id: String,
+    /// Persona.
+    pub persona: PersonaInfo,
+    /// Transport asked for at creation.
+    pub transport: String,
+    /// `active` or `ended`.
+    pub status: String,
+    /// Turns finished.
+    pub turn_count: u32,
+    /// The turn streaming now.
+    pub streaming_turn: Option<u32>,
+    /// Messages waiting.
+    pub queued_turns: usize,
+    /// Attached connections.
+    pub connections: usize,
+    /// Latest event seq.
+    pub last_seq: u64,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+}
+
+/// The result of ending a session.
+#[derive(Debug, Clone, Serialize)]
+pub struct EndOutcome {
+    /// Id.
+    pub session_id: String,
+    /// Turns finished.
+    pub turn_count: u32,
+    /// Notes, when asked for and generated.
+    pub notes: Option<Notes>,
+    /// Id of the stored notes.
+    pub notes_id: Option<uuid::Uuid>,
+    /// Why notes are missing, when asked for.
+    pub notes_error: Option<ErrorDetail>,
+}
+
+/// A live session, as handlers see it; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    /// Id.
+    pub id: Arc<str>,
+    /// Owner.
+    pub user_id: Arc<str>,
+    /// Coach.
+    pub coach_id: Arc<str>,
+    /// Transport asked for at creation (`http`, `sse` or `websocket`).
+    pub transport: Arc<str>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// The event log.
+    pub log: Arc<EventLog>,
+    tx: mpsc::Sender<Command>,
+    client_queue: usize,
+}
+
+fn gone() -> Error {
+    Error::NotFound("session".to_owned())
+}
+
+impl SessionHandle {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+
+    /// Sends a user turn; returns its turn number.
+    pub async fn user_message(
+        &self,
+        text: String,
+        mode: TurnMode,
+        client_id: Option<String>,
+    ) -> Result<u32, Error> {
+        self.ask(|reply| Command::UserMessage {
+            text,
+            mode,
+            client_id,
+            reply,
+        })
+        .await?
+    }
+
+    /// Cancels the reply streaming now; returns whether there was one.
+    pub async fn cancel(&self) -> Result<bool, Error> {
+        self.ask(|reply| Command::Cancel { reply }).await
+    }
+
+    /// Ends the session.
+    pub async fn end(&self, generate_notes: bool) -> Result<EndOutcome, Error> {
+        self.ask(|reply| Command::End {
+            generate_notes,
+            reply,
+        })
+        .await
+    }
+
+    /// The session's state.
+    pub async fn info(&self) -> Result<SessionInfo, Error> {
+        self.ask(|reply| Command::Info { reply }).await
+    }
+
+    /// Attaches a connection to the event log (see [`EventLog::subscribe`]).
+    pub fn subscribe(&self, after_seq: Option<u64>) -> Subscription {
+        self.log.subscribe(after_seq, self.client_queue)
+    }
+}
+
+/// What is remembered of an ended session.
+#[derive(Debug, Clone, Serialize)]
+pub struct EndedSession {
+    /// Id.
+    pub session_id: String,
+    /// Owner.
+    pub user_id: String,
+    /// Coach.
+    pub coach_id: String,
+    /// Always `ended`.
+    pub status: &'static str,
+    /// `ended`, `expired` or `shutdown`.
+    pub ended_by: &'static str,
+    /// Turns finished.
+    pub turn_count: u32,
+    /// When it ended.
+    pub ended_at: DateTime<Utc>,
+}
+
+/// Live and recently ended sessions.
+#[derive(Debug, Default)]
+pub(super) struct Registry {
+    live: RwLock<HashMap<Arc<str>, SessionHandle>>,
+    ended: Mutex<VecDeque<EndedSession>>,
+    ended_kept: usize,
+}
+
+impl Registry {
+    pub(super) fn remove(&self, id: &str, turn_count: u32, ended_by: &'static str) {
+        let removed = self
+            .live
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+        if let Some(h) = removed {
+            let mut ended = self.ended.lock().unwrap_or_else(PoisonError::into_inner);
+            if ended.len() >= self.ended_kept.max(1) {
+                ended.pop_front();
+            }
+            ended.push_back(EndedSession {
+                session_id: id.to_owned(),
+                user_id: h.user_id.to_string(),
+                coach_id: h.coach_id.to_string(),
+                status: "ended",
+                ended_by,
+                turn_count,
+                ended_at: Utc::now(),
+            });
+        }
+    }
+}
+
+/// Live sessions and their tasks.
+#[derive(Debug)]
+pub struct ConnectionManager {
+    registry: Arc<Registry>,
+    deps: Deps,
+    tracker: TaskTracker,
+}
+
+impl ConnectionManager {
+    /// A manager whose session tasks run on `tracker`.
+    pub fn new(deps: Deps, tracker: TaskTracker) -> Self {
+        let registry = Arc::new(Registry {
+            ended_kept: deps.limits.ended_kept,
+            ..Registry::default()
+        });
+        ConnectionManager {
+            registry,
+            deps,
+            tracker,
+        }
+    }
+
+    /// Starts a session for `user_id` with `coach_id` (an unknown coach gets the general persona).
+    pub fn create(&self, user_id: &str, coach_id: &str, transport: &str) -> Result<SessionHandle, Error> {
+        let mut live = self.registry.live.write().unwrap_or_else(PoisonError::into_inner);
+        if live.len() >= self.deps.limits.max_sessions {
+            self.deps.stats.rejected_at_capacity.inc();
+            return Err(Error::Unavailable(format!(
+                "the server holds its maximum of {} live sessions; try again later",
+                self.deps.limits.max_sessions
+            )));
+        }
+        if self.deps.shutdown.is_cancelled() {
+            return Err(Error::Unavailable("the server is shutting down".to_owned()));
+        }
+        let id: Arc<str> = Arc::from(format!("sess_{}", uuid::Uuid::new_v4().simple()));
+        let (tx, rx) = mpsc::channel(self.deps.limits.max_queued_turns + 8);
+        let handle = SessionHandle {
+            id: id.clone(),
+            user_id: Arc::from(user_id),
+            coach_id: Arc::from(coach_id),
+            transport: Arc::from(transport),
+            created_at: Utc::now(),
+            log: Arc::new(EventLog::new(&id, self.deps.limits.log_events)),
+            tx,
+            client_queue: self.deps.limits.client_queue,
+        };
+        let persona = self.deps.personas.resolve(coach_id).clone();
+        let actor = Actor::new(
+            handle.clone(),
+            rx,
+            self.deps.clone(),
+            self.registry.clone(),
+            persona,
+        );
+        live.insert(id, handle.clone());
+        drop(live);
+        self.deps.stats.sessions_created.inc();
+        self.tracker.spawn(actor.run());
+        Ok(handle)
+    }
+
+    /// A live session.
+    pub fn get(&self, id: &str) -> Option<SessionHandle> {
+        self.registry
+            .live
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+
+    /// A recently ended session.
+    pub fn ended(&self, id: &str) -> Option<EndedSession> {
+        self.registry
+            .ended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .rev()
+            .find(|e| e.session_id == id)
+            .cloned()
+    }
+
+    /// Live sessions now.
+    pub fn live_count(&self) -> usize {
+        self.registry
+            .live
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.deps.stats
+    }
+
+    /// The dependencies (shared with routes that run turns outside a live session).
+    pub fn deps(&self) -> &Deps {
+        &self.deps
+    }
+
+    /// Records an ended session (for callers that end one through its handle).
+    pub fn note_ended(&self) {
+        self.deps.stats.sessions_ended.inc();
+    }
+}

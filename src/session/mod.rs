@@ -1,0 +1,12 @@
+//! Live sessions: the ConnectionManager (registry, cap, statistics), one task per session that
+//! owns turn order, cancellation and the event log, the wire frames of `proto/`, and the
+//! short-lived tokens browsers use to attach over SSE and WebSocket.
+
+mod actor;
+pub mod event;
+pub mod log;
+pub mod manager;
+pub mod token;
+
+pub use event::{ClientFrame, EventBody, ServerEvent, TurnMode};
+pub use manager::{ConnectionManager, Deps, EndOutcome, SessionHandle, SessionInfo, SessionLimits, Stats};

@@ -1,0 +1,259 @@
+//! The Transport trait and the one loop that drives any transport over a session: replay (or a
+//! resync), live events, client frames, heartbeats, slow-client and shutdown handling. The three
+//! adapters — WebSocket ([`ws`]), SSE ([`sse`]) and HTTP turns ([`http`]) — only say how to
+//! deliver an event, read a frame, beat the heart and close.
+
+pub mod http;
+pub mod sse;
+pub mod ws;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Error;
+use crate::session::event::{EventBody, Published, SessionState};
+use crate::session::log::Subscription;
+use crate::session::{ClientFrame, SessionHandle, Stats};
+
+/// Which transport a connection uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    /// A JSON reply per turn.
+    Http,
+    /// Server-sent events.
+    Sse,
+    /// WebSocket.
+    WebSocket,
+}
+
+/// Why a connection ends (WebSocket close codes are documented in `proto/README.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Detach {
+    /// The transport's job is done (an HTTP turn got its `turn_end`).
+    Done,
+    /// The client went away.
+    ClientGone,
+    /// The client did not keep up with its queue (close 4001).
+    SlowClient,
+    /// No pong in time (close 4002).
+    NoPong,
+    /// The session ended (close 1000).
+    SessionEnded,
+    /// The server is shutting down (close 1001).
+    Shutdown,
+    /// The client broke the protocol (close 1003, 1007, 1008 or 1009).
+    Protocol {
+        /// WebSocket close code.
+        code: u16,
+        /// Reason sent with it.
+        reason: String,
+    },
+}
+
+/// What a transport read from its client.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A well-formed frame.
+    Frame(ClientFrame),
+    /// A frame that could not be understood; answered with an `error` event.
+    Invalid(String),
+    /// A violation that ends the connection.
+    Fatal(Detach),
+    /// The client closed.
+    Closed,
+}
+
+/// One client connection attached to a session.
+#[async_trait::async_trait]
+pub trait Transport: Send {
+    /// Which transport this is.
+    fn kind(&self) -> TransportKind;
+
+    /// Delivers one event. `Err` detaches the connection.
+    async fn send(&mut self, event: &Published) -> Result<(), Detach>;
+
+    /// The next frame from the client. Transports without a client-to-server direction never
+    /// resolve. Must be cancel-safe: the drive loop drops it whenever an event goes out first.
+    async fn recv(&mut self) -> Inbound;
+
+    /// A keepalive (SSE comment, WebSocket ping).
+    async fn heartbeat(&mut self) -> Result<(), Detach>;
+
+    /// When the connection counts as dead unless the client answers a heartbeat first.
+    fn liveness_deadline(&self) -> Option<Instant> {
+        None
+    }
+
+    /// Whether this connection is finished after delivering `event`.
+    fn done_after(&self, _event: &Published) -> bool {
+        false
+    }
+
+    /// Ends the connection, telling the client why where the transport can.
+    async fn close(&mut self, why: &Detach);
+}
+
+/// Timing and limits of the drive loop.
+#[derive(Debug, Clone)]
+pub struct DriveOptions {
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// Consecutive malformed frames tolerated before closing with 1008.
+    pub max_bad_frames: u32,
+    /// Cancelled at shutdown.
+    pub shutdown: CancellationToken,
+    /// Counters.
+    pub stats: Arc<Stats>,
+}
+
+fn per_connection(session: &SessionHandle, body: EventBody) -> Published {
+    let (last_seq, _) = session.log.bounds();
+    Published::new(&session.id, last_seq, body)
+}
+
+fn error_event(session: &SessionHandle, e: &Error) -> Published {
+    per_connection(
+        session,
+        EventBody::Error {
+            code: e.code().to_owned(),
+            message: e.to_string(),
+            retryable: e.retryable(),
+            turn_number: None,
+        },
+    )
+}
+
+/// Sends the replay of a subscription (or a resync when the client is too far behind).
+async fn send_backlog<T: Transport>(
+    session: &SessionHandle,
+    sub: &mut Subscription,
+    transport: &mut T,
+) -> Result<(), Detach> {
+    if sub.resync_needed {
+        let (last_seq, oldest_seq) = session.log.bounds();
+        let info = session.info().await.ok();
+        let state = SessionState {
+            status: if info.is_some() { "active" } else { "ended" }.to_owned(),
+            turn_count: info.as_ref().map_or(0, |i| i.turn_count),
+            current_turn: None,
+            oldest_seq,
+            last_seq,
+        };
+        let body = EventBody::Resync {
+            reason: "the requested events are no longer in the session log".to_owned(),
+            state,
+        };
+        transport.send(&per_connection(session, body)).await?;
+    }
+    for event in std::mem::take(&mut sub.replay) {
+        transport.send(&event).await?;
+        if transport.done_after(&event) {
+            return Err(Detach::Done);
+        }
+    }
+    Ok(())
+}
+
+/// Drives a transport until the client leaves, the session ends, the transport is done, or the
+/// server shuts down. The session's generation never depends on this loop.
+pub async fn drive<T: Transport>(
+    session: SessionHandle,
+    mut sub: Subscription,
+    transport: &mut T,
+    opts: DriveOptions,
+) {
+    let why = run(&session, &mut sub, transport, &opts).await;
+    if why == Detach::SlowClient {
+        opts.stats.slow_clients.inc();
+        tracing::info!(session_id = %session.id, kind = ?transport.kind(), "slow client detached");
+    }
+    transport.close(&why).await;
+}
+
+async fn run<T: Transport>(
+    session: &SessionHandle,
+    sub: &mut Subscription,
+    transport: &mut T,
+    opts: &DriveOptions,
+) -> Detach {
+    if let Err(why) = send_backlog(session, sub, transport).await {
+        return why;
+    }
+    let mut heartbeat = tokio::time::interval_at(Instant::now() + opts.heartbeat, opts.heartbeat);
+    let mut bad_frames = 0u32;
+    loop {
+        let deadline = transport.liveness_deadline();
+        tokio::select! {
+            event = sub.live.recv() => match event {
+                Some(event) => {
+                    if let Err(why) = transport.send(&event).await {
+                        return why;
+                    }
+                    if transport.done_after(&event) {
+                        return Detach::Done;
+                    }
+                }
+                None if sub.lagged.load(Ordering::SeqCst) => return Detach::SlowClient,
+                None => return Detach::SessionEnded,
+            },
+            inbound = transport.recv() => match inbound {
+                Inbound::Closed => return Detach::ClientGone,
+                Inbound::Fatal(why) => return why,
+                Inbound::Invalid(message) => {
+                    bad_frames += 1;
+                    if bad_frames > opts.max_bad_frames {
+                        return Detach::Protocol { code: 1008, reason: "too many malformed frames".into() };
+                    }
+                    let e = Error::bad_request("invalid_frame", message);
+                    if let Err(why) = transport.send(&error_event(session, &e)).await {
+                        return why;
+                    }
+                }
+                Inbound::Frame(frame) => {
+                    bad_frames = 0;
+                    let reply = match frame {
+                        ClientFrame::UserMessage { text, mode, client_id } => {
+                            session.user_message(text, mode, client_id).await.err().map(|e| error_event(session, &e))
+                        }
+                        ClientFrame::Cancel => match session.cancel().await {
+                            Ok(_) => None,
+                            Err(e) => Some(error_event(session, &e)),
+                        },
+                        ClientFrame::Ping { nonce } => Some(per_connection(session, EventBody::Pong { nonce })),
+                        ClientFrame::Resume { after_seq } => {
+                            // A fresh subscription from the client's seq replaces the live one.
+                            *sub = session.subscribe(Some(after_seq));
+                            if let Err(why) = send_backlog(session, sub, transport).await {
+                                return why;
+                            }
+                            None
+                        }
+                    };
+                    if let Some(event) = reply {
+                        if let Err(why) = transport.send(&event).await {
+                            return why;
+                        }
+                    }
+                }
+            },
+            _ = heartbeat.tick() => {
+                if let Err(why) = transport.heartbeat().await {
+                    return why;
+                }
+            }
+            () = sleep_until_opt(deadline) => return Detach::NoPong,
+            () = opts.shutdown.cancelled() => return Detach::Shutdown,
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
