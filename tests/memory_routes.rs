@@ -301,3 +301,24 @@ async fn the_in_process_limiter_answers_429_too() {
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 2);
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn requests_are_admitted_without_headers_when_the_limiter_store_is_down() {
+    // Port 1 on loopback: nothing listens there, so the Redis limiter cannot answer.
+    let app = spawn_app(&[
+        ("REDIS_URL", "redis://127.0.0.1:1"),
+        ("COACHD_REDIS_COMMAND_TIMEOUT_MS", "200"),
+        ("RATE_LIMIT_REQUESTS", "1"),
+    ])
+    .await;
+    for _ in 0..2 {
+        let resp = app.get("/ai/coach/memory/1/2").await;
+        assert_eq!(
+            resp.status(),
+            200,
+            "an outage of Redis does not take the route down"
+        );
+        assert!(resp.headers().get("x-ratelimit-limit").is_none());
+    }
+    app.stop().await.unwrap();
+}

@@ -162,14 +162,24 @@ impl PgMemoryStore {
                 sqlx::query(&check).execute(&mut *tx).await.map_err(failed)?;
             }
         }
-        // Every start, in case the index was dropped: cheap when it exists. Default HNSW build
-        // parameters (m = 16, ef_construction = 64); changing them later needs a REINDEX anyway.
-        let index = format!(
-            "create index if not exists coach_memory_embedding_hnsw on coach_memory \
-             using hnsw ({} vector_cosine_ops)",
-            typed_embedding(dimension)
-        );
-        sqlx::query(&index).execute(&mut *tx).await.map_err(failed)?;
+        // Checked at every start, in case the index was dropped. Looked up first because even
+        // CREATE INDEX IF NOT EXISTS takes a lock that blocks writers of running instances.
+        let indexed: bool =
+            sqlx::query_scalar("select to_regclass('coach_memory_embedding_hnsw') is not null")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(failed)?;
+        if !indexed {
+            // Default HNSW parameters (m = 16, ef_construction = 64); changing them later needs a
+            // REINDEX anyway. Over existing rows this build blocks start-up: see BENCHMARKS.md.
+            tracing::info!(dimension, "building the HNSW index of coach_memory");
+            let index = format!(
+                "create index if not exists coach_memory_embedding_hnsw on coach_memory \
+                 using hnsw ({} vector_cosine_ops)",
+                typed_embedding(dimension)
+            );
+            sqlx::query(&index).execute(&mut *tx).await.map_err(failed)?;
+        }
         tx.commit().await.map_err(failed)?;
 
         Ok(Self {
