@@ -12,6 +12,8 @@ use axum::response::Response;
 use super::realtime::{check_id, id_string, live, run_turn};
 use crate::auth::Caller;
 use crate::coach::notes::{self, StoredNotes};
+#[allow(unused_imports, reason = "named by the OpenAPI annotations")]
+use crate::error::ErrorBody;
 use crate::error::{Error, from_json_rejection};
 use crate::session::TurnMode;
 use crate::state::AppState;
@@ -23,7 +25,7 @@ pub fn router() -> Router<AppState> {
         .route("/ai/coach/respond", post(respond))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NotesBody {
     #[serde(deserialize_with = "id_string")]
@@ -35,6 +37,18 @@ struct NotesBody {
     session_id: Option<String>,
 }
 
+#[utoipa::path(
+    post, path = "/ai/coach/notes", tag = "coach",
+    description = "Notes from a raw transcript. Body: {user_id, coach_id, transcript, session_id?}.",
+    security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
+    responses(
+        (status = 200, description = "The stored notes"),
+        (status = 400, description = "Invalid input", body = ErrorBody),
+        (status = 401, description = "API keys are configured and none valid was sent", body = ErrorBody),
+        (status = 403, description = "A JWT user acting on another user's data", body = ErrorBody),
+        (status = 502, description = "The model failed", body = ErrorBody),
+    )
+)]
 async fn create_notes(
     State(state): State<AppState>,
     caller: Caller,
@@ -69,7 +83,7 @@ async fn create_notes(
     Ok(Json(stored))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RespondBody {
     #[serde(deserialize_with = "id_string")]
@@ -85,6 +99,18 @@ struct RespondBody {
 /// context, write-behind). With `session_id` the turn runs in that live session; without, in a
 /// one-turn session that ends after it (the user–coach context carries the conversation over).
 /// JSON by default, the turn's events with `Accept: text/event-stream`.
+#[utoipa::path(
+    post, path = "/ai/coach/respond", tag = "coach",
+    description = "One coach reply through the realtime pipeline (persona, memories, context, write-behind). Body: {user_id, coach_id, text, session_id?}. JSON, or SSE with Accept: text/event-stream.",
+    security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
+    responses(
+        (status = 200, description = "The reply, or its event stream"),
+        (status = 400, description = "Invalid input", body = ErrorBody),
+        (status = 401, description = "API keys are configured and none valid was sent", body = ErrorBody),
+        (status = 403, description = "A JWT user acting on another user's data", body = ErrorBody),
+        (status = 404, description = "No such session", body = ErrorBody),
+    )
+)]
 async fn respond(
     State(state): State<AppState>,
     caller: Caller,
@@ -117,3 +143,8 @@ async fn respond(
     };
     run_turn(&state, session, body.text, TurnMode::Queue, None, sse, one_turn).await
 }
+
+/// The OpenAPI description of these routes (merged in `routes::docs`).
+#[derive(Debug, utoipa::OpenApi)]
+#[openapi(paths(create_notes, respond))]
+pub struct CoachDoc;

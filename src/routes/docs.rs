@@ -40,7 +40,9 @@ pub fn router() -> Router<AppState> {
         (name = "health", description = "Liveness, readiness and dependency checks"),
         (name = "api_v1", description = "The reference AI backend's v1 API"),
         (name = "openai", description = "OpenAI-compatible chat completions"),
-        (name = "coach", description = "Coach personas"),
+        (name = "coach", description = "Coach personas, replies and notes"),
+        (name = "realtime", description = "Realtime sessions over HTTP turns, SSE and WebSocket"),
+        (name = "memory", description = "Long-term coach memory"),
     )
 )]
 struct ApiDoc;
@@ -88,6 +90,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(api_v1::ApiV1Doc::openapi());
     doc.merge(openai_compat::OpenAiCompatDoc::openapi());
     doc.merge(personas::PersonasDoc::openapi());
+    doc.merge(super::realtime::RealtimeDoc::openapi());
+    doc.merge(super::coach::CoachDoc::openapi());
+    doc.merge(super::memory::MemoryDoc::openapi());
     // Realtime, coach (respond, notes) and memory routes: derive a `*Doc` with `#[openapi(paths(..))]`
     // in their module, as above, and merge it here; add its tag to `ApiDoc` too.
     doc

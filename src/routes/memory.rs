@@ -13,6 +13,8 @@ use uuid::Uuid;
 use crate::auth::Caller;
 use crate::context::rate_limit::{RateHeaders, enforce};
 use crate::error::Error;
+#[allow(unused_imports, reason = "named by the OpenAPI annotations")]
+use crate::error::ErrorBody;
 use crate::memory::{Memory, ScoredMemory};
 use crate::state::AppState;
 
@@ -71,6 +73,19 @@ impl MemoryView {
 
 /// `GET /ai/coach/memory/{user_id}/{coach_id}?limit=&offset=&query=&min_similarity=`: newest
 /// first, or most similar first when `query` is given. `total` counts all of the pair's memories.
+#[utoipa::path(
+    get, path = "/ai/coach/memory/{user_id}/{coach_id}", tag = "memory",
+    description = "The pair's memories, newest first; with ?query= a similarity search. ?limit=&offset=&min_similarity=. Rate-limited per user.",
+    security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
+    params(("user_id" = String, Path), ("coach_id" = String, Path)),
+    responses(
+        (status = 200, description = "{user_id, coach_id, total, memories}"),
+        (status = 400, description = "Invalid input", body = ErrorBody),
+        (status = 401, description = "API keys are configured and none valid was sent", body = ErrorBody),
+        (status = 403, description = "A JWT user acting on another user's data", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+    )
+)]
 async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -136,6 +151,19 @@ async fn list(
 }
 
 /// `DELETE /ai/coach/memory/{user_id}/{coach_id}`: forgets every memory of the pair.
+#[utoipa::path(
+    delete, path = "/ai/coach/memory/{user_id}/{coach_id}", tag = "memory",
+    description = "Forgets every memory of the pair.",
+    security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
+    params(("user_id" = String, Path), ("coach_id" = String, Path)),
+    responses(
+        (status = 200, description = "{user_id, coach_id, deleted}"),
+        (status = 400, description = "Invalid input", body = ErrorBody),
+        (status = 401, description = "API keys are configured and none valid was sent", body = ErrorBody),
+        (status = 403, description = "A JWT user acting on another user's data", body = ErrorBody),
+        (status = 429, description = "Rate limited", body = ErrorBody),
+    )
+)]
 async fn clear(
     State(state): State<AppState>,
     caller: Caller,
@@ -153,6 +181,19 @@ async fn clear(
 
 /// `DELETE /ai/coach/memory/{user_id}/{coach_id}/{memory_id}`: forgets one memory; 404 when the
 /// pair has no such memory.
+#[utoipa::path(
+    delete, path = "/ai/coach/memory/{user_id}/{coach_id}/{memory_id}", tag = "memory",
+    description = "Forgets one memory.",
+    security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
+    params(("user_id" = String, Path), ("coach_id" = String, Path), ("memory_id" = String, Path)),
+    responses(
+        (status = 200, description = "{user_id, coach_id, id, deleted}"),
+        (status = 400, description = "Invalid input", body = ErrorBody),
+        (status = 401, description = "API keys are configured and none valid was sent", body = ErrorBody),
+        (status = 403, description = "A JWT user acting on another user's data", body = ErrorBody),
+        (status = 404, description = "No such memory", body = ErrorBody),
+    )
+)]
 async fn delete_one(
     State(state): State<AppState>,
     caller: Caller,
@@ -175,6 +216,18 @@ async fn delete_one(
 }
 
 /// `DELETE /ai/coach/memory/{user_id}`: erases every memory of the user, with every coach.
+#[utoipa::path(
+    delete, path = "/ai/coach/memory/{user_id}", tag = "memory",
+    description = "Erases every memory of the user, with every coach.",
+    security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
+    params(("user_id" = String, Path)),
+    responses(
+        (status = 200, description = "{user_id, deleted}"),
+        (status = 400, description = "Invalid input", body = ErrorBody),
+        (status = 401, description = "API keys are configured and none valid was sent", body = ErrorBody),
+        (status = 403, description = "A JWT user acting on another user's data", body = ErrorBody),
+    )
+)]
 async fn erase_user(
     State(state): State<AppState>,
     caller: Caller,
@@ -216,3 +269,8 @@ fn check_id(name: &str, id: &str) -> Result<(), Error> {
         ))
     }
 }
+
+/// The OpenAPI description of these routes (merged in `routes::docs`).
+#[derive(Debug, utoipa::OpenApi)]
+#[openapi(paths(list, clear, delete_one, erase_user))]
+pub struct MemoryDoc;

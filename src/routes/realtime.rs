@@ -13,6 +13,8 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 
 use crate::auth::Caller;
+#[allow(unused_imports, reason = "named by the OpenAPI annotations")]
+use crate::error::ErrorBody;
 use crate::error::{Error, from_json_rejection};
 use crate::session::manager::Gauge;
 use crate::session::{SessionHandle, TurnMode};
@@ -58,7 +60,7 @@ pub fn check_id(field: &str, id: &str) -> Result<(), Error> {
     Ok(())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateBody {
     #[serde(deserialize_with = "id_string")]
@@ -69,6 +71,18 @@ struct CreateBody {
     transport: Option<String>,
 }
 
+#[utoipa::path(
+    post, path = "/realtime/sessions", tag = "realtime",
+    description = "Creates a session. Body: {user_id, coach_id (string or integer), transport: http|sse|websocket}. Returns session_id, a short-lived token for the SSE/WebSocket routes, persona and endpoints.",
+    security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
+    responses(
+        (status = 201, description = "The session"),
+        (status = 400, description = "Invalid input", body = ErrorBody),
+        (status = 401, description = "API keys are configured and none valid was sent", body = ErrorBody),
+        (status = 403, description = "A JWT user acting on another user's data", body = ErrorBody),
+        (status = 503, description = "At COACHD_MAX_SESSIONS", body = ErrorBody),
+    )
+)]
 async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -131,6 +145,18 @@ pub(crate) fn live(state: &AppState, caller: &Caller, id: &str) -> Result<Sessio
     }
 }
 
+#[utoipa::path(
+    get, path = "/realtime/sessions/{id}", tag = "realtime",
+    description = "State of a live session, or the record of a recently ended one.",
+    security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "Session state"),
+        (status = 401, description = "API keys are configured and none valid was sent", body = ErrorBody),
+        (status = 403, description = "A JWT user acting on another user's data", body = ErrorBody),
+        (status = 404, description = "No such session", body = ErrorBody),
+    )
+)]
 async fn status(
     State(state): State<AppState>,
     caller: Caller,
@@ -149,7 +175,7 @@ async fn status(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TurnBody {
     text: String,
@@ -175,6 +201,22 @@ fn drive_options(state: &AppState, heartbeat: std::time::Duration) -> DriveOptio
     }
 }
 
+#[utoipa::path(
+    post, path = "/realtime/sessions/{id}/turn", tag = "realtime",
+    description = "Sends a turn. Body: {text, mode?: queue|interrupt, client_id?}. JSON {reply_text, turn_number, actions, usage, finish_reason, interrupted}; with Accept: text/event-stream the turn's events (proto/server.schema.json).",
+    security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "The reply, or its event stream"),
+        (status = 400, description = "Invalid input", body = ErrorBody),
+        (status = 401, description = "API keys are configured and none valid was sent", body = ErrorBody),
+        (status = 403, description = "A JWT user acting on another user's data", body = ErrorBody),
+        (status = 404, description = "No such session", body = ErrorBody),
+        (status = 410, description = "The session has ended", body = ErrorBody),
+        (status = 429, description = "Too many messages queued", body = ErrorBody),
+        (status = 502, description = "Every model failed before any text", body = ErrorBody),
+    )
+)]
 async fn turn(
     State(state): State<AppState>,
     caller: Caller,
@@ -270,6 +312,18 @@ pub(crate) async fn run_turn(
     Ok(Json(out).into_response())
 }
 
+#[utoipa::path(
+    post, path = "/realtime/sessions/{id}/cancel", tag = "realtime",
+    description = "Cancels the reply streaming now; the upstream request is aborted and the partial turn stored as interrupted.",
+    security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "{session_id, cancelled}"),
+        (status = 401, description = "API keys are configured and none valid was sent", body = ErrorBody),
+        (status = 403, description = "A JWT user acting on another user's data", body = ErrorBody),
+        (status = 404, description = "No such session", body = ErrorBody),
+    )
+)]
 async fn cancel(
     State(state): State<AppState>,
     caller: Caller,
@@ -280,13 +334,25 @@ async fn cancel(
     Ok(Json(json!({ "session_id": id, "cancelled": cancelled })))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct EndBody {
     #[serde(default)]
     generate_notes: bool,
 }
 
+#[utoipa::path(
+    post, path = "/realtime/sessions/{id}/end", tag = "realtime",
+    description = "Ends a session. Body: {generate_notes?}. Notes (summary, key_points, action_items) are generated on task session_summary and stored.",
+    security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "{session_id, status, turn_count, notes, notes_id, notes_error}"),
+        (status = 401, description = "API keys are configured and none valid was sent", body = ErrorBody),
+        (status = 403, description = "A JWT user acting on another user's data", body = ErrorBody),
+        (status = 404, description = "No such session", body = ErrorBody),
+    )
+)]
 async fn end(
     State(state): State<AppState>,
     caller: Caller,
@@ -346,6 +412,17 @@ fn after_seq(query: &AttachQuery, headers: &HeaderMap) -> Result<Option<u64>, Er
     Ok(query.after_seq)
 }
 
+#[utoipa::path(
+    get, path = "/realtime/sessions/{id}/events", tag = "realtime",
+    description = "SSE of every session event; id: is the seq; Last-Event-ID or ?after_seq= replays what was missed. Needs ?token= (or X-Session-Token).",
+    security(()),
+    params(("id" = String, Path, description = "Session id"), ("token" = String, Query, description = "Session token"), ("after_seq" = Option<u64>, Query, description = "Replay after this seq")),
+    responses(
+        (status = 200, description = "text/event-stream"),
+        (status = 401, description = "Missing or invalid session token", body = ErrorBody),
+        (status = 404, description = "No such session", body = ErrorBody),
+    )
+)]
 async fn events(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -368,6 +445,17 @@ async fn events(
     Ok(response)
 }
 
+#[utoipa::path(
+    get, path = "/realtime/sessions/{id}/ws", tag = "realtime",
+    description = "WebSocket of the session: frames of proto/client.schema.json in, proto/server.schema.json out; close codes in proto/README.md. Needs ?token=.",
+    security(()),
+    params(("id" = String, Path, description = "Session id"), ("token" = String, Query, description = "Session token"), ("after_seq" = Option<u64>, Query, description = "Replay after this seq")),
+    responses(
+        (status = 101, description = "Switching protocols"),
+        (status = 401, description = "Missing or invalid session token", body = ErrorBody),
+        (status = 404, description = "No such session", body = ErrorBody),
+    )
+)]
 async fn websocket(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -385,6 +473,10 @@ async fn websocket(
     let response = upgrade
         .max_message_size(rt.ws_max_message_bytes)
         .max_frame_size(rt.ws_max_message_bytes)
+        // tungstenite's defaults (128 KiB read buffer, 128 KiB write batching) would dominate the
+        // memory of an idle connection and hold tokens back; frames here are small and urgent.
+        .read_buffer_size(rt.ws_read_buffer_bytes)
+        .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
             let _gauge = Gauge::enter(&stats, |s| &s.ws_connections);
             let mut transport = WsTransport::new(socket, rt.send_timeout, rt.ws_pong_timeout);
@@ -412,6 +504,16 @@ async fn websocket(
     Ok(response)
 }
 
+#[utoipa::path(
+    get, path = "/realtime/stats", tag = "realtime",
+    description = "Session, connection and write-behind counters. Not for end users (403 with a JWT).",
+    security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
+    responses(
+        (status = 200, description = "Statistics"),
+        (status = 401, description = "API keys are configured and none valid was sent", body = ErrorBody),
+        (status = 403, description = "A JWT user acting on another user's data", body = ErrorBody),
+    )
+)]
 async fn stats(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, Error> {
     // Server-wide figures are for operators and backends, not for one end user.
     if caller.user_id().is_some() {
@@ -429,3 +531,8 @@ async fn stats(State(state): State<AppState>, caller: Caller) -> Result<Json<Val
         },
     })))
 }
+
+/// The OpenAPI description of these routes (merged in `routes::docs`).
+#[derive(Debug, utoipa::OpenApi)]
+#[openapi(paths(create, status, turn, cancel, end, events, websocket, stats))]
+pub struct RealtimeDoc;

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::llm::Usage;
 
 /// How a `user_message` sent while a reply streams is handled.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TurnMode {
     /// Wait for the current reply to finish (default).
