@@ -870,3 +870,186 @@ async fn redis_ttl(client: &fred::clients::Client, key: &str) -> i64 {
 fn leak(s: &str) -> &'static str {
     Box::leak(s.to_owned().into_boxed_str())
 }
+
+#[tokio::test]
+async fn a_websocket_client_that_never_answers_pings_is_closed_with_4002() {
+    let (app, _fake) = app_with_fake(
+        Services::Embedded,
+        &[("COACHD_WS_PING_SECS", "1"), ("COACHD_WS_PONG_TIMEOUT_SECS", "1")],
+    )
+    .await;
+    let s = app.create_session("u", "c", "websocket").await;
+    let mut ws = ws_connect(&app, &s, "").await;
+    ws_next(&mut ws).await;
+    // Not reading means tungstenite never sends the automatic pong.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let mut pings = 0;
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => break None,
+        }
+    };
+    assert!(pings >= 1, "the server pinged");
+    // The client sees 4002, or (when tungstenite's automatic pong hits the closed socket first) an
+    // error; either way the server closed it, for the reason its counter names.
+    assert!(
+        matches!(code, Some(4002) | None),
+        "closed by the server: {code:?}"
+    );
+    let stats = app.state.sessions.stats();
+    assert_eq!(stats.no_pong_closes.get(), 1, "closed for the missing pong");
+    assert_eq!(stats.slow_clients.get(), 0);
+    // The session itself lives on.
+    assert_eq!(
+        app.get(&format!("/realtime/sessions/{}", s.id)).await.status(),
+        200
+    );
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_idle_sse_stream_carries_heartbeat_comments() {
+    let (app, _fake) = app_with_fake(Services::Embedded, &[("COACHD_SSE_HEARTBEAT_SECS", "1")]).await;
+    let s = app.create_session("u", "c", "sse").await;
+    let resp = app
+        .client
+        .get(app.url(&format!("/realtime/sessions/{}/events?token={}", s.id, s.token)))
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !seen.contains(": keepalive") {
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .expect("a heartbeat within 5 s")
+            .unwrap()
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(
+        seen.starts_with("id: 1\nevent: session\n"),
+        "the log replays first: {seen}"
+    );
+    app.stop().await.unwrap();
+}
+
+/// A redis-server of the test's own, so it can be stopped and started again.
+struct OwnRedis {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl OwnRedis {
+    fn start(port: u16, dir: &std::path::Path) -> Self {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/services makes sure)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        OwnRedis {
+            child,
+            port,
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test]
+async fn write_behind_retries_while_redis_is_down_and_stores_the_turn_once_it_is_back() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("coachd-redis-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut redis = OwnRedis::start(port, &dir);
+    let url = format!("redis://127.0.0.1:{port}");
+    let (app, fake) = app_with_fake(
+        Services::Real,
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("COACHD_WRITE_BEHIND_MAX_ATTEMPTS", "60"),
+            ("COACHD_PROMPT_FETCH_TIMEOUT_MS", "300"),
+        ],
+    )
+    .await;
+    fake.set_default(Script::text("Still here."));
+    let s = app.create_session("outage", "c", "http").await;
+
+    redis.kill();
+    // The reply does not depend on Redis: the prompt goes out without the cache's context.
+    let (status, body) = app.turn(&s, "Are you there?").await;
+    assert_eq!(
+        (status, body["reply_text"].as_str()),
+        (200, Some("Still here.")),
+        "{body}"
+    );
+    let wb = app.state.write_behind.stats();
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    // Each attempt fails after the Redis command timeout (2 s); wait for the first retry.
+    for _ in 0..200 {
+        if wb.retries.load(relaxed) >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(wb.retries.load(relaxed) >= 1, "failed writes are retried");
+    assert_eq!(
+        wb.written.load(relaxed),
+        0,
+        "nothing is written while Redis is down"
+    );
+
+    let redis = OwnRedis::start(redis.port, &redis.dir.clone());
+    app.wait_written_for(1, Duration::from_secs(30)).await;
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+    use std::io::{Read, Write};
+    let key = format!("{}session:{}:context", app.redis_prefix, s.id);
+    write!(conn, "*2\r\n$4\r\nLLEN\r\n${}\r\n{}\r\n", key.len(), key).unwrap();
+    let mut reply = [0u8; 16];
+    let n = conn.read(&mut reply).unwrap();
+    assert_eq!(
+        &reply[..n],
+        b":2\r\n",
+        "both messages of the turn were stored after the outage"
+    );
+    app.stop().await.unwrap();
+}

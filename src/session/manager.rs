@@ -96,6 +96,8 @@ pub struct Stats {
     pub tokens: Counter,
     /// Connections closed for not keeping up.
     pub slow_clients: Counter,
+    /// WebSocket connections closed for not answering a ping in time.
+    pub no_pong_closes: Counter,
     /// WebSocket connections open now.
     pub ws_connections: Gauge,
     /// SSE connections open now.

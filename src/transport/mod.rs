@@ -167,9 +167,16 @@ pub async fn drive<T: Transport>(
     opts: DriveOptions,
 ) {
     let why = run(&session, &mut sub, transport, &opts).await;
-    if why == Detach::SlowClient {
-        opts.stats.slow_clients.inc();
-        tracing::info!(session_id = %session.id, kind = ?transport.kind(), "slow client detached");
+    match why {
+        Detach::SlowClient => {
+            opts.stats.slow_clients.inc();
+            tracing::info!(session_id = %session.id, kind = ?transport.kind(), "slow client detached");
+        }
+        Detach::NoPong => {
+            opts.stats.no_pong_closes.inc();
+            tracing::info!(session_id = %session.id, "no pong in time: connection closed");
+        }
+        _ => {}
     }
     transport.close(&why).await;
 }
