@@ -285,7 +285,17 @@ async fn collect_rows(
     }
 }
 
-async fn run_level(fake: &FakeUpstream, coachd: &Coachd, n: usize) -> Result<Vec<Row>, BoxError> {
+/// Runs `n` streams on each path. With a `spread`, stream i starts `spread * i / n` after the
+/// level begins (so many are in flight at once without every connection opening in the same
+/// instant); without, all start together.
+async fn run_level(
+    fake: &FakeUpstream,
+    coachd: &Coachd,
+    n: usize,
+    spread: Duration,
+) -> Result<Vec<Row>, BoxError> {
+    let _ = fake;
+    let offset = move |i: usize| spread.mul_f64(i as f64 / n.max(1) as f64);
     let client = reqwest::Client::builder()
         .tcp_nodelay(true)
         .pool_max_idle_per_host(2000)
@@ -295,10 +305,11 @@ async fn run_level(fake: &FakeUpstream, coachd: &Coachd, n: usize) -> Result<Vec
     let gate = Arc::new(Semaphore::new(0));
 
     let mut tasks = Vec::new();
-    for _ in 0..n {
-        let (c, b, g) = (client.clone(), fake_base.clone(), gate.clone());
+    for i in 0..n {
+        let (c, b, g, wait) = (client.clone(), fake_base.clone(), gate.clone(), offset(i));
         tasks.push(tokio::spawn(async move {
             let _p = g.acquire().await?;
+            tokio::time::sleep(wait).await;
             direct(c, b).await
         }));
     }
@@ -311,10 +322,17 @@ async fn run_level(fake: &FakeUpstream, coachd: &Coachd, n: usize) -> Result<Vec
     }
     let gate = Arc::new(Semaphore::new(0));
     let mut tasks = Vec::new();
-    for (id, _) in &sessions {
-        let (c, b, g, id) = (client.clone(), coachd.base.clone(), gate.clone(), id.clone());
+    for (i, (id, _)) in sessions.iter().enumerate() {
+        let (c, b, g, id, wait) = (
+            client.clone(),
+            coachd.base.clone(),
+            gate.clone(),
+            id.clone(),
+            offset(i),
+        );
         tasks.push(tokio::spawn(async move {
             let _p = g.acquire().await?;
+            tokio::time::sleep(wait).await;
             via_sse(c, b, id).await
         }));
     }
@@ -327,10 +345,11 @@ async fn run_level(fake: &FakeUpstream, coachd: &Coachd, n: usize) -> Result<Vec
     }
     let gate = Arc::new(Semaphore::new(0));
     let mut tasks = Vec::new();
-    for ws in sockets {
-        let g = gate.clone();
+    for (i, ws) in sockets.into_iter().enumerate() {
+        let (g, wait) = (gate.clone(), offset(i));
         tasks.push(tokio::spawn(async move {
             let _p = g.acquire().await?;
+            tokio::time::sleep(wait).await;
             via_ws(ws).await
         }));
     }
@@ -382,7 +401,7 @@ async fn main() -> Result<(), BoxError> {
     let coachd = start_coachd(&fake).await?;
 
     // Warm-up: connection pools, allocator, the first-request paths.
-    run_level(&fake, &coachd, 4).await?;
+    run_level(&fake, &coachd, 4, Duration::ZERO).await?;
 
     println!(
         "\n## Streaming latency ({TOKENS} tokens per stream, {} ms apart upstream)\n",
@@ -394,7 +413,7 @@ async fn main() -> Result<(), BoxError> {
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     let mut added = Vec::new();
     for &n in levels {
-        let rows = run_level(&fake, &coachd, n).await?;
+        let rows = run_level(&fake, &coachd, n, Duration::ZERO).await?;
         for r in &rows {
             println!(
                 "| {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -423,6 +442,35 @@ async fn main() -> Result<(), BoxError> {
     println!("|---|---:|---:|---:|");
     for (path, n, p50, p99) in added {
         println!("| {path} | {n} | {} | {} |", ms(p50), ms(p99));
+    }
+
+    // Sustained load: 1 000 streams in flight together, their starts spread over one second so the
+    // load generator does not measure its own connection storm. 40 tokens 50 ms apart: 2 s each.
+    let sustained = if quick { 50 } else { 1000 };
+    fake.set_default(Script::counted(40).paced(Duration::ZERO, Duration::from_millis(50)));
+    let rows = run_level(&fake, &coachd, sustained, Duration::from_secs(1)).await?;
+    println!(
+        "\n## Sustained concurrency ({sustained} streams of 40 tokens 50 ms apart, starts spread over 1 s)\n"
+    );
+    println!(
+        "| path | streams | TTFT p50 ms | TTFT p99 ms | TTFT max ms | gap p50 ms | gap p99 ms | failed | added TTFT p50 ms | added TTFT p99 ms |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let base = rows[0].ttft;
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.path,
+            r.streams,
+            ms(r.ttft.p50),
+            ms(r.ttft.p99),
+            ms(r.ttft.max),
+            ms(r.gap.p50),
+            ms(r.gap.p99),
+            r.failed,
+            ms(r.ttft.p50.saturating_sub(base.p50)),
+            ms(r.ttft.p99.saturating_sub(base.p99))
+        );
     }
 
     let (before, after, open) = idle_rss(&fake, idle_sessions).await?;
