@@ -1053,3 +1053,17 @@ async fn write_behind_retries_while_redis_is_down_and_stores_the_turn_once_it_is
     );
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_oversized_body_is_refused_with_the_configured_limit() {
+    let (app, _fake) = app_with_fake(Services::Embedded, &[("COACHD_MAX_BODY_BYTES", "2048")]).await;
+    let s = app.create_session("u", "c", "http").await;
+    let (status, body) = app.turn(&s, &"x".repeat(4096)).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "payload_too_large");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("2048"),
+        "names the real limit: {body}"
+    );
+    app.stop().await.unwrap();
+}

@@ -10,11 +10,12 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 
 use super::realtime::{check_id, id_string, live, run_turn};
+use super::{JsonBody, wants_sse};
 use crate::auth::Caller;
 use crate::coach::notes::{self, StoredNotes};
+use crate::error::Error;
 #[allow(unused_imports, reason = "named by the OpenAPI annotations")]
 use crate::error::ErrorBody;
-use crate::error::{Error, from_json_rejection};
 use crate::session::TurnMode;
 use crate::state::AppState;
 
@@ -39,6 +40,7 @@ struct NotesBody {
 
 #[utoipa::path(
     post, path = "/ai/coach/notes", tag = "coach",
+    request_body = NotesBody,
     description = "Notes from a raw transcript. Body: {user_id, coach_id, transcript, session_id?}.",
     security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
     responses(
@@ -52,9 +54,8 @@ struct NotesBody {
 async fn create_notes(
     State(state): State<AppState>,
     caller: Caller,
-    body: Result<Json<NotesBody>, axum::extract::rejection::JsonRejection>,
+    JsonBody(body): JsonBody<NotesBody>,
 ) -> Result<Json<StoredNotes>, Error> {
-    let Json(body) = body.map_err(from_json_rejection)?;
     check_id("user_id", &body.user_id)?;
     check_id("coach_id", &body.coach_id)?;
     caller.authorize_user(&body.user_id)?;
@@ -101,6 +102,7 @@ struct RespondBody {
 /// JSON by default, the turn's events with `Accept: text/event-stream`.
 #[utoipa::path(
     post, path = "/ai/coach/respond", tag = "coach",
+    request_body = RespondBody,
     description = "One coach reply through the realtime pipeline (persona, memories, context, write-behind). Body: {user_id, coach_id, text, session_id?}. JSON, or SSE with Accept: text/event-stream.",
     security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
     responses(
@@ -115,16 +117,12 @@ async fn respond(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    body: Result<Json<RespondBody>, axum::extract::rejection::JsonRejection>,
+    JsonBody(body): JsonBody<RespondBody>,
 ) -> Result<Response, Error> {
-    let Json(body) = body.map_err(from_json_rejection)?;
     check_id("user_id", &body.user_id)?;
     check_id("coach_id", &body.coach_id)?;
     caller.authorize_user(&body.user_id)?;
-    let sse = headers
-        .get(axum::http::header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/event-stream"));
+    let sse = wants_sse(&headers);
     let (session, one_turn) = match &body.session_id {
         Some(id) => {
             let session = live(&state, &caller, id)?;

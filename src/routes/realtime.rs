@@ -5,17 +5,18 @@
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 
+use super::{JsonBody, wants_sse};
 use crate::auth::Caller;
+use crate::error::Error;
 #[allow(unused_imports, reason = "named by the OpenAPI annotations")]
 use crate::error::ErrorBody;
-use crate::error::{Error, from_json_rejection};
 use crate::session::manager::Gauge;
 use crate::session::{SessionHandle, TurnMode};
 use crate::state::AppState;
@@ -73,6 +74,7 @@ struct CreateBody {
 
 #[utoipa::path(
     post, path = "/realtime/sessions", tag = "realtime",
+    request_body = CreateBody,
     description = "Creates a session. Body: {user_id, coach_id (string or integer), transport: http|sse|websocket}. Returns session_id, a short-lived token for the SSE/WebSocket routes, persona and endpoints.",
     security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
     responses(
@@ -86,9 +88,8 @@ struct CreateBody {
 async fn create(
     State(state): State<AppState>,
     caller: Caller,
-    body: Result<Json<CreateBody>, axum::extract::rejection::JsonRejection>,
+    JsonBody(body): JsonBody<CreateBody>,
 ) -> Result<Response, Error> {
-    let Json(body) = body.map_err(from_json_rejection)?;
     check_id("user_id", &body.user_id)?;
     check_id("coach_id", &body.coach_id)?;
     caller.authorize_user(&body.user_id)?;
@@ -185,13 +186,6 @@ struct TurnBody {
     client_id: Option<String>,
 }
 
-fn wants_sse(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/event-stream"))
-}
-
 fn drive_options(state: &AppState, heartbeat: std::time::Duration) -> DriveOptions {
     DriveOptions {
         heartbeat,
@@ -203,6 +197,7 @@ fn drive_options(state: &AppState, heartbeat: std::time::Duration) -> DriveOptio
 
 #[utoipa::path(
     post, path = "/realtime/sessions/{id}/turn", tag = "realtime",
+    request_body = TurnBody,
     description = "Sends a turn. Body: {text, mode?: queue|interrupt, client_id?}. JSON {reply_text, turn_number, actions, usage, finish_reason, interrupted}; with Accept: text/event-stream the turn's events (proto/server.schema.json).",
     security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
     params(("id" = String, Path, description = "Session id")),
@@ -222,9 +217,8 @@ async fn turn(
     caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: Result<Json<TurnBody>, axum::extract::rejection::JsonRejection>,
+    JsonBody(body): JsonBody<TurnBody>,
 ) -> Result<Response, Error> {
-    let Json(body) = body.map_err(from_json_rejection)?;
     let session = live(&state, &caller, &id)?;
     run_turn(
         &state,

@@ -15,6 +15,16 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::{Detach, Inbound, Transport, TransportKind};
 use crate::session::event::Published;
 
+/// Tells proxies and CDNs neither to buffer nor to transform (compress) an event stream; every SSE
+/// response of coachd carries these headers.
+pub fn no_buffering(headers: &mut axum::http::HeaderMap) {
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-transform"),
+    );
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+}
+
 /// The sending side of an SSE response.
 #[derive(Debug)]
 pub struct SseTransport {
@@ -29,13 +39,7 @@ impl SseTransport {
     pub fn new(queue: usize, send_timeout: Duration, until_turn_end: Option<u32>) -> (Self, Response) {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let mut response = Sse::new(ReceiverStream::new(rx)).into_response();
-        let headers = response.headers_mut();
-        // Proxies and CDNs must neither buffer nor transform (compress) the stream.
-        headers.insert(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("no-cache, no-transform"),
-        );
-        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        no_buffering(response.headers_mut());
         (
             SseTransport {
                 tx,
