@@ -28,6 +28,36 @@ use tokio_tungstenite::tungstenite::Message;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+// The load generator runs on the same two cores as coachd: keep its own cost per token down.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Just enough of an OpenAI chunk to tell a text delta (borrowed: no allocation per token).
+#[derive(serde::Deserialize)]
+struct Chunk<'a> {
+    #[serde(borrow, default)]
+    choices: Vec<Choice<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Choice<'a> {
+    #[serde(borrow, default)]
+    delta: Option<Delta<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Delta<'a> {
+    #[serde(borrow, default)]
+    content: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// Just the `type` of a coachd frame.
+#[derive(serde::Deserialize)]
+struct Frame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+}
+
 const TOKENS: usize = 20;
 const TOKEN_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -110,6 +140,21 @@ async fn start_coachd(fake: &FakeUpstream) -> Result<Coachd, BoxError> {
     Err("coachd did not start".into())
 }
 
+/// CPU time (user + system) a process has used so far, from `/proc/{pid}/stat`.
+fn cpu_time(pid: &str) -> Duration {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    // Linux reports these in USER_HZ, which is 100 on every platform Rust targets.
+    Duration::from_millis(ticks * 10)
+}
+
 fn rss_kib(pid: u32) -> Result<u64, BoxError> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
@@ -139,9 +184,12 @@ async fn direct(client: reqwest::Client, base: String) -> Result<Trace, BoxError
         if ev.data == "[DONE]" {
             break;
         }
-        let v: Value = serde_json::from_str(&ev.data)?;
-        if v["choices"][0]["delta"]["content"]
-            .as_str()
+        let chunk: Chunk = serde_json::from_str(&ev.data)?;
+        if chunk
+            .choices
+            .first()
+            .and_then(|c| c.delta.as_ref())
+            .and_then(|d| d.content.as_deref())
             .is_some_and(|t| !t.is_empty())
         {
             let now = Instant::now();
@@ -226,9 +274,9 @@ async fn via_ws(mut ws: Ws) -> Result<Trace, BoxError> {
     let mut last: Option<Instant> = None;
     while let Some(msg) = ws.next().await {
         let Message::Text(text) = msg? else { continue };
-        let v: Value = serde_json::from_str(text.as_str())?;
-        match v["type"].as_str() {
-            Some("token") => {
+        let frame: Frame = serde_json::from_str(text.as_str())?;
+        match frame.kind.as_ref() {
+            "token" => {
                 let now = Instant::now();
                 match last {
                     None => trace.ttft = now - start,
@@ -236,8 +284,8 @@ async fn via_ws(mut ws: Ws) -> Result<Trace, BoxError> {
                 }
                 last = Some(now);
             }
-            Some("turn_end") => break,
-            Some("error") => return Err(format!("turn error: {v}").into()),
+            "turn_end" => break,
+            "error" => return Err(format!("turn error: {text}").into()),
             _ => {}
         }
     }
@@ -251,6 +299,11 @@ struct Row {
     ttft: Summary,
     gap: Summary,
     failed: usize,
+    /// Tokens received over the level.
+    tokens: usize,
+    /// CPU time coachd and this process (the fake and the clients) used over the level.
+    coachd_cpu: Duration,
+    bench_cpu: Duration,
 }
 
 async fn collect_rows(
@@ -261,9 +314,11 @@ async fn collect_rows(
     let mut ttfts = Vec::new();
     let mut gaps = Vec::new();
     let mut failed = 0;
+    let mut tokens = 0;
     for t in tasks {
         match t.await {
             Ok(Ok(trace)) => {
+                tokens += trace.gaps.len() + 1;
                 ttfts.push(trace.ttft);
                 gaps.extend(trace.gaps);
             }
@@ -282,7 +337,29 @@ async fn collect_rows(
         ttft: summarize(ttfts),
         gap: summarize(gaps),
         failed,
+        tokens,
+        coachd_cpu: Duration::ZERO,
+        bench_cpu: Duration::ZERO,
     }
+}
+
+/// Collects a path's rows and charges it the CPU both processes used since `cpu0`.
+async fn measured(
+    path: &'static str,
+    n: usize,
+    coachd: &Coachd,
+    cpu0: (Duration, Duration),
+    tasks: Vec<tokio::task::JoinHandle<Result<Trace, BoxError>>>,
+) -> Row {
+    let mut row = collect_rows(path, n, tasks).await;
+    let (c, b) = cpu_now(coachd);
+    row.coachd_cpu = c.saturating_sub(cpu0.0);
+    row.bench_cpu = b.saturating_sub(cpu0.1);
+    row
+}
+
+fn cpu_now(coachd: &Coachd) -> (Duration, Duration) {
+    (cpu_time(&coachd.child.id().to_string()), cpu_time("self"))
 }
 
 /// Runs `n` streams on each path. With a `spread`, stream i starts `spread * i / n` after the
@@ -313,8 +390,9 @@ async fn run_level(
             direct(c, b).await
         }));
     }
+    let cpu0 = cpu_now(coachd);
     gate.add_permits(n);
-    let direct_row = collect_rows("direct to fake", n, tasks).await;
+    let direct_row = measured("direct to fake", n, coachd, cpu0, tasks).await;
 
     let mut sessions = Vec::new();
     for i in 0..n {
@@ -336,8 +414,9 @@ async fn run_level(
             via_sse(c, b, id).await
         }));
     }
+    let cpu0 = cpu_now(coachd);
     gate.add_permits(n);
-    let sse_row = collect_rows("coachd SSE", n, tasks).await;
+    let sse_row = measured("coachd SSE", n, coachd, cpu0, tasks).await;
 
     let mut sockets = Vec::new();
     for (id, token) in &sessions {
@@ -353,8 +432,9 @@ async fn run_level(
             via_ws(ws).await
         }));
     }
+    let cpu0 = cpu_now(coachd);
     gate.add_permits(n);
-    let ws_row = collect_rows("coachd WebSocket", n, tasks).await;
+    let ws_row = measured("coachd WebSocket", n, coachd, cpu0, tasks).await;
 
     for (id, _) in &sessions {
         let _ = client
@@ -395,6 +475,10 @@ async fn main() -> Result<(), BoxError> {
     let quick = std::env::var_os("COACHD_BENCH_QUICK").is_some();
     let levels: &[usize] = if quick { &[1, 20] } else { &[1, 100, 1000] };
     let idle_sessions = if quick { 500 } else { 10_000 };
+    // COACHD_BENCH_ONLY=burst,sustained,idle picks sections (all by default).
+    let only = std::env::var("COACHD_BENCH_ONLY").unwrap_or_default();
+    let section = |name: &str| only.is_empty() || only.split(',').any(|s| s.trim() == name);
+    let levels: &[usize] = if section("burst") { levels } else { &[] };
 
     let fake = FakeUpstream::start().await?;
     fake.set_default(Script::counted(TOKENS).paced(Duration::ZERO, TOKEN_INTERVAL));
@@ -446,20 +530,27 @@ async fn main() -> Result<(), BoxError> {
 
     // Sustained load: 1 000 streams in flight together, their starts spread over one second so the
     // load generator does not measure its own connection storm. 40 tokens 50 ms apart: 2 s each.
-    let sustained = if quick { 50 } else { 1000 };
+    let sustained = if !section("sustained") {
+        0
+    } else if quick {
+        50
+    } else {
+        1000
+    };
     fake.set_default(Script::counted(40).paced(Duration::ZERO, Duration::from_millis(50)));
     let rows = run_level(&fake, &coachd, sustained, Duration::from_secs(1)).await?;
     println!(
         "\n## Sustained concurrency ({sustained} streams of 40 tokens 50 ms apart, starts spread over 1 s)\n"
     );
     println!(
-        "| path | streams | TTFT p50 ms | TTFT p99 ms | TTFT max ms | gap p50 ms | gap p99 ms | failed | added TTFT p50 ms | added TTFT p99 ms |"
+        "| path | streams | TTFT p50 ms | TTFT p99 ms | TTFT max ms | gap p50 ms | gap p99 ms | failed | added TTFT p50 ms | added TTFT p99 ms | coachd CPU µs/token | bench CPU µs/token |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let base = rows[0].ttft;
     for r in &rows {
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / r.tokens.max(1) as f64;
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} |",
             r.path,
             r.streams,
             ms(r.ttft.p50),
@@ -469,10 +560,15 @@ async fn main() -> Result<(), BoxError> {
             ms(r.gap.p99),
             r.failed,
             ms(r.ttft.p50.saturating_sub(base.p50)),
-            ms(r.ttft.p99.saturating_sub(base.p99))
+            ms(r.ttft.p99.saturating_sub(base.p99)),
+            per(r.coachd_cpu),
+            per(r.bench_cpu)
         );
     }
 
+    if !section("idle") {
+        return Ok(());
+    }
     let (before, after, open) = idle_rss(&fake, idle_sessions).await?;
     let per = (after.saturating_sub(before)) as f64 * 1024.0 / open as f64;
     println!("\n## Idle WebSocket sessions\n");

@@ -42,27 +42,47 @@ where
             }
         };
         let mut seen_text = false;
+        // One timer for the whole stream, re-armed lazily: each event only records when it came,
+        // and the timer, when it fires, either moves on to the new deadline or is the timeout.
+        // Arming a fresh timer per event would cost a timer-wheel insert and removal per token.
+        let mut last_event = Instant::now();
+        let timer = tokio::time::sleep_until(first_token.0);
+        tokio::pin!(timer);
         loop {
-            let (deadline, error) = if seen_text {
-                limit(Instant::now() + t.idle, TimeoutPhase::Idle, t.idle)
-            } else {
-                first_token.clone()
+            let item = tokio::select! {
+                biased;
+                item = inner.next() => Some(item),
+                () = &mut timer => None,
             };
-            match timeout_at(deadline, inner.next()).await {
-                Ok(Some(Ok(event))) => {
-                    if matches!(&event, LlmEvent::Delta(text) if !text.is_empty()) {
+            match item {
+                Some(Some(Ok(event))) => {
+                    last_event = Instant::now();
+                    if !seen_text && matches!(&event, LlmEvent::Delta(text) if !text.is_empty()) {
                         seen_text = true;
+                        // The idle deadline may come before the first-token one still armed.
+                        let (deadline, _) = limit(last_event + t.idle, TimeoutPhase::Idle, t.idle);
+                        if deadline < timer.deadline() {
+                            timer.as_mut().reset(deadline);
+                        }
                     }
                     yield Ok(event);
                 }
-                Ok(Some(Err(e))) => {
+                Some(Some(Err(e))) => {
                     yield Err(e);
                     return;
                 }
-                Ok(None) => return,
-                Err(_) => {
-                    yield Err(error);
-                    return;
+                Some(None) => return,
+                None => {
+                    let (deadline, error) = if seen_text {
+                        limit(last_event + t.idle, TimeoutPhase::Idle, t.idle)
+                    } else {
+                        first_token.clone()
+                    };
+                    if Instant::now() >= deadline {
+                        yield Err(error);
+                        return;
+                    }
+                    timer.as_mut().reset(deadline);
                 }
             }
         }

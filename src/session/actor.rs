@@ -149,11 +149,16 @@ impl Actor {
         self.handle.log.publish(self.session_event("active"));
         let idle = self.deps.limits.idle_timeout;
         let shutdown = self.deps.shutdown.clone();
+        // Both made once: a fresh cancellation future or timer per loop turn (that is, per token)
+        // would register and unregister a waiter or a timer entry every time.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let idle_timer = tokio::time::sleep_until(tokio::time::Instant::from_std(self.last_activity + idle));
+        tokio::pin!(idle_timer);
         let mut ended_by = "ended";
         loop {
-            let idle_deadline = tokio::time::Instant::from_std(self.last_activity + idle);
             tokio::select! {
-                () = shutdown.cancelled() => {
+                () = &mut cancelled => {
                     self.interrupt_current("server_shutdown").await;
                     self.handle.log.publish(EventBody::Error {
                         code: "server_shutdown".into(),
@@ -180,7 +185,13 @@ impl Actor {
                     self.deps.stats.sessions_ended.inc();
                     break;
                 }
-                () = tokio::time::sleep_until(idle_deadline), if self.current.is_none() => {
+                () = &mut idle_timer, if self.current.is_none() => {
+                    // Activity only moves `last_activity`; the timer catches up when it fires.
+                    let deadline = tokio::time::Instant::from_std(self.last_activity + idle);
+                    if deadline > tokio::time::Instant::now() {
+                        idle_timer.as_mut().reset(deadline);
+                        continue;
+                    }
                     if self.handle.log.subscriber_count() == 0 && self.queue.is_empty() {
                         tracing::info!(session_id = %self.handle.id, "session expired after idling");
                         self.deps.stats.expired.inc();
@@ -189,6 +200,7 @@ impl Actor {
                     }
                     // Someone is still attached: an open connection is activity.
                     self.last_activity = Instant::now();
+                    idle_timer.as_mut().reset(tokio::time::Instant::from_std(self.last_activity + idle));
                 }
             }
         }

@@ -192,6 +192,9 @@ async fn run<T: Transport>(
     }
     let mut heartbeat = tokio::time::interval_at(Instant::now() + opts.heartbeat, opts.heartbeat);
     let mut bad_frames = 0u32;
+    // Made once, not per event: a fresh one per loop turn registers and drops a waiter per token.
+    let shutdown = opts.shutdown.cancelled();
+    tokio::pin!(shutdown);
     loop {
         let deadline = transport.liveness_deadline();
         tokio::select! {
@@ -253,7 +256,7 @@ async fn run<T: Transport>(
                 }
             }
             () = sleep_until_opt(deadline) => return Detach::NoPong,
-            () = opts.shutdown.cancelled() => return Detach::Shutdown,
+            () = &mut shutdown => return Detach::Shutdown,
         }
     }
 }
