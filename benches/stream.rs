@@ -2,12 +2,20 @@
 //! and through coachd (SSE and WebSocket), at 1, 100 and 1 000 concurrent streams, side by side
 //! in one run; then the resident memory per idle WebSocket session at 10 000 sessions.
 //!
+//! Each level holds N streams in flight for its whole window: N closed-loop workers, each running
+//! one stream after another (a worker's turns share one coachd session, as a conversation would),
+//! their first starts spread over one stream's length so arrivals are even. Only streams that
+//! start after that ramp are timed.
+//!
 //! coachd runs as its own process (the release binary, embedded stores, the fake as its OpenAI
-//! upstream), so its RSS is its own; the fake and the clients share this process.
+//! upstream), so its RSS and CPU are its own; the fake and the clients share this process.
 //!
 //! ```sh
 //! cargo bench --bench stream                 # full run
 //! COACHD_BENCH_QUICK=1 cargo bench --bench stream   # smaller, for a smoke check
+//! COACHD_BENCH_ONLY=latency|idle cargo bench --bench stream   # one section
+//! COACHD_BENCH_STREAMS=1000 cargo bench --bench stream         # only the levels of these sizes
+//! COACHD_BENCH_PIN=1 cargo bench --bench stream                 # coachd on a CPU of its own
 //! ```
 
 #![allow(
@@ -16,15 +24,14 @@
 )]
 
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coachd::fake_upstream::{FakeUpstream, Script};
 use eventsource_stream::Eventsource;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -57,9 +64,6 @@ struct Frame<'a> {
     #[serde(rename = "type", borrow)]
     kind: std::borrow::Cow<'a, str>,
 }
-
-const TOKENS: usize = 20;
-const TOKEN_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Latencies of one stream: time to first token, then each gap.
 #[derive(Debug, Default, Clone)]
@@ -113,9 +117,69 @@ fn free_port() -> Result<u16, BoxError> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-async fn start_coachd(fake: &FakeUpstream) -> Result<Coachd, BoxError> {
+/// Where the two processes run. By default coachd, the fake and the clients share every CPU, as
+/// they must on a small machine. With `COACHD_BENCH_PIN=1` (two or more CPUs and `taskset`),
+/// coachd gets the last CPU to itself and this process (the fake and the clients) the others,
+/// closer to a load generator on a separate machine; the direct path runs the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    Pinned { coachd_cpu: usize },
+    Shared,
+}
+
+impl Placement {
+    fn choose() -> Self {
+        if std::env::var_os("COACHD_BENCH_PIN").is_none() {
+            return Placement::Shared;
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        if cpus < 2 {
+            eprintln!("COACHD_BENCH_PIN needs two CPUs; running shared");
+            return Placement::Shared;
+        }
+        let coachd_cpu = cpus - 1;
+        // Every thread of this process (tokio's workers already exist) onto the other CPUs.
+        let ok = Command::new("taskset")
+            .args([
+                "-a",
+                "-cp",
+                &format!("0-{}", coachd_cpu - 1),
+                &std::process::id().to_string(),
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            Placement::Pinned { coachd_cpu }
+        } else {
+            eprintln!("taskset failed; running shared");
+            Placement::Shared
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Placement::Pinned { coachd_cpu } => format!(
+                "coachd pinned to CPU {coachd_cpu} (one runtime worker), the fake and the clients to CPU 0-{}",
+                coachd_cpu - 1
+            ),
+            Placement::Shared => "coachd, the fake and the clients share every CPU".to_owned(),
+        }
+    }
+}
+
+async fn start_coachd(fake: &FakeUpstream, placement: Placement) -> Result<Coachd, BoxError> {
     let port = free_port()?;
-    let child = Command::new(env!("CARGO_BIN_EXE_coachd"))
+    let mut command = match placement {
+        // taskset execs coachd, so the child's pid is coachd's own (for RSS and CPU time).
+        Placement::Pinned { coachd_cpu } => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &coachd_cpu.to_string(), env!("CARGO_BIN_EXE_coachd")]);
+            c
+        }
+        Placement::Shared => Command::new(env!("CARGO_BIN_EXE_coachd")),
+    };
+    let child = command
         .env_clear()
         .env("PORT", port.to_string())
         .env("COACHD_HOST", "127.0.0.1")
@@ -166,7 +230,7 @@ fn rss_kib(pid: u32) -> Result<u64, BoxError> {
 }
 
 /// One stream straight to the fake (what a client would see without coachd).
-async fn direct(client: reqwest::Client, base: String) -> Result<Trace, BoxError> {
+async fn direct(client: &reqwest::Client, base: &str) -> Result<Trace, BoxError> {
     let body = json!({"model": "bench", "stream": true, "stream_options": {"include_usage": true},
                       "messages": [{"role": "user", "content": "hello"}]});
     let start = Instant::now();
@@ -175,7 +239,8 @@ async fn direct(client: reqwest::Client, base: String) -> Result<Trace, BoxError
         .bearer_auth("bench")
         .json(&body)
         .send()
-        .await?;
+        .await?
+        .error_for_status()?;
     let mut events = resp.bytes_stream().eventsource();
     let mut trace = Trace::default();
     let mut last: Option<Instant> = None;
@@ -221,14 +286,15 @@ async fn create_session(
 }
 
 /// One turn through coachd's SSE turn route (session created beforehand, not timed).
-async fn via_sse(client: reqwest::Client, base: String, session: String) -> Result<Trace, BoxError> {
+async fn via_sse(client: &reqwest::Client, base: &str, session: &str) -> Result<Trace, BoxError> {
     let start = Instant::now();
     let resp = client
         .post(format!("{base}/realtime/sessions/{session}/turn"))
         .header("accept", "text/event-stream")
         .json(&json!({"text": "hello"}))
         .send()
-        .await?;
+        .await?
+        .error_for_status()?;
     let mut events = resp.bytes_stream().eventsource();
     let mut trace = Trace::default();
     let mut last: Option<Instant> = None;
@@ -254,9 +320,14 @@ async fn via_sse(client: reqwest::Client, base: String, session: String) -> Resu
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn ws_open(port: u16, session: &str, token: &str) -> Result<Ws, BoxError> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
-        "ws://127.0.0.1:{port}/realtime/sessions/{session}/ws?token={token}"
-    ))
+    // tungstenite's default 128 KiB read buffer is zeroed on every read: a load generator's
+    // cost per frame that would crowd coachd off the CPU.
+    let config = WebSocketConfig::default().read_buffer_size(8 * 1024);
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(
+        format!("ws://127.0.0.1:{port}/realtime/sessions/{session}/ws?token={token}"),
+        Some(config),
+        true,
+    )
     .await?;
     // The connection's first event is the session state.
     ws.next().await.ok_or("closed")??;
@@ -264,7 +335,7 @@ async fn ws_open(port: u16, session: &str, token: &str) -> Result<Ws, BoxError> 
 }
 
 /// One turn through coachd's WebSocket (connected beforehand, not timed).
-async fn via_ws(mut ws: Ws) -> Result<Trace, BoxError> {
+async fn via_ws(ws: &mut Ws) -> Result<Trace, BoxError> {
     let start = Instant::now();
     ws.send(Message::text(
         json!({"type": "user_message", "text": "hello"}).to_string(),
@@ -289,152 +360,174 @@ async fn via_ws(mut ws: Ws) -> Result<Trace, BoxError> {
             _ => {}
         }
     }
-    let _ = ws.close(None).await;
     Ok(trace)
+}
+
+/// The shape of one concurrency level.
+#[derive(Debug, Clone, Copy)]
+struct Level {
+    /// Streams in flight together.
+    streams: usize,
+    /// Tokens per stream, and the upstream's pace between them.
+    tokens: usize,
+    interval: Duration,
+    /// How long streams are timed, after the ramp.
+    window: Duration,
+}
+
+impl Level {
+    /// One stream's length upstream; the first starts are spread over it.
+    fn ramp(&self) -> Duration {
+        self.interval * self.tokens as u32
+    }
+}
+
+/// What one worker runs its streams over.
+enum Conn {
+    Direct(reqwest::Client, String),
+    Sse(reqwest::Client, String, String),
+    Ws(Box<Ws>),
+}
+
+impl Conn {
+    async fn stream(&mut self) -> Result<Trace, BoxError> {
+        match self {
+            Conn::Direct(client, base) => direct(client, base).await,
+            Conn::Sse(client, base, session) => via_sse(client, base, session).await,
+            Conn::Ws(ws) => via_ws(ws).await,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct WorkerOut {
+    timed: Vec<Trace>,
+    tokens: usize,
+    failed: usize,
+    first_error: Option<String>,
+}
+
+/// Runs streams back to back from `start` until `end`; keeps the traces of those begun at or
+/// after `timed_from`. A failed stream ends the worker (its connection may be gone).
+async fn worker(mut conn: Conn, start: Instant, timed_from: Instant, end: Instant) -> WorkerOut {
+    tokio::time::sleep_until(start.into()).await;
+    let mut out = WorkerOut::default();
+    while Instant::now() < end {
+        let began = Instant::now();
+        match conn.stream().await {
+            Ok(trace) => {
+                out.tokens += trace.gaps.len() + 1;
+                if began >= timed_from {
+                    out.timed.push(trace);
+                }
+            }
+            Err(e) => {
+                out.failed += 1;
+                out.first_error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    if let Conn::Ws(ws) = &mut conn {
+        let _ = ws.as_mut().close(None).await;
+    }
+    out
 }
 
 struct Row {
     path: &'static str,
-    streams: usize,
+    level: Level,
     ttft: Summary,
     gap: Summary,
+    samples: usize,
     failed: usize,
-    /// Tokens received over the level.
-    tokens: usize,
-    /// CPU time coachd and this process (the fake and the clients) used over the level.
-    coachd_cpu: Duration,
-    bench_cpu: Duration,
+    /// CPU time per token received, of coachd and of this process (the fake and the clients).
+    coachd_us_per_token: f64,
+    bench_us_per_token: f64,
 }
 
-async fn collect_rows(
-    path: &'static str,
-    streams: usize,
-    tasks: Vec<tokio::task::JoinHandle<Result<Trace, BoxError>>>,
-) -> Row {
-    let mut ttfts = Vec::new();
-    let mut gaps = Vec::new();
-    let mut failed = 0;
-    let mut tokens = 0;
+/// Runs one path of a level: every worker on its connection, timed as described in the header.
+async fn run_path(path: &'static str, level: Level, coachd: &Coachd, conns: Vec<Conn>) -> Row {
+    let n = conns.len().max(1);
+    let ramp = level.ramp();
+    let t0 = Instant::now() + Duration::from_millis(50);
+    let timed_from = t0 + ramp;
+    let end = timed_from + level.window;
+    let cpu0 = cpu_now(coachd);
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, conn)| {
+            let start = t0 + ramp.mul_f64(i as f64 / n as f64);
+            tokio::spawn(worker(conn, start, timed_from, end))
+        })
+        .collect();
+    let (mut ttfts, mut gaps, mut tokens, mut failed) = (Vec::new(), Vec::new(), 0, 0);
+    let mut first_error = None;
     for t in tasks {
         match t.await {
-            Ok(Ok(trace)) => {
-                tokens += trace.gaps.len() + 1;
-                ttfts.push(trace.ttft);
-                gaps.extend(trace.gaps);
-            }
-            Ok(Err(e)) => {
-                failed += 1;
-                if failed == 1 {
-                    eprintln!("{path} x{streams}: a stream failed: {e}");
+            Ok(out) => {
+                tokens += out.tokens;
+                failed += out.failed;
+                first_error = first_error.or(out.first_error);
+                for trace in out.timed {
+                    ttfts.push(trace.ttft);
+                    gaps.extend(trace.gaps);
                 }
             }
             Err(_) => failed += 1,
         }
     }
+    let cpu1 = cpu_now(coachd);
+    if let Some(e) = first_error {
+        eprintln!("{path} x{}: a stream failed: {e}", level.streams);
+    }
+    let per_token = |d: Duration| d.as_secs_f64() * 1e6 / tokens.max(1) as f64;
     Row {
         path,
-        streams,
+        level,
+        samples: ttfts.len(),
         ttft: summarize(ttfts),
         gap: summarize(gaps),
         failed,
-        tokens,
-        coachd_cpu: Duration::ZERO,
-        bench_cpu: Duration::ZERO,
+        coachd_us_per_token: per_token(cpu1.0.saturating_sub(cpu0.0)),
+        bench_us_per_token: per_token(cpu1.1.saturating_sub(cpu0.1)),
     }
-}
-
-/// Collects a path's rows and charges it the CPU both processes used since `cpu0`.
-async fn measured(
-    path: &'static str,
-    n: usize,
-    coachd: &Coachd,
-    cpu0: (Duration, Duration),
-    tasks: Vec<tokio::task::JoinHandle<Result<Trace, BoxError>>>,
-) -> Row {
-    let mut row = collect_rows(path, n, tasks).await;
-    let (c, b) = cpu_now(coachd);
-    row.coachd_cpu = c.saturating_sub(cpu0.0);
-    row.bench_cpu = b.saturating_sub(cpu0.1);
-    row
 }
 
 fn cpu_now(coachd: &Coachd) -> (Duration, Duration) {
     (cpu_time(&coachd.child.id().to_string()), cpu_time("self"))
 }
 
-/// Runs `n` streams on each path. With a `spread`, stream i starts `spread * i / n` after the
-/// level begins (so many are in flight at once without every connection opening in the same
-/// instant); without, all start together.
-async fn run_level(
-    fake: &FakeUpstream,
-    coachd: &Coachd,
-    n: usize,
-    spread: Duration,
-) -> Result<Vec<Row>, BoxError> {
-    let _ = fake;
-    let offset = move |i: usize| spread.mul_f64(i as f64 / n.max(1) as f64);
+/// One level on all three paths, one after another, against the same fake and coachd.
+async fn run_level(fake: &FakeUpstream, coachd: &Coachd, level: Level) -> Result<Vec<Row>, BoxError> {
+    let n = level.streams;
+    fake.set_default(Script::counted(level.tokens).paced(Duration::ZERO, level.interval));
     let client = reqwest::Client::builder()
         .tcp_nodelay(true)
-        .pool_max_idle_per_host(2000)
+        .pool_max_idle_per_host(2 * n + 16)
         .build()?;
-    let fake_base = fake.base_url();
-    // Start gate so every stream of a level begins together.
-    let gate = Arc::new(Semaphore::new(0));
 
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let (c, b, g, wait) = (client.clone(), fake_base.clone(), gate.clone(), offset(i));
-        tasks.push(tokio::spawn(async move {
-            let _p = g.acquire().await?;
-            tokio::time::sleep(wait).await;
-            direct(c, b).await
-        }));
-    }
-    let cpu0 = cpu_now(coachd);
-    gate.add_permits(n);
-    let direct_row = measured("direct to fake", n, coachd, cpu0, tasks).await;
+    let conns = (0..n)
+        .map(|_| Conn::Direct(client.clone(), fake.base_url()))
+        .collect();
+    let direct_row = run_path("direct to fake", level, coachd, conns).await;
 
     let mut sessions = Vec::new();
     for i in 0..n {
         sessions.push(create_session(&client, &coachd.base, i).await?);
     }
-    let gate = Arc::new(Semaphore::new(0));
-    let mut tasks = Vec::new();
-    for (i, (id, _)) in sessions.iter().enumerate() {
-        let (c, b, g, id, wait) = (
-            client.clone(),
-            coachd.base.clone(),
-            gate.clone(),
-            id.clone(),
-            offset(i),
-        );
-        tasks.push(tokio::spawn(async move {
-            let _p = g.acquire().await?;
-            tokio::time::sleep(wait).await;
-            via_sse(c, b, id).await
-        }));
-    }
-    let cpu0 = cpu_now(coachd);
-    gate.add_permits(n);
-    let sse_row = measured("coachd SSE", n, coachd, cpu0, tasks).await;
+    let conns = sessions
+        .iter()
+        .map(|(id, _)| Conn::Sse(client.clone(), coachd.base.clone(), id.clone()))
+        .collect();
+    let sse_row = run_path("coachd SSE", level, coachd, conns).await;
 
-    let mut sockets = Vec::new();
+    let mut conns = Vec::new();
     for (id, token) in &sessions {
-        sockets.push(ws_open(coachd.port, id, token).await?);
+        conns.push(Conn::Ws(Box::new(ws_open(coachd.port, id, token).await?)));
     }
-    let gate = Arc::new(Semaphore::new(0));
-    let mut tasks = Vec::new();
-    for (i, ws) in sockets.into_iter().enumerate() {
-        let (g, wait) = (gate.clone(), offset(i));
-        tasks.push(tokio::spawn(async move {
-            let _p = g.acquire().await?;
-            tokio::time::sleep(wait).await;
-            via_ws(ws).await
-        }));
-    }
-    let cpu0 = cpu_now(coachd);
-    gate.add_permits(n);
-    let ws_row = measured("coachd WebSocket", n, coachd, cpu0, tasks).await;
+    let ws_row = run_path("coachd WebSocket", level, coachd, conns).await;
 
     for (id, _) in &sessions {
         let _ = client
@@ -446,9 +539,13 @@ async fn run_level(
     Ok(vec![direct_row, sse_row, ws_row])
 }
 
-async fn idle_rss(fake: &FakeUpstream, sessions: usize) -> Result<(u64, u64, usize), BoxError> {
+async fn idle_rss(
+    fake: &FakeUpstream,
+    placement: Placement,
+    sessions: usize,
+) -> Result<(u64, u64, usize), BoxError> {
     // A fresh process, so earlier levels' allocations do not blur the figure.
-    let coachd = start_coachd(fake).await?;
+    let coachd = start_coachd(fake, placement).await?;
     let client = reqwest::Client::new();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = rss_kib(coachd.child.id())?;
@@ -473,103 +570,126 @@ async fn main() -> Result<(), BoxError> {
         return Ok(());
     }
     let quick = std::env::var_os("COACHD_BENCH_QUICK").is_some();
-    let levels: &[usize] = if quick { &[1, 20] } else { &[1, 100, 1000] };
-    let idle_sessions = if quick { 500 } else { 10_000 };
-    // COACHD_BENCH_ONLY=burst,sustained,idle picks sections (all by default).
     let only = std::env::var("COACHD_BENCH_ONLY").unwrap_or_default();
     let section = |name: &str| only.is_empty() || only.split(',').any(|s| s.trim() == name);
-    let levels: &[usize] = if section("burst") { levels } else { &[] };
+    let ms50 = Duration::from_millis(50);
+    let ms10 = Duration::from_millis(10);
+    let levels: Vec<Level> = if quick {
+        vec![
+            Level {
+                streams: 1,
+                tokens: 10,
+                interval: ms10,
+                window: Duration::from_secs(2),
+            },
+            Level {
+                streams: 50,
+                tokens: 40,
+                interval: ms50,
+                window: Duration::from_secs(2),
+            },
+        ]
+    } else {
+        vec![
+            // One stream: short ones, so the window holds enough of them for a percentile.
+            Level {
+                streams: 1,
+                tokens: 10,
+                interval: ms10,
+                window: Duration::from_secs(8),
+            },
+            Level {
+                streams: 100,
+                tokens: 40,
+                interval: ms50,
+                window: Duration::from_secs(6),
+            },
+            Level {
+                streams: 1000,
+                tokens: 40,
+                interval: ms50,
+                window: Duration::from_secs(6),
+            },
+        ]
+    };
+    // COACHD_BENCH_STREAMS=1000 keeps only the levels of those stream counts (for profiling).
+    let levels: Vec<Level> = match std::env::var("COACHD_BENCH_STREAMS") {
+        Ok(keep) => levels
+            .into_iter()
+            .filter(|l| keep.split(',').any(|k| k.trim() == l.streams.to_string()))
+            .collect(),
+        Err(_) => levels,
+    };
+    let idle_sessions = if quick { 500 } else { 10_000 };
 
+    let placement = Placement::choose();
+    println!("\nplacement: {}", placement.describe());
     let fake = FakeUpstream::start().await?;
-    fake.set_default(Script::counted(TOKENS).paced(Duration::ZERO, TOKEN_INTERVAL));
-    let coachd = start_coachd(&fake).await?;
+    if section("latency") {
+        let coachd = start_coachd(&fake, placement).await?;
+        // Warm-up: connection pools, allocator, the first-request paths.
+        let warm = Level {
+            streams: 4,
+            tokens: 5,
+            interval: ms10,
+            window: Duration::from_millis(300),
+        };
+        run_level(&fake, &coachd, warm).await?;
 
-    // Warm-up: connection pools, allocator, the first-request paths.
-    run_level(&fake, &coachd, 4, Duration::ZERO).await?;
-
-    println!(
-        "\n## Streaming latency ({TOKENS} tokens per stream, {} ms apart upstream)\n",
-        TOKEN_INTERVAL.as_millis()
-    );
-    println!(
-        "| path | streams | TTFT p50 ms | TTFT p99 ms | TTFT max ms | gap p50 ms | gap p99 ms | failed |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    let mut added = Vec::new();
-    for &n in levels {
-        let rows = run_level(&fake, &coachd, n, Duration::ZERO).await?;
+        let mut rows = Vec::new();
+        for &level in &levels {
+            rows.extend(run_level(&fake, &coachd, level).await?);
+        }
+        println!("\n## Streaming latency at steady concurrency\n");
+        println!(
+            "| path | streams | tokens × pace | timed streams | TTFT p50 ms | TTFT p99 ms | TTFT max ms | gap p50 ms | gap p99 ms | failed | coachd CPU µs/token | bench CPU µs/token |"
+        );
+        println!("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &rows {
             println!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} × {} ms | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} |",
                 r.path,
-                r.streams,
+                r.level.streams,
+                r.level.tokens,
+                r.level.interval.as_millis(),
+                r.samples,
                 ms(r.ttft.p50),
                 ms(r.ttft.p99),
                 ms(r.ttft.max),
                 ms(r.gap.p50),
                 ms(r.gap.p99),
-                r.failed
+                r.failed,
+                r.coachd_us_per_token,
+                r.bench_us_per_token
             );
         }
-        let base = rows[0].ttft;
-        for r in &rows[1..] {
-            added.push((
-                r.path,
-                n,
-                r.ttft.p50.saturating_sub(base.p50),
-                r.ttft.p99.saturating_sub(base.p99),
-            ));
+        println!("\n## Added time to first token (coachd minus direct, same level)\n");
+        println!("| path | streams | added p50 ms | added p99 ms | target p99 |");
+        println!("|---|---:|---:|---:|---|");
+        for level_rows in rows.chunks(3) {
+            let base = level_rows[0].ttft;
+            for r in &level_rows[1..] {
+                let added = r.ttft.p99.as_secs_f64() * 1e3 - base.p99.as_secs_f64() * 1e3;
+                let target = match r.level.streams {
+                    1 => format!("< 1 ms: {}", if added < 1.0 { "met" } else { "NOT met" }),
+                    1000 => format!("< 5 ms: {}", if added < 5.0 { "met" } else { "NOT met" }),
+                    _ => "none".to_owned(),
+                };
+                println!(
+                    "| {} | {} | {:.3} | {:.3} | {target} |",
+                    r.path,
+                    r.level.streams,
+                    r.ttft.p50.as_secs_f64() * 1e3 - base.p50.as_secs_f64() * 1e3,
+                    added
+                );
+            }
         }
-    }
-    println!("\n## Added time to first token (coachd minus direct)\n");
-    println!("| path | streams | added p50 ms | added p99 ms |");
-    println!("|---|---:|---:|---:|");
-    for (path, n, p50, p99) in added {
-        println!("| {path} | {n} | {} | {} |", ms(p50), ms(p99));
-    }
-
-    // Sustained load: 1 000 streams in flight together, their starts spread over one second so the
-    // load generator does not measure its own connection storm. 40 tokens 50 ms apart: 2 s each.
-    let sustained = if !section("sustained") {
-        0
-    } else if quick {
-        50
-    } else {
-        1000
-    };
-    fake.set_default(Script::counted(40).paced(Duration::ZERO, Duration::from_millis(50)));
-    let rows = run_level(&fake, &coachd, sustained, Duration::from_secs(1)).await?;
-    println!(
-        "\n## Sustained concurrency ({sustained} streams of 40 tokens 50 ms apart, starts spread over 1 s)\n"
-    );
-    println!(
-        "| path | streams | TTFT p50 ms | TTFT p99 ms | TTFT max ms | gap p50 ms | gap p99 ms | failed | added TTFT p50 ms | added TTFT p99 ms | coachd CPU µs/token | bench CPU µs/token |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let base = rows[0].ttft;
-    for r in &rows {
-        let per = |d: Duration| d.as_secs_f64() * 1e6 / r.tokens.max(1) as f64;
-        println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} |",
-            r.path,
-            r.streams,
-            ms(r.ttft.p50),
-            ms(r.ttft.p99),
-            ms(r.ttft.max),
-            ms(r.gap.p50),
-            ms(r.gap.p99),
-            r.failed,
-            ms(r.ttft.p50.saturating_sub(base.p50)),
-            ms(r.ttft.p99.saturating_sub(base.p99)),
-            per(r.coachd_cpu),
-            per(r.bench_cpu)
-        );
     }
 
     if !section("idle") {
         return Ok(());
     }
-    let (before, after, open) = idle_rss(&fake, idle_sessions).await?;
+    let (before, after, open) = idle_rss(&fake, placement, idle_sessions).await?;
     let per = (after.saturating_sub(before)) as f64 * 1024.0 / open as f64;
     println!("\n## Idle WebSocket sessions\n");
     println!("| sessions | RSS before | RSS after | per session |");
@@ -580,6 +700,5 @@ async fn main() -> Result<(), BoxError> {
         after as f64 / 1024.0,
         per / 1024.0
     );
-    drop(coachd);
     Ok(())
 }
