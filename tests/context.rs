@@ -129,6 +129,7 @@ on_both_backends!(
     recent_messages_are_the_newest_oldest_first,
     messages_round_trip_with_metadata,
     lists_are_capped,
+    a_turn_appends_its_messages_together_in_order,
     keys_and_ttls_follow_the_reference_patterns,
     user_coach_context_is_kept_per_pair,
     last_session_follows_the_latest_append,
@@ -188,6 +189,54 @@ async fn lists_are_capped(kind: Kind) {
     if let Some((pool, prefix)) = &b.redis {
         let len: i64 = pool.llen(format!("{prefix}session:s1:context")).await.unwrap();
         assert_eq!(len, 3, "the Redis list itself is trimmed");
+    }
+}
+
+async fn a_turn_appends_its_messages_together_in_order(kind: Kind) {
+    let b = backend(
+        kind,
+        limits(3, Duration::from_secs(3_600), Duration::from_secs(86_400)),
+        default_rate(),
+    )
+    .await;
+    b.cache
+        .append_message("s1", "u1", "c1", msg("user", "m1"))
+        .await
+        .unwrap();
+    for turn in 2..=3 {
+        let pair = vec![
+            msg("user", &format!("q{turn}")),
+            msg("assistant", &format!("a{turn}")),
+        ];
+        b.cache
+            .append_messages("s1", "u1", "c1", pair.clone())
+            .await
+            .unwrap();
+        b.cache
+            .append_user_coach_messages("u1", "c1", pair)
+            .await
+            .unwrap();
+    }
+    // Nothing to append is no write at all (and no pointer).
+    b.cache
+        .append_messages("s2", "u2", "c1", Vec::new())
+        .await
+        .unwrap();
+    let recent = b.cache.recent_messages("s1", 100).await.unwrap();
+    assert_eq!(contents(&recent), ["a2", "q3", "a3"], "capped at 3, in order");
+    let pair = b.cache.user_coach_context("u1", "c1", 100).await.unwrap();
+    assert_eq!(contents(&pair), ["a2", "q3", "a3"]);
+    assert_eq!(b.cache.last_session("u1").await.unwrap().as_deref(), Some("s1"));
+    assert_eq!(b.cache.last_session("u2").await.unwrap(), None);
+    assert!(b.cache.recent_messages("s2", 10).await.unwrap().is_empty());
+    if let Some((pool, prefix)) = &b.redis {
+        let len: i64 = pool.llen(format!("{prefix}session:s1:context")).await.unwrap();
+        assert_eq!(len, 3, "the Redis list itself is trimmed");
+        let pair_ttl = b.ttl("user:u1:coach:c1:context").await;
+        assert!(
+            pair_ttl.is_some_and(|t| t > Duration::from_secs(3_500)),
+            "{pair_ttl:?}"
+        );
     }
 }
 

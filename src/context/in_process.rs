@@ -117,16 +117,21 @@ impl InProcessContextCache {
 
 #[async_trait]
 impl ContextCache for InProcessContextCache {
-    async fn append_message(
+    async fn append_messages(
         &self,
         session_id: &str,
         user_id: &str,
         _coach_id: &str,
-        msg: ContextMessage,
+        msgs: Vec<ContextMessage>,
     ) -> Result<(), StoreError> {
+        if msgs.is_empty() {
+            return Ok(());
+        }
         let limits = self.limits;
         self.with(|inner, now| {
-            inner.push(keys::session_context(session_id), msg, &limits, now);
+            for msg in msgs {
+                inner.push(keys::session_context(session_id), msg, &limits, now);
+            }
             inner.set_pointer(
                 keys::last_session(user_id),
                 session_id,
@@ -145,15 +150,20 @@ impl ContextCache for InProcessContextCache {
         self.with(|inner, now| inner.tail(&keys::session_context(session_id), limit, now))
     }
 
-    async fn append_user_coach(
+    async fn append_user_coach_messages(
         &self,
         user_id: &str,
         coach_id: &str,
-        msg: ContextMessage,
+        msgs: Vec<ContextMessage>,
     ) -> Result<(), StoreError> {
+        if msgs.is_empty() {
+            return Ok(());
+        }
         let limits = self.limits;
         self.with(|inner, now| {
-            inner.push(keys::user_coach_context(user_id, coach_id), msg, &limits, now);
+            for msg in msgs {
+                inner.push(keys::user_coach_context(user_id, coach_id), msg, &limits, now);
+            }
             inner.after_write(now);
         })
     }

@@ -58,6 +58,19 @@ pub trait ContextCache: Send + Sync + fmt::Debug {
         user_id: &str,
         coach_id: &str,
         msg: ContextMessage,
+    ) -> Result<(), StoreError> {
+        self.append_messages(session_id, user_id, coach_id, vec![msg])
+            .await
+    }
+
+    /// [`append_message`](Self::append_message) of several messages at once, in order: all of
+    /// them or none, so a retried turn never stores its user message twice.
+    async fn append_messages(
+        &self,
+        session_id: &str,
+        user_id: &str,
+        coach_id: &str,
+        msgs: Vec<ContextMessage>,
     ) -> Result<(), StoreError>;
 
     /// The `limit` most recent messages of a session, oldest first.
@@ -73,6 +86,18 @@ pub trait ContextCache: Send + Sync + fmt::Debug {
         user_id: &str,
         coach_id: &str,
         msg: ContextMessage,
+    ) -> Result<(), StoreError> {
+        self.append_user_coach_messages(user_id, coach_id, vec![msg])
+            .await
+    }
+
+    /// [`append_user_coach`](Self::append_user_coach) of several messages at once, in order: all
+    /// of them or none.
+    async fn append_user_coach_messages(
+        &self,
+        user_id: &str,
+        coach_id: &str,
+        msgs: Vec<ContextMessage>,
     ) -> Result<(), StoreError>;
 
     /// The `limit` most recent messages of the user–coach context, oldest first.

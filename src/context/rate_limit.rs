@@ -220,8 +220,9 @@ impl IntoResponseParts for RateHeaders {
 /// `/ai/coach/memory/{user_id}/{coach_id}`): the headers to send when admitted, or
 /// [`Error::RateLimited`] (429 with `Retry-After` and `X-RateLimit-*`).
 ///
-/// When the limiter's store fails the request is admitted: an outage of Redis should not take
-/// down every rate-limited route with it. The failure is logged.
+/// When the limiter's store fails the request is admitted (an outage of Redis should not take
+/// down every rate-limited route with it), or refused with 503 under `RATE_LIMIT_FAIL_OPEN=false`.
+/// The failure is logged either way.
 pub async fn enforce(state: &AppState, user_id: &str, endpoint: &str) -> Result<RateHeaders, Error> {
     let limiter = &state.rate_limiter;
     if !limiter.enabled() {
@@ -234,9 +235,15 @@ pub async fn enforce(state: &AppState, user_id: &str, endpoint: &str) -> Result<
             remaining: d.remaining,
             retry_after_secs: d.reset_secs().max(1),
         }),
-        Err(e) => {
+        Err(e) if state.settings.rate_limit_fail_open => {
             tracing::warn!(error = %e, endpoint, "rate limiter unavailable: admitting the request");
             Ok(RateHeaders(None))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, endpoint, "rate limiter unavailable: refusing the request");
+            Err(Error::Unavailable(
+                "the rate limiter is unavailable; retry shortly".to_owned(),
+            ))
         }
     }
 }

@@ -11,18 +11,19 @@ use super::{ContextCache, ContextLimits, ContextMessage, StoreError, keys};
 use crate::redis::Script;
 
 /// KEYS[1]: a context list; KEYS[2] (optional): a last-session pointer.
-/// ARGV: message JSON, cap, list TTL (ms), then session id and pointer TTL (ms) when KEYS[2] is given.
+/// ARGV: cap, list TTL (ms), session id and pointer TTL (ms) (unused without KEYS[2]), then one or
+/// more message JSONs, pushed in order by one RPUSH.
 /// coachd talks to one Redis (not Cluster), so the two keys need not share a hash slot.
 static APPEND: Script = Script::new(
     r"
-local n = redis.call('RPUSH', KEYS[1], ARGV[1])
-local cap = tonumber(ARGV[2])
+local n = redis.call('RPUSH', KEYS[1], unpack(ARGV, 5))
+local cap = tonumber(ARGV[1])
 if n > cap then
   redis.call('LTRIM', KEYS[1], -cap, -1)
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 if KEYS[2] then
-  redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
+  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
 end
 return n
 ",
@@ -55,22 +56,30 @@ impl RedisContextCache {
         &self,
         list: String,
         pointer: Option<(String, &str)>,
-        msg: &ContextMessage,
+        msgs: &[ContextMessage],
     ) -> Result<(), StoreError> {
-        let json = serde_json::to_string(msg).map_err(|e| StoreError::Internal {
-            backend: "redis",
-            reason: format!("cannot encode a context message: {e}"),
-        })?;
+        if msgs.is_empty() {
+            return Ok(());
+        }
         let mut keys = vec![list];
         let mut args: Vec<Value> = vec![
-            json.into(),
             clamp_i64(self.limits.max_messages).into(),
             millis(self.limits.session_ttl).into(),
         ];
-        if let Some((key, session_id)) = pointer {
-            keys.push(key);
-            args.push(session_id.into());
-            args.push(millis(self.limits.user_session_ttl).into());
+        match pointer {
+            Some((key, session_id)) => {
+                keys.push(key);
+                args.push(session_id.into());
+                args.push(millis(self.limits.user_session_ttl).into());
+            }
+            None => args.extend([Value::from(""), Value::from(0_i64)]),
+        }
+        for msg in msgs {
+            let json = serde_json::to_string(msg).map_err(|e| StoreError::Internal {
+                backend: "redis",
+                reason: format!("cannot encode a context message: {e}"),
+            })?;
+            args.push(json.into());
         }
         APPEND.run::<i64>(&self.pool, keys, args).await?;
         Ok(())
@@ -89,16 +98,16 @@ impl RedisContextCache {
 
 #[async_trait]
 impl ContextCache for RedisContextCache {
-    async fn append_message(
+    async fn append_messages(
         &self,
         session_id: &str,
         user_id: &str,
         _coach_id: &str,
-        msg: ContextMessage,
+        msgs: Vec<ContextMessage>,
     ) -> Result<(), StoreError> {
         let list = self.key(&keys::session_context(session_id));
         let pointer = self.key(&keys::last_session(user_id));
-        self.append(list, Some((pointer, session_id)), &msg).await
+        self.append(list, Some((pointer, session_id)), &msgs).await
     }
 
     async fn recent_messages(
@@ -110,14 +119,18 @@ impl ContextCache for RedisContextCache {
             .await
     }
 
-    async fn append_user_coach(
+    async fn append_user_coach_messages(
         &self,
         user_id: &str,
         coach_id: &str,
-        msg: ContextMessage,
+        msgs: Vec<ContextMessage>,
     ) -> Result<(), StoreError> {
-        self.append(self.key(&keys::user_coach_context(user_id, coach_id)), None, &msg)
-            .await
+        self.append(
+            self.key(&keys::user_coach_context(user_id, coach_id)),
+            None,
+            &msgs,
+        )
+        .await
     }
 
     async fn user_coach_context(

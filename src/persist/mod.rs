@@ -221,30 +221,24 @@ impl Worker {
         assistant.timestamp = r.at;
         assistant.metadata = meta.clone();
 
+        // Each list gets the turn's messages in one atomic append: a retry after a failure can
+        // never leave the user message stored twice (or without its reply).
+        let mut messages = vec![user];
+        if !r.reply_text.is_empty() {
+            messages.push(assistant);
+        }
         let ok = self
             .retry("session context", || async {
                 self.context
-                    .append_message(&r.session_id, &r.user_id, &r.coach_id, user.clone())
-                    .await?;
-                if !r.reply_text.is_empty() {
-                    self.context
-                        .append_message(&r.session_id, &r.user_id, &r.coach_id, assistant.clone())
-                        .await?;
-                }
-                Ok(())
+                    .append_messages(&r.session_id, &r.user_id, &r.coach_id, messages.clone())
+                    .await
             })
             .await
             && self
                 .retry("user-coach context", || async {
                     self.context
-                        .append_user_coach(&r.user_id, &r.coach_id, user.clone())
-                        .await?;
-                    if !r.reply_text.is_empty() {
-                        self.context
-                            .append_user_coach(&r.user_id, &r.coach_id, assistant.clone())
-                            .await?;
-                    }
-                    Ok(())
+                        .append_user_coach_messages(&r.user_id, &r.coach_id, messages.clone())
+                        .await
                 })
                 .await
             && self
