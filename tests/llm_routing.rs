@@ -192,6 +192,37 @@ async fn when_every_model_fails_one_error_lists_each_attempt() {
 }
 
 #[tokio::test]
+async fn the_total_timeout_bounds_the_whole_call_across_retries_and_fallbacks() {
+    let fake = FakeUpstream::start().await.unwrap();
+    // Every model answers its first token after 300 ms; each attempt gives up at 200 ms. Three
+    // models with one retry each would be six attempts; the call's 500 ms budget ends it first.
+    fake.set_default(Script::text("late").paced(Duration::from_millis(300), Duration::ZERO));
+    let s = settings(
+        &fake,
+        &[
+            ("COACHD_LLM_FIRST_TOKEN_TIMEOUT_MS", "200"),
+            ("COACHD_LLM_TOTAL_TIMEOUT_MS", "500"),
+        ],
+    );
+    let llm = Llm::from_settings(&s).unwrap();
+    let (events, err) = run(&llm, "routed").await;
+    assert!(events.is_empty(), "{events:?}");
+    let Some(LlmError::AllFailed { attempts, .. }) = err else {
+        panic!("expected every attempt to fail: {err:?}")
+    };
+    let last = attempts.last().map(|a| a.error.clone()).unwrap_or_default();
+    assert!(
+        last.contains("total"),
+        "the last attempt names the total timeout: {attempts:?}"
+    );
+    let tried = fake.requests().len();
+    assert!(
+        (1..6).contains(&tried),
+        "the budget cut the chain short: {tried} upstream requests"
+    );
+}
+
+#[tokio::test]
 async fn after_the_first_token_a_failure_ends_the_stream_with_an_error_and_no_fallback() {
     let fake = FakeUpstream::start().await.unwrap();
     fake.set_model(

@@ -40,11 +40,10 @@ fn request() -> ChatRequest {
 async fn timed_call(kind: ProviderKind, s: &Settings) -> (usize, Result<(), LlmError>) {
     let llm = coachd::llm::Llm::from_settings(s).unwrap();
     let provider = llm.provider(kind).unwrap().clone();
-    let mut stream = with_timeouts(
-        kind,
-        s.llm_timeouts,
-        async move { provider.stream(request()).await },
-    );
+    let deadline = tokio::time::Instant::now() + s.llm_timeouts.total;
+    let mut stream = with_timeouts(kind, s.llm_timeouts, deadline, async move {
+        provider.stream(request()).await
+    });
     let mut deltas = 0;
     while let Some(item) = stream.next().await {
         match item {
@@ -170,7 +169,8 @@ async fn within_every_timeout_the_stream_completes() {
     );
     let llm = coachd::llm::Llm::from_settings(&s).unwrap();
     let p = llm.provider(ProviderKind::Openai).unwrap().clone();
-    let stream = with_timeouts(ProviderKind::Openai, s.llm_timeouts, async move {
+    let deadline = tokio::time::Instant::now() + s.llm_timeouts.total;
+    let stream = with_timeouts(ProviderKind::Openai, s.llm_timeouts, deadline, async move {
         p.stream(request()).await
     });
     let c = collect(stream, (ProviderKind::Openai, "")).await.unwrap();

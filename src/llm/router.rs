@@ -13,7 +13,7 @@ use futures::StreamExt;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::error::Attempt;
+use super::error::{Attempt, TimeoutPhase};
 use super::offline::Offline;
 use super::timeout::with_timeouts;
 use super::{
@@ -303,8 +303,10 @@ impl Llm {
         let timeouts = self.timeouts;
         let retry = self.retry;
         Box::pin(async_stream::stream! {
+            // The total timeout bounds the whole call, retries and fallbacks included.
+            let deadline = tokio::time::Instant::now() + timeouts.total;
             let mut attempts: Vec<Attempt> = Vec::new();
-            for model in chain {
+            'models: for model in chain {
                 let Some(provider) = providers.get(&model.provider).cloned() else {
                     attempts.push(Attempt {
                         provider: model.provider,
@@ -315,6 +317,14 @@ impl Llm {
                 };
                 let mut tries = 0u32;
                 loop {
+                    if tokio::time::Instant::now() >= deadline {
+                        attempts.push(Attempt {
+                            provider: model.provider,
+                            model: model.model.clone(),
+                            error: LlmError::Timeout { provider: model.provider, phase: TimeoutPhase::Total, after: timeouts.total }.to_string(),
+                        });
+                        break 'models;
+                    }
                     let request = ChatRequest {
                         model: model.model.clone(),
                         system: system.clone(),
@@ -323,7 +333,7 @@ impl Llm {
                         response_format: response_format.clone(),
                     };
                     let p = provider.clone();
-                    let mut stream = with_timeouts(model.provider, timeouts, async move { p.stream(request).await });
+                    let mut stream = with_timeouts(model.provider, timeouts, deadline, async move { p.stream(request).await });
 
                     // Hold events back until the first text delta: until then, a failure can still
                     // be retried or fallen back without the client having seen anything.
@@ -362,10 +372,14 @@ impl Llm {
                                 attempt = tries, error = %e, "LLM attempt failed before the first token"
                             );
                             let wait = backoff(&retry, tries, &e);
+                            let budget_spent = matches!(e, LlmError::Timeout { phase: TimeoutPhase::Total, .. });
                             attempts.push(Attempt { provider: model.provider, model: model.model.clone(), error: e.to_string() });
+                            if budget_spent {
+                                break 'models;
+                            }
                             match wait {
                                 Some(wait) if e.retryable() && tries <= retry.max_retries => {
-                                    tokio::time::sleep(wait).await;
+                                    tokio::time::sleep_until((tokio::time::Instant::now() + wait).min(deadline)).await;
                                 }
                                 _ => break,
                             }

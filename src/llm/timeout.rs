@@ -12,14 +12,20 @@ use super::{EventStream, LlmError, LlmEvent};
 use crate::config::{LlmTimeouts, ProviderKind};
 
 /// Runs `start` (which sends the request and waits for headers) and then its stream under the
-/// first-token, idle and total timeouts. The connect timeout is the HTTP client's own.
-pub fn with_timeouts<F>(provider: ProviderKind, t: LlmTimeouts, start: F) -> EventStream
+/// first-token, idle and total timeouts. The connect timeout is the HTTP client's own. The total
+/// one ends at `total_deadline`: the deadline of the whole routed call (every retry and fallback
+/// included), `t.total` after it began.
+pub fn with_timeouts<F>(
+    provider: ProviderKind,
+    t: LlmTimeouts,
+    total_deadline: Instant,
+    start: F,
+) -> EventStream
 where
     F: Future<Output = Result<EventStream, LlmError>> + Send + 'static,
 {
     let stream = async_stream::stream! {
         let begun = Instant::now();
-        let total_deadline = begun + t.total;
         // The nearer of a phase's own deadline and the total one, with the error it means.
         let limit = |deadline: Instant, phase: TimeoutPhase, after: Duration| {
             if deadline < total_deadline {
