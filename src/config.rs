@@ -318,6 +318,9 @@ pub struct Settings {
     pub rate_limit_requests: u32,
     /// `RATE_LIMIT_ENABLED`.
     pub rate_limit_enabled: bool,
+    /// `RATE_LIMIT_FAIL_OPEN`: when the limiter's store (Redis) cannot answer, admit the request
+    /// (true, the default: an outage of Redis does not take the routes down) or refuse it with 503.
+    pub rate_limit_fail_open: bool,
     /// `COACHD_CONTEXT_MAX_MESSAGES`: cap of each context list, so no session grows a key without bound.
     pub context_max_messages: usize,
     /// The embedder.
@@ -733,6 +736,7 @@ impl Settings {
             rate_limit_ttl: r.seconds("RATE_LIMIT_TTL", 60, 1, DAY_SECS)?,
             rate_limit_requests: r.int("RATE_LIMIT_REQUESTS", 60, 1, 1_000_000)?,
             rate_limit_enabled: r.boolean("RATE_LIMIT_ENABLED", true)?,
+            rate_limit_fail_open: r.boolean("RATE_LIMIT_FAIL_OPEN", true)?,
             context_max_messages: r.int("COACHD_CONTEXT_MAX_MESSAGES", 100, 1, 100_000)?,
             embedding,
             memory,

@@ -216,6 +216,13 @@ impl IntoResponse for Error {
         }
         let status = self.status_code();
         let mut response = (status, axum::Json(self.body())).into_response();
+        if let Error::Unauthorized = self {
+            // RFC 9110: a 401 names the scheme it wants (keys also go in X-API-Key).
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(WWW_AUTHENTICATE),
+            );
+        }
         if let Error::RateLimited {
             limit,
             remaining,
@@ -229,6 +236,9 @@ impl IntoResponse for Error {
         response
     }
 }
+
+/// The challenge of every 401.
+pub const WWW_AUTHENTICATE: &str = r#"Bearer realm="coachd""#;
 
 /// `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset` (seconds until the window
 /// resets, like `Retry-After`), on admitted and refused requests alike.

@@ -101,6 +101,19 @@ async fn without_any_configured_key_api_routes_refuse_and_coach_routes_are_open(
 
     let (status, _) = send(&app, "GET", "/ai/coach/personas", &[], None).await;
     assert_eq!(status, 200, "coach routes are open without configured keys");
+
+    // Every 401, in either error shape, names the scheme it wants (RFC 9110).
+    for path in ["/api/v1/status", "/v1/models"] {
+        let resp = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 401);
+        assert_eq!(
+            resp.headers()
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok()),
+            Some(r#"Bearer realm="coachd""#),
+            "{path}"
+        );
+    }
     app.stop().await.unwrap();
 }
 

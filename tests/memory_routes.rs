@@ -322,3 +322,18 @@ async fn requests_are_admitted_without_headers_when_the_limiter_store_is_down() 
     }
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn with_fail_open_off_a_down_limiter_store_refuses_with_503() {
+    let app = spawn_app(&[
+        ("REDIS_URL", "redis://127.0.0.1:1"),
+        ("COACHD_REDIS_COMMAND_TIMEOUT_MS", "200"),
+        ("RATE_LIMIT_FAIL_OPEN", "false"),
+    ])
+    .await;
+    let resp = app.get("/ai/coach/memory/1/2").await;
+    assert_eq!(resp.status(), 503);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    app.stop().await.unwrap();
+}

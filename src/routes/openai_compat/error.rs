@@ -136,6 +136,12 @@ impl IntoResponse for OpenAiError {
         // OpenAI's SDKs honour this header over their own status-code guess.
         let retry = if self.retryable { "true" } else { "false" };
         headers.insert("x-should-retry", HeaderValue::from_static(retry));
+        if self.status == axum::http::StatusCode::UNAUTHORIZED {
+            headers.insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(crate::error::WWW_AUTHENTICATE),
+            );
+        }
         if let Some(secs) = self.retry_after {
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 headers.insert(header::RETRY_AFTER, v);
