@@ -8,14 +8,19 @@
 //! start after that ramp are timed.
 //!
 //! coachd runs as its own process (the release binary, embedded stores, the fake as its OpenAI
-//! upstream), so its RSS and CPU are its own; the fake and the clients share this process.
+//! upstream), so its RSS and CPU are its own; the fake and the clients share this process. The
+//! `stores` section runs 1 and 100 streams again with coachd on real Redis and PostgreSQL (a
+//! scratch database) when `DATABASE_URL` and `REDIS_URL` are set.
 //!
 //! ```sh
 //! cargo bench --bench stream                 # full run
 //! COACHD_BENCH_QUICK=1 cargo bench --bench stream   # smaller, for a smoke check
-//! COACHD_BENCH_ONLY=latency|idle cargo bench --bench stream   # one section
+//! COACHD_BENCH_ONLY=latency|stores|idle cargo bench --bench stream   # some sections
+//! source .services/env && COACHD_BENCH_ONLY=stores cargo bench --bench stream  # real Redis + PG
 //! COACHD_BENCH_STREAMS=1000 cargo bench --bench stream         # only the levels of these sizes
 //! COACHD_BENCH_PIN=1 cargo bench --bench stream                 # coachd on a CPU of its own
+//! COACHD_BENCH_THINK_MS=200 cargo bench --bench stream          # pause between a worker's turns
+//! COACHD_BENCH_LOG=debug cargo bench --bench stream             # coachd's log to stderr
 //! ```
 
 #![allow(
@@ -168,7 +173,11 @@ impl Placement {
     }
 }
 
-async fn start_coachd(fake: &FakeUpstream, placement: Placement) -> Result<Coachd, BoxError> {
+async fn start_coachd(
+    fake: &FakeUpstream,
+    placement: Placement,
+    extra_env: &[(&str, String)],
+) -> Result<Coachd, BoxError> {
     let port = free_port()?;
     let mut command = match placement {
         // taskset execs coachd, so the child's pid is coachd's own (for RSS and CPU time).
@@ -186,16 +195,25 @@ async fn start_coachd(fake: &FakeUpstream, placement: Placement) -> Result<Coach
         .env("LLM_PROVIDER", "openai")
         .env("OPENAI_API_KEY", "bench")
         .env("COACHD_OPENAI_BASE_URL", fake.base_url())
-        .env("COACHD_LOG", "warn")
+        .env(
+            "COACHD_LOG",
+            std::env::var("COACHD_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .env("COACHD_MAX_SESSIONS", "20000")
         .env("RATE_LIMIT_ENABLED", "false")
+        .envs(extra_env.iter().map(|(k, v)| (*k, v.as_str())))
         .current_dir(std::env::temp_dir())
-        .stdout(Stdio::null())
+        // With COACHD_BENCH_LOG, coachd's log (on its stdout) goes to this process's stderr.
+        .stdout(if std::env::var_os("COACHD_BENCH_LOG").is_some() {
+            Stdio::from(std::io::stderr())
+        } else {
+            Stdio::null()
+        })
         .stderr(Stdio::inherit())
         .spawn()?;
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    for _ in 0..200 {
+    for _ in 0..600 {
         if client.get(format!("{base}/health")).send().await.is_ok() {
             return Ok(Coachd { child, base, port });
         }
@@ -410,6 +428,10 @@ struct WorkerOut {
 /// Runs streams back to back from `start` until `end`; keeps the traces of those begun at or
 /// after `timed_from`. A failed stream ends the worker (its connection may be gone).
 async fn worker(mut conn: Conn, start: Instant, timed_from: Instant, end: Instant) -> WorkerOut {
+    let think = std::env::var("COACHD_BENCH_THINK_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis);
     tokio::time::sleep_until(start.into()).await;
     let mut out = WorkerOut::default();
     while Instant::now() < end {
@@ -419,6 +441,9 @@ async fn worker(mut conn: Conn, start: Instant, timed_from: Instant, end: Instan
                 out.tokens += trace.gaps.len() + 1;
                 if began >= timed_from {
                     out.timed.push(trace);
+                }
+                if let Some(think) = think {
+                    tokio::time::sleep(think).await;
                 }
             }
             Err(e) => {
@@ -545,7 +570,7 @@ async fn idle_rss(
     sessions: usize,
 ) -> Result<(u64, u64, usize), BoxError> {
     // A fresh process, so earlier levels' allocations do not blur the figure.
-    let coachd = start_coachd(fake, placement).await?;
+    let coachd = start_coachd(fake, placement, &[]).await?;
     let client = reqwest::Client::new();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = rss_kib(coachd.child.id())?;
@@ -559,6 +584,95 @@ async fn idle_rss(
     let open = sockets.len();
     drop(sockets);
     Ok((before, after, open))
+}
+
+/// Warms coachd up, then runs every level.
+async fn run_levels(fake: &FakeUpstream, coachd: &Coachd, levels: &[Level]) -> Result<Vec<Row>, BoxError> {
+    // Warm-up: connection pools, allocator, the first-request paths.
+    let warm = Level {
+        streams: 4,
+        tokens: 5,
+        interval: Duration::from_millis(10),
+        window: Duration::from_millis(300),
+    };
+    run_level(fake, coachd, warm).await?;
+    let mut rows = Vec::new();
+    for &level in levels {
+        rows.extend(run_level(fake, coachd, level).await?);
+    }
+    Ok(rows)
+}
+
+fn print_rows(rows: &[Row]) {
+    println!(
+        "| path | streams | tokens × pace | timed streams | TTFT p50 ms | TTFT p99 ms | TTFT max ms | gap p50 ms | gap p99 ms | failed | coachd CPU µs/token | bench CPU µs/token |"
+    );
+    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} × {} ms | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} |",
+            r.path,
+            r.level.streams,
+            r.level.tokens,
+            r.level.interval.as_millis(),
+            r.samples,
+            ms(r.ttft.p50),
+            ms(r.ttft.p99),
+            ms(r.ttft.max),
+            ms(r.gap.p50),
+            ms(r.gap.p99),
+            r.failed,
+            r.coachd_us_per_token,
+            r.bench_us_per_token
+        );
+    }
+}
+
+/// Added first-token time of each coachd path over the direct one of its level (rows come in
+/// threes: direct, SSE, WebSocket), against the targets.
+fn print_added(rows: &[Row]) {
+    println!("\nAdded time to first token (coachd minus direct, same level):\n");
+    println!("| path | streams | added p50 ms | added p99 ms | target p99 |");
+    println!("|---|---:|---:|---:|---|");
+    for level_rows in rows.chunks(3) {
+        let base = level_rows[0].ttft;
+        for r in &level_rows[1..] {
+            let added = r.ttft.p99.as_secs_f64() * 1e3 - base.p99.as_secs_f64() * 1e3;
+            let target = match r.level.streams {
+                1 => format!("< 1 ms: {}", if added < 1.0 { "met" } else { "NOT met" }),
+                1000 => format!("< 5 ms: {}", if added < 5.0 { "met" } else { "NOT met" }),
+                _ => "none".to_owned(),
+            };
+            println!(
+                "| {} | {} | {:.3} | {:.3} | {target} |",
+                r.path,
+                r.level.streams,
+                r.ttft.p50.as_secs_f64() * 1e3 - base.p50.as_secs_f64() * 1e3,
+                added
+            );
+        }
+    }
+}
+
+/// Runs `body` against a scratch database created on `admin_url`'s server, dropped afterwards
+/// (whatever `body` returned).
+async fn with_scratch_database<F, Fut, T>(admin_url: &str, body: F) -> Result<T, BoxError>
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = Result<T, BoxError>>,
+{
+    use sqlx::{Connection, Executor};
+    // Made here from a UUID, never from input, so formatting it into the DDL is safe.
+    let name = format!("coachd_bench_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(admin_url).await?;
+    conn.execute(format!(r#"create database "{name}""#).as_str())
+        .await?;
+    let mut url = url::Url::parse(admin_url)?;
+    url.set_path(&name);
+    let result = body(url.to_string()).await;
+    conn.execute(format!(r#"drop database if exists "{name}" with (force)"#).as_str())
+        .await?;
+    result
 }
 
 #[tokio::main]
@@ -626,63 +740,42 @@ async fn main() -> Result<(), BoxError> {
     println!("\nplacement: {}", placement.describe());
     let fake = FakeUpstream::start().await?;
     if section("latency") {
-        let coachd = start_coachd(&fake, placement).await?;
-        // Warm-up: connection pools, allocator, the first-request paths.
-        let warm = Level {
-            streams: 4,
-            tokens: 5,
-            interval: ms10,
-            window: Duration::from_millis(300),
-        };
-        run_level(&fake, &coachd, warm).await?;
-
-        let mut rows = Vec::new();
-        for &level in &levels {
-            rows.extend(run_level(&fake, &coachd, level).await?);
-        }
+        let coachd = start_coachd(&fake, placement, &[]).await?;
+        let rows = run_levels(&fake, &coachd, &levels).await?;
         println!("\n## Streaming latency at steady concurrency\n");
-        println!(
-            "| path | streams | tokens × pace | timed streams | TTFT p50 ms | TTFT p99 ms | TTFT max ms | gap p50 ms | gap p99 ms | failed | coachd CPU µs/token | bench CPU µs/token |"
-        );
-        println!("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-        for r in &rows {
-            println!(
-                "| {} | {} | {} × {} ms | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} |",
-                r.path,
-                r.level.streams,
-                r.level.tokens,
-                r.level.interval.as_millis(),
-                r.samples,
-                ms(r.ttft.p50),
-                ms(r.ttft.p99),
-                ms(r.ttft.max),
-                ms(r.gap.p50),
-                ms(r.gap.p99),
-                r.failed,
-                r.coachd_us_per_token,
-                r.bench_us_per_token
-            );
-        }
-        println!("\n## Added time to first token (coachd minus direct, same level)\n");
-        println!("| path | streams | added p50 ms | added p99 ms | target p99 |");
-        println!("|---|---:|---:|---:|---|");
-        for level_rows in rows.chunks(3) {
-            let base = level_rows[0].ttft;
-            for r in &level_rows[1..] {
-                let added = r.ttft.p99.as_secs_f64() * 1e3 - base.p99.as_secs_f64() * 1e3;
-                let target = match r.level.streams {
-                    1 => format!("< 1 ms: {}", if added < 1.0 { "met" } else { "NOT met" }),
-                    1000 => format!("< 5 ms: {}", if added < 5.0 { "met" } else { "NOT met" }),
-                    _ => "none".to_owned(),
-                };
-                println!(
-                    "| {} | {} | {:.3} | {:.3} | {target} |",
-                    r.path,
-                    r.level.streams,
-                    r.ttft.p50.as_secs_f64() * 1e3 - base.p50.as_secs_f64() * 1e3,
-                    added
-                );
+        print_rows(&rows);
+        print_added(&rows);
+    }
+
+    if section("stores") {
+        match (std::env::var("DATABASE_URL"), std::env::var("REDIS_URL")) {
+            (Ok(db), Ok(redis)) => {
+                // Real stores put a Redis read and a pgvector search on every turn's prompt, and
+                // write-behind adds two appends and a memory insert after it. One and 100 streams:
+                // at 1 000, each turn's HNSW insert (~10 ms of CPU) would need more than two cores.
+                let store_levels: Vec<Level> = levels.iter().copied().filter(|l| l.streams <= 100).collect();
+                let rows = with_scratch_database(&db, |url| {
+                    let fake = &fake;
+                    let store_levels = &store_levels;
+                    async move {
+                        let prefix = format!("coachd_bench_{}:", uuid::Uuid::new_v4().simple());
+                        let env = [
+                            ("DATABASE_URL", url),
+                            ("REDIS_URL", redis),
+                            ("COACHD_REDIS_KEY_PREFIX", prefix),
+                        ];
+                        let coachd = start_coachd(fake, placement, &env).await?;
+                        run_levels(fake, &coachd, store_levels).await
+                    }
+                })
+                .await?;
+                println!("\n## With Redis and PostgreSQL + pgvector behind coachd\n");
+                print_rows(&rows);
+                print_added(&rows);
             }
+            _ => println!(
+                "\n(stores: skipped; set DATABASE_URL and REDIS_URL, e.g. `source .services/env` after scripts/services)"
+            ),
         }
     }
 

@@ -37,8 +37,8 @@ pub struct PgMemoryStore {
     pool: PgPool,
     embedder: Arc<dyn Embedder>,
     limits: MemoryLimits,
-    ef_search: String,
-    max_scan_tuples: String,
+    /// `BEGIN` plus the HNSW search settings, sent as one simple query (one round trip).
+    begin_search_sql: String,
     dimension: usize,
     sql: Arc<Sql>,
     stats: Arc<Counters>,
@@ -74,8 +74,13 @@ impl Sql {
         Self {
             // Ordered by the indexed expression, so the planner may use the HNSW index; with
             // hnsw.iterative_scan it keeps scanning until `limit` rows of this pair are found.
+            // The pair's row count rides along (an uncorrelated subquery, run once), so a short
+            // answer needs no second round trip to tell "the pair has no more" from "the scan
+            // stopped early".
             search_index: format!(
-                "select {columns}, 1 - ({typed} <=> $3) as similarity from coach_memory \
+                "select {columns}, 1 - ({typed} <=> $3) as similarity, \
+                 (select count(*) from coach_memory where user_id = $1 and coach_id = $2) as pair_total \
+                 from coach_memory \
                  where user_id = $1 and coach_id = $2 order by {typed} <=> $3 limit $4"
             ),
             // The materialized CTE hides the HNSW index from the ordering: an exact scan of the
@@ -186,8 +191,12 @@ impl PgMemoryStore {
             pool,
             embedder,
             limits: MemoryLimits::from(settings),
-            ef_search: settings.ef_search.to_string(),
-            max_scan_tuples: settings.max_scan_tuples.to_string(),
+            // Integers from the settings, never text from outside: safe to format into SQL.
+            begin_search_sql: format!(
+                "begin; set local hnsw.iterative_scan = strict_order; \
+                 set local hnsw.ef_search = {}; set local hnsw.max_scan_tuples = {}",
+                settings.ef_search, settings.max_scan_tuples
+            ),
             dimension,
             sql: Arc::new(Sql::new(dimension)),
             stats: Arc::default(),
@@ -226,21 +235,11 @@ impl PgMemoryStore {
             .collect()
     }
 
-    /// A transaction with the HNSW search settings applied to it alone.
+    /// A transaction with the HNSW search settings applied to it alone: SET LOCAL ends with the
+    /// transaction, so nothing leaks to the next user of the pooled connection. BEGIN and the
+    /// settings go in one round trip: every turn's prompt waits for this search.
     async fn begin_search(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        // set_config(.., true) is SET LOCAL with bound values: the settings end with the
-        // transaction and never leak to the next user of the pooled connection.
-        sqlx::query(
-            "select set_config('hnsw.iterative_scan', 'strict_order', true), \
-                    set_config('hnsw.ef_search', $1, true), \
-                    set_config('hnsw.max_scan_tuples', $2, true)",
-        )
-        .bind(&self.ef_search)
-        .bind(&self.max_scan_tuples)
-        .execute(&mut *tx)
-        .await?;
-        Ok(tx)
+        Ok(self.pool.begin_with(self.begin_search_sql.clone()).await?)
     }
 
     /// The plan of the first (index) step of [`MemoryStore::search_similar`], for diagnostics,
@@ -325,6 +324,9 @@ struct ScoredRow {
     #[sqlx(flatten)]
     row: Row,
     similarity: f64,
+    /// Rows of the pair in all (index search only; absent from the exact one).
+    #[sqlx(default)]
+    pair_total: Option<i64>,
 }
 
 #[async_trait]
@@ -476,12 +478,20 @@ impl MemoryStore for PgMemoryStore {
         if rows.len() < limit {
             // HNSW filters after the scan: even an iterative scan stops at max_scan_tuples, and
             // may come back short while the pair has more rows. Then scan the pair exactly.
-            let total: i64 =
-                sqlx::query_scalar("select count(*) from coach_memory where user_id = $1 and coach_id = $2")
+            let total: i64 = match rows.first().and_then(|r| r.pair_total) {
+                Some(total) => total,
+                // No row to carry the count: ask (a pair without memories, or a scan that found
+                // none of its rows).
+                None => {
+                    sqlx::query_scalar(
+                        "select count(*) from coach_memory where user_id = $1 and coach_id = $2",
+                    )
                     .bind(user_id)
                     .bind(coach_id)
                     .fetch_one(&mut *tx)
-                    .await?;
+                    .await?
+                }
+            };
             if usize::try_from(total).unwrap_or(usize::MAX) > rows.len() {
                 tracing::debug!(
                     found = rows.len(),
@@ -499,7 +509,10 @@ impl MemoryStore for PgMemoryStore {
                     .await?;
             }
         }
-        tx.commit().await?;
+        // Read-only: no commit round trip on the prompt's path. Dropping the transaction queues
+        // its ROLLBACK, which the pool flushes with the ping it sends on every release, in the
+        // background, before the connection serves anyone else.
+        drop(tx);
 
         let mut scored: Vec<ScoredMemory> = rows
             .into_iter()

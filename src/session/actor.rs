@@ -345,7 +345,9 @@ impl Actor {
         }
         let stream: EventStream = Box::pin(async_stream::stream! {
             let scope = TurnScope { session_id: &session_id, user_id: &user_id, coach_id: &coach_id };
+            let began = Instant::now();
             let prompt = prompt::assemble(&*deps.context, &*deps.memory, &persona, scope, history, &text, deps.limits.prompt).await;
+            tracing::debug!(session_id = %session_id, elapsed_us = began.elapsed().as_micros() as u64, memories = prompt.memories_used, "prompt assembled");
             let mut inner = deps.llm.stream_task("chat", Some(prompt.system), prompt.messages, None);
             while let Some(item) = inner.next().await {
                 yield item;
