@@ -105,6 +105,15 @@ async fn http_turns_carry_context_and_are_written_behind_to_redis() {
     )
     .await;
     assert_eq!(last, vec![s.id.clone()]);
+
+    // Each turn's prompt assembly and first token are counted in the stats' latency figures.
+    let stats: Value = app.get("/realtime/stats").await.json().await.unwrap();
+    for figure in ["prompt", "first_token"] {
+        let h = &stats["sessions"][figure];
+        assert_eq!(h["count"], 3, "{figure}: {h}");
+        let (p50, max) = (h["p50_le_ms"].as_f64(), h["max_ms"].as_f64());
+        assert!(p50.is_some() && max.is_some_and(|m| m >= 0.0), "{figure}: {h}");
+    }
     app.stop().await.unwrap();
 }
 

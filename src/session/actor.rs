@@ -64,6 +64,7 @@ struct Pending {
 
 struct Active {
     number: u32,
+    started: Instant,
     user_text: String,
     reply: String,
     tokens: u32,
@@ -347,7 +348,9 @@ impl Actor {
             let scope = TurnScope { session_id: &session_id, user_id: &user_id, coach_id: &coach_id };
             let began = Instant::now();
             let prompt = prompt::assemble(&*deps.context, &*deps.memory, &persona, scope, history, &text, deps.limits.prompt).await;
-            tracing::debug!(session_id = %session_id, elapsed_us = began.elapsed().as_micros() as u64, memories = prompt.memories_used, "prompt assembled");
+            let took = began.elapsed();
+            deps.stats.prompt.record(took);
+            tracing::debug!(session_id = %session_id, elapsed_us = took.as_micros() as u64, memories = prompt.memories_used, "prompt assembled");
             let mut inner = deps.llm.stream_task("chat", Some(prompt.system), prompt.messages, None);
             while let Some(item) = inner.next().await {
                 yield item;
@@ -355,6 +358,7 @@ impl Actor {
         });
         self.current = Some(Active {
             number: pending.number,
+            started: Instant::now(),
             user_text: pending.text,
             reply: String::new(),
             tokens: 0,
@@ -377,6 +381,9 @@ impl Actor {
             }
             Some(Ok(LlmEvent::Delta(text))) => {
                 let index = turn.tokens;
+                if index == 0 {
+                    self.deps.stats.first_token.record(turn.started.elapsed());
+                }
                 turn.tokens += 1;
                 turn.reply.push_str(&text);
                 let number = turn.number;

@@ -102,6 +102,12 @@ pub struct Stats {
     pub ws_connections: Gauge,
     /// SSE connections open now.
     pub sse_connections: Gauge,
+    /// Prompt assembly per turn (context and memory reads), the part of the first token's wait
+    /// spent on storage.
+    pub prompt: super::latency::Latency,
+    /// From a turn's start to its first token being handed to the connections: prompt assembly
+    /// plus the provider's own time to first token.
+    pub first_token: super::latency::Latency,
 }
 
 /// A value that goes up and down.

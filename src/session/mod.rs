@@ -4,6 +4,7 @@
 
 mod actor;
 pub mod event;
+pub mod latency;
 pub mod log;
 pub mod manager;
 pub mod token;
