@@ -75,6 +75,19 @@ struct Frame<'a> {
 struct Trace {
     ttft: Duration,
     gaps: Vec<Duration>,
+    last: Option<Instant>,
+}
+
+impl Trace {
+    /// A token arrived now, in a stream started at `start`.
+    fn token(&mut self, start: Instant) {
+        let now = Instant::now();
+        match self.last {
+            None => self.ttft = now - start,
+            Some(prev) => self.gaps.push(now - prev),
+        }
+        self.last = Some(now);
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -261,7 +274,6 @@ async fn direct(client: &reqwest::Client, base: &str) -> Result<Trace, BoxError>
         .error_for_status()?;
     let mut events = resp.bytes_stream().eventsource();
     let mut trace = Trace::default();
-    let mut last: Option<Instant> = None;
     while let Some(ev) = events.next().await {
         let ev = ev?;
         if ev.data == "[DONE]" {
@@ -275,12 +287,7 @@ async fn direct(client: &reqwest::Client, base: &str) -> Result<Trace, BoxError>
             .and_then(|d| d.content.as_deref())
             .is_some_and(|t| !t.is_empty())
         {
-            let now = Instant::now();
-            match last {
-                None => trace.ttft = now - start,
-                Some(prev) => trace.gaps.push(now - prev),
-            }
-            last = Some(now);
+            trace.token(start);
         }
     }
     Ok(trace)
@@ -315,17 +322,11 @@ async fn via_sse(client: &reqwest::Client, base: &str, session: &str) -> Result<
         .error_for_status()?;
     let mut events = resp.bytes_stream().eventsource();
     let mut trace = Trace::default();
-    let mut last: Option<Instant> = None;
     while let Some(ev) = events.next().await {
         let ev = ev?;
         match ev.event.as_str() {
             "token" => {
-                let now = Instant::now();
-                match last {
-                    None => trace.ttft = now - start,
-                    Some(prev) => trace.gaps.push(now - prev),
-                }
-                last = Some(now);
+                trace.token(start);
             }
             "turn_end" => break,
             "error" => return Err(format!("turn error: {}", ev.data).into()),
@@ -360,18 +361,12 @@ async fn via_ws(ws: &mut Ws) -> Result<Trace, BoxError> {
     ))
     .await?;
     let mut trace = Trace::default();
-    let mut last: Option<Instant> = None;
     while let Some(msg) = ws.next().await {
         let Message::Text(text) = msg? else { continue };
         let frame: Frame = serde_json::from_str(text.as_str())?;
         match frame.kind.as_ref() {
             "token" => {
-                let now = Instant::now();
-                match last {
-                    None => trace.ttft = now - start,
-                    Some(prev) => trace.gaps.push(now - prev),
-                }
-                last = Some(now);
+                trace.token(start);
             }
             "turn_end" => break,
             "error" => return Err(format!("turn error: {text}").into()),

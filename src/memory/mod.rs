@@ -79,8 +79,14 @@ pub struct StoreOutcome {
 /// Long-term memory of (user, coach) pairs.
 #[async_trait]
 pub trait MemoryStore: Send + Sync + fmt::Debug {
-    /// Embeds and stores one memory; an exact duplicate is not stored twice.
-    async fn store(&self, memory: NewMemory) -> Result<StoreOutcome, StoreError>;
+    /// Embeds and stores one memory; an exact duplicate is not stored twice. A batch of one.
+    async fn store(&self, memory: NewMemory) -> Result<StoreOutcome, StoreError> {
+        let mut outcomes = self.store_batch(vec![memory]).await?;
+        outcomes.pop().ok_or_else(|| StoreError::Internal {
+            backend: "memory",
+            reason: "no outcome for a stored memory".to_owned(),
+        })
+    }
 
     /// Stores many memories with one embedding call and one insert; outcomes in input order.
     /// Duplicates inside the batch are stored once.

@@ -331,14 +331,6 @@ struct ScoredRow {
 
 #[async_trait]
 impl MemoryStore for PgMemoryStore {
-    async fn store(&self, memory: NewMemory) -> Result<StoreOutcome, StoreError> {
-        let mut outcomes = self.store_batch(vec![memory]).await?;
-        outcomes.pop().ok_or_else(|| StoreError::Internal {
-            backend: "postgresql",
-            reason: "no outcome for a stored memory".to_owned(),
-        })
-    }
-
     async fn store_batch(&self, memories: Vec<NewMemory>) -> Result<Vec<StoreOutcome>, StoreError> {
         let prepared = memories
             .into_iter()
