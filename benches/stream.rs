@@ -16,7 +16,7 @@
 //! cargo bench --bench stream                 # full run
 //! COACHD_BENCH_QUICK=1 cargo bench --bench stream   # smaller, for a smoke check
 //! COACHD_BENCH_ONLY=latency|stores|idle cargo bench --bench stream   # some sections
-//! source .services/env && COACHD_BENCH_ONLY=stores cargo bench --bench stream  # real Redis + PG
+//! set -a; . .services/env; set +a; COACHD_BENCH_ONLY=stores cargo bench --bench stream  # real stores
 //! COACHD_BENCH_STREAMS=1000 cargo bench --bench stream         # only the levels of these sizes
 //! COACHD_BENCH_PIN=1 cargo bench --bench stream                 # coachd on a CPU of its own
 //! COACHD_BENCH_THINK_MS=200 cargo bench --bench stream          # pause between a worker's turns
@@ -656,17 +656,9 @@ where
     F: FnOnce(String) -> Fut,
     Fut: std::future::Future<Output = Result<T, BoxError>>,
 {
-    use sqlx::{Connection, Executor};
-    // Made here from a UUID, never from input, so formatting it into the DDL is safe.
-    let name = format!("coachd_bench_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = sqlx::PgConnection::connect(admin_url).await?;
-    conn.execute(format!(r#"create database "{name}""#).as_str())
-        .await?;
-    let mut url = url::Url::parse(admin_url)?;
-    url.set_path(&name);
-    let result = body(url.to_string()).await;
-    conn.execute(format!(r#"drop database if exists "{name}" with (force)"#).as_str())
-        .await?;
+    let scratch = coachd::db::ScratchDatabase::create(admin_url, "coachd_bench_").await?;
+    let result = body(scratch.url.clone()).await;
+    scratch.drop_now().await?;
     result
 }
 
@@ -769,7 +761,7 @@ async fn main() -> Result<(), BoxError> {
                 print_added(&rows);
             }
             _ => println!(
-                "\n(stores: skipped; set DATABASE_URL and REDIS_URL, e.g. `source .services/env` after scripts/services)"
+                "\n(stores: skipped; set DATABASE_URL and REDIS_URL, e.g. `set -a; . .services/env; set +a` after scripts/services)"
             ),
         }
     }

@@ -22,7 +22,7 @@ use coachd::memory::{MemoryStore, NewMemory, PgMemoryStore};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use sqlx::{Connection, Executor, PgConnection, PgPool};
+use sqlx::PgPool;
 
 const DIMENSION: usize = 384;
 
@@ -400,19 +400,14 @@ async fn main() -> anyhow::Result<()> {
         .or_else(|_| std::env::var("TEST_DATABASE_URL"))
         .context("set DATABASE_URL (or TEST_DATABASE_URL) to a PostgreSQL with pgvector")?;
 
-    // The scratch database's name is made here from a UUID, never from input, so formatting it
-    // into the DDL (database names cannot be bound parameters) is safe.
-    let name = format!("coachd_bench_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = PgConnection::connect(&admin)
+    let scratch = coachd::db::ScratchDatabase::create(&admin, "coachd_bench_")
         .await
-        .context("connect to PostgreSQL")?;
-    conn.execute(format!(r#"create database "{name}""#).as_str())
-        .await?;
-    let mut url = url::Url::parse(&admin)?;
-    url.set_path(&name);
+        .context("create a scratch database")?;
 
-    let settings =
-        Settings::for_tests(&[("DATABASE_URL", url.as_str()), ("COACHD_DB_MAX_CONNECTIONS", "4")])?;
+    let settings = Settings::for_tests(&[
+        ("DATABASE_URL", scratch.url.as_str()),
+        ("COACHD_DB_MAX_CONNECTIONS", "4"),
+    ])?;
     let result = async {
         let db_url = settings.database_url.as_ref().context("DATABASE_URL")?;
         let pool = coachd::db::connect(db_url, &settings).await?;
@@ -423,7 +418,6 @@ async fn main() -> anyhow::Result<()> {
     }
     .await;
 
-    conn.execute(format!(r#"drop database if exists "{name}" with (force)"#).as_str())
-        .await?;
+    scratch.drop_now().await?;
     result
 }

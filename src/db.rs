@@ -64,3 +64,50 @@ async fn applied_count(pool: &PgPool) -> usize {
         .map(|n| usize::try_from(n).unwrap_or(0))
         .unwrap_or(0)
 }
+
+/// A throwaway database on the server of an admin URL, for tests, examples and benchmarks.
+#[derive(Debug, Clone)]
+pub struct ScratchDatabase {
+    admin_url: String,
+    name: String,
+    /// Its URL: the admin URL with the scratch database's name as path.
+    pub url: String,
+}
+
+impl ScratchDatabase {
+    /// Creates an empty database named `{prefix}{uuid}`. `prefix` must be lowercase letters,
+    /// digits and `_`: with a UUID after it, the name is safe to format into DDL (database names
+    /// cannot be bound parameters).
+    pub async fn create(admin_url: &str, prefix: &str) -> Result<Self, sqlx::Error> {
+        use sqlx::{Connection, Executor};
+        if !prefix
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            return Err(sqlx::Error::Configuration(
+                format!("scratch database prefix {prefix:?}: only a-z, 0-9 and _").into(),
+            ));
+        }
+        let name = format!("{prefix}{}", uuid::Uuid::new_v4().simple());
+        let mut url = url::Url::parse(admin_url).map_err(|e| sqlx::Error::Configuration(e.into()))?;
+        url.set_path(&name);
+        let mut conn = sqlx::PgConnection::connect(admin_url).await?;
+        conn.execute(format!(r#"create database "{name}""#).as_str())
+            .await?;
+        conn.close().await?;
+        Ok(Self {
+            admin_url: admin_url.to_owned(),
+            name,
+            url: url.to_string(),
+        })
+    }
+
+    /// Drops the database, closing whatever connections it still has.
+    pub async fn drop_now(self) -> Result<(), sqlx::Error> {
+        use sqlx::{Connection, Executor};
+        let mut conn = sqlx::PgConnection::connect(&self.admin_url).await?;
+        conn.execute(format!(r#"drop database if exists "{}" with (force)"#, self.name).as_str())
+            .await?;
+        conn.close().await
+    }
+}

@@ -14,7 +14,6 @@ pub mod realtime;
 use std::sync::Once;
 
 use coachd::{Application, Settings};
-use sqlx::{Connection, Executor, PgConnection};
 use tokio_util::sync::CancellationToken;
 
 static TRACING: Once = Once::new();
@@ -47,20 +46,13 @@ pub fn admin_database_url() -> String {
     required("TEST_DATABASE_URL")
 }
 
-/// Creates an empty database of its own for one test and returns its URL.
+/// Creates an empty database of its own for one test and returns its URL (`scripts/test`
+/// drops what earlier runs left behind).
 pub async fn fresh_database() -> String {
-    let admin = admin_database_url();
-    let name = format!("coachd_t_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = PgConnection::connect(&admin)
+    coachd::db::ScratchDatabase::create(&admin_database_url(), "coachd_t_")
         .await
-        .expect("connect to the test PostgreSQL");
-    conn.execute(format!(r#"create database "{name}""#).as_str())
-        .await
-        .expect("create the test database");
-    conn.close().await.ok();
-    let mut url = url::Url::parse(&admin).expect("TEST_DATABASE_URL is a URL");
-    url.set_path(&name);
-    url.to_string()
+        .expect("create the test database")
+        .url
 }
 
 /// A unique Redis key prefix for one test.
