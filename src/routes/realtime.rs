@@ -186,6 +186,25 @@ struct TurnBody {
     client_id: Option<String>,
 }
 
+/// An SSE response driven by its own tracked task (counted in `sse_connections`); with
+/// `until_turn_end`, the stream ends after that turn's `turn_end`.
+fn attach_sse(
+    state: &AppState,
+    session: SessionHandle,
+    sub: crate::session::log::Subscription,
+    until_turn_end: Option<u32>,
+) -> Response {
+    let rt = &state.settings.realtime;
+    let (mut transport, response) = SseTransport::new(rt.client_queue, rt.send_timeout, until_turn_end);
+    let gauge = Gauge::enter(state.sessions.stats(), |s| &s.sse_connections);
+    let opts = drive_options(state, rt.sse_heartbeat);
+    state.tasks.spawn(async move {
+        let _gauge = gauge;
+        drive(session, sub, &mut transport, opts).await;
+    });
+    response
+}
+
 fn drive_options(state: &AppState, heartbeat: std::time::Duration) -> DriveOptions {
     DriveOptions {
         heartbeat,
@@ -255,14 +274,7 @@ pub(crate) async fn run_turn(
     let number = accepted?;
 
     if sse {
-        let (mut transport, response) = SseTransport::new(rt.client_queue, rt.send_timeout, Some(number));
-        let gauge = Gauge::enter(state.sessions.stats(), |s| &s.sse_connections);
-        let opts = drive_options(state, rt.sse_heartbeat);
-        state.tasks.spawn(async move {
-            let _gauge = gauge;
-            drive(session, sub, &mut transport, opts).await;
-        });
-        return Ok(response);
+        return Ok(attach_sse(state, session, sub, Some(number)));
     }
 
     let mut collector = HttpTurn::new(number);
@@ -428,15 +440,7 @@ async fn events(
     authorize_attach(&state, &session, &query, &headers)?;
     // Without a position the whole retained log is replayed: a new follower sees the session so far.
     let sub = session.subscribe(Some(after_seq(&query, &headers)?.unwrap_or(0)));
-    let rt = &state.settings.realtime;
-    let (mut transport, response) = SseTransport::new(rt.client_queue, rt.send_timeout, None);
-    let gauge = Gauge::enter(state.sessions.stats(), |s| &s.sse_connections);
-    let opts = drive_options(&state, rt.sse_heartbeat);
-    state.tasks.spawn(async move {
-        let _gauge = gauge;
-        drive(session, sub, &mut transport, opts).await;
-    });
-    Ok(response)
+    Ok(attach_sse(&state, session, sub, None))
 }
 
 #[utoipa::path(
