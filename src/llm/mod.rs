@@ -22,7 +22,7 @@ use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
 pub use error::LlmError;
-pub use router::{Llm, ModelRef, TaskSpec};
+pub use router::{Llm, ModelRef, Routed, TaskSpec};
 
 use crate::config::ProviderKind;
 

@@ -81,6 +81,58 @@ pub struct RetryPolicy {
     pub max_wait: Duration,
 }
 
+/// What routing chose: the model that serves and its stream, which has already read its first
+/// text (or ended without any). Failures from here on end the stream; they are not retried.
+pub struct Routed {
+    /// Provider that serves.
+    pub provider: ProviderKind,
+    /// Model that serves.
+    pub model: String,
+    /// Its events, from the first one the provider sent.
+    pub stream: EventStream,
+}
+
+impl std::fmt::Debug for Routed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Routed")
+            .field("provider", &self.provider)
+            .field("model", &self.model)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The parts of a routed call every attempt shares.
+struct Call<'a> {
+    task: &'a str,
+    task_params: &'a Params,
+    system: Option<String>,
+    messages: Vec<Message>,
+    response_format: Option<ResponseFormat>,
+}
+
+/// The old streaming shape over a routed call: `Start`, then the model's events; a routing
+/// failure is the only item.
+fn started(
+    route: impl std::future::Future<Output = Result<Routed, LlmError>> + Send + 'static,
+) -> EventStream {
+    Box::pin(
+        futures::stream::once(route)
+            .map(|routed| match routed {
+                Ok(r) => {
+                    let start = LlmEvent::Start {
+                        provider: r.provider,
+                        model: r.model,
+                    };
+                    futures::stream::once(async move { Ok(start) })
+                        .chain(r.stream)
+                        .left_stream()
+                }
+                Err(e) => futures::stream::once(async move { Err(e) }).right_stream(),
+            })
+            .flatten(),
+    )
+}
+
 /// The LLM gateway: configured providers, the task table, timeouts and retry policy.
 #[derive(Debug, Clone)]
 pub struct Llm {
@@ -227,9 +279,60 @@ impl Llm {
         }
     }
 
-    /// Streams a task's reply, routed through its models. The first event is `Start` naming the
-    /// model that serves; errors before it are retried or fallen back; an error after it ends the
-    /// stream. Dropping the stream aborts the upstream request.
+    /// Routes a task's call through its models: retries and fallbacks until one model's stream
+    /// yields its first text (or ends cleanly without any), all under the total deadline. Returns
+    /// the model that serves and its stream, or the typed error of the whole call. Dropping the
+    /// stream aborts the upstream request.
+    pub async fn route_task(
+        &self,
+        task: &str,
+        overrides: &Params,
+        system: Option<String>,
+        messages: Vec<Message>,
+        response_format: Option<ResponseFormat>,
+    ) -> Result<Routed, LlmError> {
+        let Some(spec) = self.tasks.get(task) else {
+            return Err(LlmError::UnknownTask(task.to_owned()));
+        };
+        let chain: Vec<ModelRef> = std::iter::once(&spec.primary)
+            .chain(&spec.fallbacks)
+            .map(|m| ModelRef {
+                params: overrides.or(&m.params),
+                ..m.clone()
+            })
+            .collect();
+        let call = Call {
+            task: &spec.name,
+            task_params: &spec.params,
+            system,
+            messages,
+            response_format,
+        };
+        self.route_chain(chain, call).await
+    }
+
+    /// Routes a call to one model (retries, no fallback), e.g. a provider model named directly.
+    pub async fn route_model(
+        &self,
+        model: ModelRef,
+        system: Option<String>,
+        messages: Vec<Message>,
+        response_format: Option<ResponseFormat>,
+    ) -> Result<Routed, LlmError> {
+        let label = format!("{}/{}", model.provider, model.model);
+        let params = Params::default();
+        let call = Call {
+            task: &label,
+            task_params: &params,
+            system,
+            messages,
+            response_format,
+        };
+        self.route_chain(vec![model], call).await
+    }
+
+    /// Streams a task's reply, routed through its models: the first event is `Start` naming the
+    /// model that serves, and a routing failure is the stream's only item.
     pub fn stream_task(
         &self,
         task: &str,
@@ -250,28 +353,15 @@ impl Llm {
         messages: Vec<Message>,
         response_format: Option<ResponseFormat>,
     ) -> EventStream {
-        let Some(spec) = self.tasks.get(task).cloned() else {
-            let err = LlmError::UnknownTask(task.to_owned());
-            return Box::pin(futures::stream::once(async move { Err(err) }));
-        };
-        let chain: Vec<ModelRef> = std::iter::once(spec.primary.clone())
-            .chain(spec.fallbacks.clone())
-            .map(|mut m| {
-                m.params = overrides.or(&m.params);
-                m
-            })
-            .collect();
-        self.stream_chain(
-            spec.name.clone(),
-            chain,
-            spec.params.clone(),
-            system,
-            messages,
-            response_format,
-        )
+        let llm = self.clone();
+        let (task, overrides) = (task.to_owned(), overrides.clone());
+        started(async move {
+            llm.route_task(&task, &overrides, system, messages, response_format)
+                .await
+        })
     }
 
-    /// Streams from one model (with retries, no fallback), e.g. a provider model named directly.
+    /// Streams from one model (with retries, no fallback), as [`Llm::stream_task`] does.
     pub fn stream_model(
         &self,
         model: ModelRef,
@@ -279,115 +369,107 @@ impl Llm {
         messages: Vec<Message>,
         response_format: Option<ResponseFormat>,
     ) -> EventStream {
-        let label = format!("{}/{}", model.provider, model.model);
-        self.stream_chain(
-            label,
-            vec![model],
-            Params::default(),
-            system,
-            messages,
-            response_format,
-        )
+        let llm = self.clone();
+        started(async move { llm.route_model(model, system, messages, response_format).await })
     }
 
-    fn stream_chain(
-        &self,
-        task: String,
-        chain: Vec<ModelRef>,
-        task_params: Params,
-        system: Option<String>,
-        messages: Vec<Message>,
-        response_format: Option<ResponseFormat>,
-    ) -> EventStream {
-        let providers = self.providers.clone();
+    async fn route_chain(&self, chain: Vec<ModelRef>, call: Call<'_>) -> Result<Routed, LlmError> {
         let timeouts = self.timeouts;
-        let retry = self.retry;
-        Box::pin(async_stream::stream! {
-            // The total timeout bounds the whole call, retries and fallbacks included.
-            let deadline = tokio::time::Instant::now() + timeouts.total;
-            let mut attempts: Vec<Attempt> = Vec::new();
-            'models: for model in chain {
-                let Some(provider) = providers.get(&model.provider).cloned() else {
+        // The total timeout bounds the whole call, retries and fallbacks included.
+        let deadline = tokio::time::Instant::now() + timeouts.total;
+        let mut attempts: Vec<Attempt> = Vec::new();
+        'models: for model in chain {
+            let Some(provider) = self.providers.get(&model.provider).cloned() else {
+                attempts.push(Attempt {
+                    provider: model.provider,
+                    model: model.model.clone(),
+                    error: LlmError::NotConfigured {
+                        provider: model.provider,
+                    }
+                    .to_string(),
+                });
+                continue;
+            };
+            let mut tries = 0u32;
+            loop {
+                if tokio::time::Instant::now() >= deadline {
                     attempts.push(Attempt {
                         provider: model.provider,
                         model: model.model.clone(),
-                        error: LlmError::NotConfigured { provider: model.provider }.to_string(),
-                    });
-                    continue;
-                };
-                let mut tries = 0u32;
-                loop {
-                    if tokio::time::Instant::now() >= deadline {
-                        attempts.push(Attempt {
+                        error: LlmError::Timeout {
                             provider: model.provider,
-                            model: model.model.clone(),
-                            error: LlmError::Timeout { provider: model.provider, phase: TimeoutPhase::Total, after: timeouts.total }.to_string(),
-                        });
-                        break 'models;
+                            phase: TimeoutPhase::Total,
+                            after: timeouts.total,
+                        }
+                        .to_string(),
+                    });
+                    break 'models;
+                }
+                let request = ChatRequest {
+                    model: model.model.clone(),
+                    system: call.system.clone(),
+                    messages: call.messages.clone(),
+                    params: model.params.or(call.task_params),
+                    response_format: call.response_format.clone(),
+                };
+                let p = provider.clone();
+                let mut stream = with_timeouts(model.provider, timeouts, deadline, async move {
+                    p.stream(request).await
+                });
+                // Read up to the first text delta: until then a failure can still be retried or
+                // fallen back without the client having seen anything.
+                let mut head = Vec::new();
+                let failed = loop {
+                    match stream.next().await {
+                        Some(Ok(LlmEvent::Delta(text))) => {
+                            head.push(LlmEvent::Delta(text));
+                            break None;
+                        }
+                        Some(Ok(event)) => head.push(event),
+                        Some(Err(e)) => break Some(e),
+                        None => break None,
                     }
-                    let request = ChatRequest {
-                        model: model.model.clone(),
-                        system: system.clone(),
-                        messages: messages.clone(),
-                        params: model.params.or(&task_params),
-                        response_format: response_format.clone(),
-                    };
-                    let p = provider.clone();
-                    let mut stream = with_timeouts(model.provider, timeouts, deadline, async move { p.stream(request).await });
-
-                    // Hold events back until the first text delta: until then, a failure can still
-                    // be retried or fallen back without the client having seen anything.
-                    let mut held = Vec::new();
-                    let first = loop {
-                        match stream.next().await {
-                            Some(Ok(LlmEvent::Delta(text))) => break Ok(Some(text)),
-                            Some(Ok(event)) => held.push(event),
-                            Some(Err(e)) => break Err(e),
-                            None => break Ok(None),
-                        }
-                    };
-                    match first {
-                        Ok(first) => {
-                            yield Ok(LlmEvent::Start { provider: model.provider, model: model.model.clone() });
-                            if let Some(text) = first {
-                                yield Ok(LlmEvent::Delta(text));
-                            }
-                            for event in held {
-                                yield Ok(event);
-                            }
-                            // From here on the client has text: an error ends the stream, as is.
-                            while let Some(item) = stream.next().await {
-                                let failed = item.is_err();
-                                yield item;
-                                if failed {
-                                    return;
-                                }
-                            }
-                            return;
-                        }
-                        Err(e) => {
-                            tries += 1;
-                            tracing::warn!(
-                                task = %task, provider = %model.provider, model = %model.model,
-                                attempt = tries, error = %e, "LLM attempt failed before the first token"
-                            );
-                            let wait = backoff(&retry, tries, &e);
-                            let budget_spent = matches!(e, LlmError::Timeout { phase: TimeoutPhase::Total, .. });
-                            attempts.push(Attempt { provider: model.provider, model: model.model.clone(), error: e.to_string() });
-                            if budget_spent {
-                                break 'models;
-                            }
-                            match wait {
-                                Some(wait) if e.retryable() && tries <= retry.max_retries => {
-                                    tokio::time::sleep_until((tokio::time::Instant::now() + wait).min(deadline)).await;
-                                }
-                                _ => break,
-                            }
-                        }
+                };
+                let Some(e) = failed else {
+                    return Ok(Routed {
+                        provider: model.provider,
+                        model: model.model,
+                        stream: Box::pin(futures::stream::iter(head.into_iter().map(Ok)).chain(stream)),
+                    });
+                };
+                tries += 1;
+                tracing::warn!(
+                    task = %call.task, provider = %model.provider, model = %model.model,
+                    attempt = tries, error = %e, "LLM attempt failed before the first token"
+                );
+                let wait = backoff(&self.retry, tries, &e);
+                let budget_spent = matches!(
+                    e,
+                    LlmError::Timeout {
+                        phase: TimeoutPhase::Total,
+                        ..
                     }
+                );
+                let retry = e.retryable() && tries <= self.retry.max_retries;
+                attempts.push(Attempt {
+                    provider: model.provider,
+                    model: model.model.clone(),
+                    error: e.to_string(),
+                });
+                if budget_spent {
+                    break 'models;
+                }
+                match wait {
+                    Some(wait) if retry => {
+                        tokio::time::sleep_until((tokio::time::Instant::now() + wait).min(deadline)).await;
+                    }
+                    _ => break,
                 }
             }
-            yield Err(LlmError::AllFailed { task, attempts });
+        }
+        Err(LlmError::AllFailed {
+            task: call.task.to_owned(),
+            attempts,
         })
     }
 
