@@ -66,7 +66,8 @@ pub enum Error {
     /// A dependency (database, Redis, LLM provider) cannot serve the request now.
     #[error("{0}")]
     Unavailable(String),
-    /// A dependency did not answer in time.
+    /// An LLM provider did not answer in time (every attempt timed out); built only by
+    /// `From<LlmError>`, which decides 504 against 502.
     #[error("{0}")]
     Timeout(String),
     /// An LLM provider failed; the message is safe to show.
@@ -143,7 +144,7 @@ impl Error {
             Error::PayloadTooLarge { .. } => "payload_too_large",
             Error::RateLimited { .. } => "rate_limited",
             Error::Unavailable(_) => "unavailable",
-            Error::Timeout(_) => "timeout",
+            Error::Timeout(_) => "upstream_timeout",
             Error::Internal(_) => "internal",
         }
     }

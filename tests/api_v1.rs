@@ -518,3 +518,50 @@ async fn extract_entities_computes_spans_from_the_input() {
     assert_eq!(body["types"], json!(["goal"]));
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn before_the_first_token_every_llm_route_answers_504_on_timeouts_and_502_otherwise() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let base = fake.base_url();
+    // Two models per task (OpenAI, then OpenRouter as its fallback), so "every model" is tried.
+    let app = app_with(
+        &fake,
+        &[
+            ("OPENROUTER_API_KEY", "upstream-key"),
+            ("COACHD_OPENROUTER_BASE_URL", &base),
+            ("COACHD_LLM_FIRST_TOKEN_TIMEOUT_MS", "300"),
+        ],
+    )
+    .await;
+    let routes = [
+        ("/api/v1/llm/complete", json!({"prompt": "hi"})),
+        ("/api/v1/llm/stream", json!({"prompt": "hi"})),
+        ("/api/v1/llm/classify-intent", json!({"text": "hi"})),
+        ("/api/v1/llm/extract-entities", json!({"text": "Call Zoë"})),
+    ];
+
+    // Headers come, then no token: the first-token timeout fires on each model.
+    fake.set_default(Script::counted(3).with_fault(Fault::Stall { after: 0 }));
+    for (path, body) in &routes {
+        let before = fake.request_count("/chat/completions");
+        let (status, answer) = post(&app, path, body.clone()).await;
+        assert_eq!(status, 504, "{path}: {answer}");
+        assert_eq!(answer["error"]["code"], "upstream_timeout", "{path}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains("first token timeout"), "{path}: {message}");
+        assert_eq!(
+            fake.request_count("/chat/completions") - before,
+            2,
+            "{path}: both models were tried"
+        );
+    }
+
+    // Every model answers 500: a 502 listing the attempts.
+    fake.set_default(Script::status(500));
+    for (path, body) in &routes {
+        let (status, answer) = post(&app, path, body.clone()).await;
+        assert_eq!(status, 502, "{path}: {answer}");
+        assert_eq!(answer["error"]["code"], "all_models_failed", "{path}: {answer}");
+    }
+    app.stop().await.unwrap();
+}

@@ -11,7 +11,9 @@ use bytes::Bytes;
 use coachd::Settings;
 use coachd::config::ProviderKind;
 use coachd::fake_upstream::{FakeUpstream, Fault, Flavor, Script};
-use coachd::llm::{ChatRequest, Completion, FinishReason, Llm, LlmError, LlmEvent, Message, Params, collect};
+use coachd::llm::{
+    ChatRequest, Completion, FinishReason, Llm, LlmError, LlmEvent, Message, Params, Routed, collect,
+};
 use futures::StreamExt;
 
 const KEY: &str = "test-key-123";
@@ -85,7 +87,12 @@ async fn call(
                     let _ = tx.send(t.clone());
                 }
             });
-            let r = collect(Box::pin(teed), (kind, "")).await;
+            let routed = Routed {
+                provider: kind,
+                model: String::new(),
+                stream: Box::pin(teed),
+            };
+            let r = collect(routed).await;
             deltas.extend(rx.try_iter());
             r
         }

@@ -11,7 +11,8 @@ use std::time::Duration;
 use coachd::Settings;
 use coachd::config::ProviderKind;
 use coachd::fake_upstream::{FakeUpstream, Fault, Script};
-use coachd::llm::{Llm, LlmError, LlmEvent, Message, collect};
+use coachd::llm::error::TimeoutPhase;
+use coachd::llm::{Llm, LlmError, LlmEvent, Message, Params, collect};
 use futures::StreamExt;
 use serde_json::json;
 
@@ -56,16 +57,32 @@ fn models_requested(fake: &FakeUpstream) -> Vec<String> {
         .collect()
 }
 
-async fn run(llm: &Llm, task: &str) -> (Vec<LlmEvent>, Option<LlmError>) {
-    let mut stream = llm.stream_task(task, Some("sys".into()), vec![Message::user("hello")], None);
+/// Who served (when routing chose a model), the events read, and the error that ended the call.
+type Run = (Option<(ProviderKind, String)>, Vec<LlmEvent>, Option<LlmError>);
+
+async fn run(llm: &Llm, task: &str) -> Run {
+    let routed = llm
+        .route_task(
+            task,
+            &Params::default(),
+            Some("sys".into()),
+            vec![Message::user("hello")],
+            None,
+        )
+        .await;
+    let mut routed = match routed {
+        Ok(r) => r,
+        Err(e) => return (None, Vec::new(), Some(e)),
+    };
+    let served = Some((routed.provider, routed.model.clone()));
     let mut events = Vec::new();
-    while let Some(item) = stream.next().await {
+    while let Some(item) = routed.stream.next().await {
         match item {
             Ok(e) => events.push(e),
-            Err(e) => return (events, Some(e)),
+            Err(e) => return (served, events, Some(e)),
         }
     }
-    (events, None)
+    (served, events, None)
 }
 
 #[tokio::test]
@@ -82,16 +99,10 @@ async fn retries_then_falls_back_in_order_before_the_first_token() {
     fake.set_model("model-c", Script::text("from c"));
     let llm = Llm::from_settings(&settings(&fake, &[])).unwrap();
 
-    let (events, error) = run(&llm, "routed").await;
+    let (served, events, error) = run(&llm, "routed").await;
     assert!(error.is_none(), "{error:?}");
-    assert_eq!(
-        events[0],
-        LlmEvent::Start {
-            provider: ProviderKind::Openai,
-            model: "model-c".into()
-        }
-    );
-    assert_eq!(events[1], LlmEvent::Delta("from".into()));
+    assert_eq!(served, Some((ProviderKind::Openai, "model-c".into())));
+    assert_eq!(events[0], LlmEvent::Delta("from".into()));
     // One retry per model (COACHD_LLM_MAX_RETRIES=1), in the task's order.
     assert_eq!(
         models_requested(&fake),
@@ -108,8 +119,9 @@ async fn non_retryable_errors_fall_back_without_retrying() {
     fake.set_model("model-b", Script::status(400));
     fake.set_model("model-c", Script::text("ok"));
     let llm = Llm::from_settings(&settings(&fake, &[])).unwrap();
-    let (_, error) = run(&llm, "routed").await;
+    let (served, _, error) = run(&llm, "routed").await;
     assert!(error.is_none());
+    assert_eq!(served, Some((ProviderKind::Openai, "model-c".into())));
     assert_eq!(models_requested(&fake), ["model-a", "model-b", "model-c"]);
 }
 
@@ -125,9 +137,9 @@ async fn a_retry_after_longer_than_allowed_goes_to_the_fallback_at_once() {
     );
     fake.set_model("model-b", Script::text("b"));
     let llm = Llm::from_settings(&settings(&fake, &[])).unwrap();
-    let (events, error) = run(&llm, "routed").await;
+    let (served, _, error) = run(&llm, "routed").await;
     assert!(error.is_none());
-    assert!(matches!(&events[0], LlmEvent::Start { model, .. } if model == "model-b"));
+    assert_eq!(served, Some((ProviderKind::Anthropic, "model-b".into())));
     assert_eq!(models_requested(&fake), ["model-a", "model-b"]);
 }
 
@@ -143,9 +155,9 @@ async fn a_short_retry_after_is_honoured_on_the_same_model() {
     );
     fake.set_model("model-a", Script::text("a after retry"));
     let llm = Llm::from_settings(&settings(&fake, &[])).unwrap();
-    let (events, error) = run(&llm, "routed").await;
+    let (served, _, error) = run(&llm, "routed").await;
     assert!(error.is_none());
-    assert!(matches!(&events[0], LlmEvent::Start { model, .. } if model == "model-a"));
+    assert_eq!(served, Some((ProviderKind::Openai, "model-a".into())));
     assert_eq!(models_requested(&fake), ["model-a", "model-a"]);
 }
 
@@ -156,36 +168,40 @@ async fn when_every_model_fails_one_error_lists_each_attempt() {
     fake.set_model("model-b", Script::counted(3).with_fault(Fault::Cut { after: 0 }));
     fake.set_model("model-c", Script::status(400));
     let llm = Llm::from_settings(&settings(&fake, &[])).unwrap();
-    let (events, error) = run(&llm, "routed").await;
-    assert!(events.is_empty(), "nothing reaches the client: {events:?}");
+    let (served, events, error) = run(&llm, "routed").await;
+    assert!(
+        served.is_none() && events.is_empty(),
+        "nothing reaches the client: {events:?}"
+    );
     match error {
         Some(LlmError::AllFailed { task, attempts }) => {
             assert_eq!(task, "routed");
-            let summary: Vec<(&str, bool)> = attempts
-                .iter()
-                .map(|a| (a.model.as_str(), !a.error.is_empty()))
-                .collect();
-            assert_eq!(
-                summary,
-                [
-                    ("model-a", true),
-                    ("model-a", true),
-                    ("model-b", true),
-                    ("model-b", true),
-                    ("model-c", true)
-                ]
-            );
-            assert!(attempts[0].error.contains("503"), "{}", attempts[0].error);
+            let models: Vec<&str> = attempts.iter().map(|a| a.model.as_str()).collect();
+            assert_eq!(models, ["model-a", "model-a", "model-b", "model-b", "model-c"]);
+            // Each attempt keeps its typed error.
             assert!(
-                attempts[2].error.contains("without a finish reason"),
+                matches!(
+                    attempts[0].error,
+                    LlmError::Unavailable {
+                        status: Some(503),
+                        ..
+                    }
+                ),
+                "{}",
+                attempts[0].error
+            );
+            assert!(
+                matches!(attempts[2].error, LlmError::Incomplete { .. }),
                 "{}",
                 attempts[2].error
             );
             assert!(
-                attempts[4].error.contains("context too long"),
+                matches!(attempts[4].error, LlmError::ContextTooLong { .. }),
                 "{}",
                 attempts[4].error
             );
+            let e = LlmError::AllFailed { task, attempts };
+            assert!(e.to_string().contains("503") && e.to_string().contains("context too long"));
         }
         other => panic!("{other:?}"),
     }
@@ -205,15 +221,20 @@ async fn the_total_timeout_bounds_the_whole_call_across_retries_and_fallbacks() 
         ],
     );
     let llm = Llm::from_settings(&s).unwrap();
-    let (events, err) = run(&llm, "routed").await;
-    assert!(events.is_empty(), "{events:?}");
+    let (served, events, err) = run(&llm, "routed").await;
+    assert!(served.is_none() && events.is_empty(), "{events:?}");
     let Some(LlmError::AllFailed { attempts, .. }) = err else {
         panic!("expected every attempt to fail: {err:?}")
     };
-    let last = attempts.last().map(|a| a.error.clone()).unwrap_or_default();
     assert!(
-        last.contains("total"),
-        "the last attempt names the total timeout: {attempts:?}"
+        matches!(
+            attempts.last().map(|a| &a.error),
+            Some(LlmError::Timeout {
+                phase: TimeoutPhase::Total,
+                ..
+            })
+        ),
+        "the last attempt is the total timeout: {attempts:?}"
     );
     let tried = fake.requests().len();
     assert!(
@@ -231,7 +252,7 @@ async fn after_the_first_token_a_failure_ends_the_stream_with_an_error_and_no_fa
     );
     fake.set_model("model-b", Script::text("never used"));
     let llm = Llm::from_settings(&settings(&fake, &[])).unwrap();
-    let (events, error) = run(&llm, "routed").await;
+    let (_, events, error) = run(&llm, "routed").await;
     let deltas: Vec<&LlmEvent> = events
         .iter()
         .filter(|e| matches!(e, LlmEvent::Delta(_)))
@@ -249,7 +270,17 @@ async fn dropping_the_stream_aborts_the_upstream_request() {
         Script::counted(500).paced(Duration::ZERO, Duration::from_millis(20)),
     );
     let llm = Llm::from_settings(&settings(&fake, &[])).unwrap();
-    let mut stream = llm.stream_task("routed", None, vec![Message::user("go")], None);
+    let mut stream = llm
+        .route_task(
+            "routed",
+            &Params::default(),
+            None,
+            vec![Message::user("go")],
+            None,
+        )
+        .await
+        .unwrap()
+        .stream;
     let mut deltas = 0;
     while let Some(Ok(event)) = stream.next().await {
         if matches!(event, LlmEvent::Delta(_)) {
@@ -364,8 +395,17 @@ async fn without_keys_the_offline_provider_serves_every_task() {
     for task in coachd::llm::router::BUILTIN_TASKS {
         assert!(names.contains(&task), "{task} missing");
     }
-    let stream = llm.stream_task("chat", None, vec![Message::user("Plan my week")], None);
-    let c = collect(stream, (ProviderKind::Offline, "")).await.unwrap();
+    let routed = llm
+        .route_task(
+            "chat",
+            &Params::default(),
+            None,
+            vec![Message::user("Plan my week")],
+            None,
+        )
+        .await
+        .unwrap();
+    let c = collect(routed).await.unwrap();
     assert_eq!(c.provider, ProviderKind::Offline);
     assert!(c.content.contains("Plan my week"));
 }
@@ -386,7 +426,7 @@ async fn tasks_files_are_validated_at_start_up() {
     let llm = Llm::from_settings(&s).unwrap();
     assert!(llm.task("routed").is_some() && llm.task("chat").is_some());
     assert!(matches!(
-        run(&llm, "nope").await.1,
+        run(&llm, "nope").await.2,
         Some(LlmError::UnknownTask(_))
     ));
 }

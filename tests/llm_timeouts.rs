@@ -11,7 +11,7 @@ use coachd::config::ProviderKind;
 use coachd::fake_upstream::{FakeUpstream, Fault, Script};
 use coachd::llm::error::TimeoutPhase;
 use coachd::llm::timeout::with_timeouts;
-use coachd::llm::{ChatRequest, LlmError, LlmEvent, Message, Params, collect};
+use coachd::llm::{ChatRequest, LlmError, LlmEvent, Message, Params, Routed, collect};
 use futures::StreamExt;
 
 fn settings(kind: ProviderKind, base: &str, timeouts: &[(&str, &str)]) -> Settings {
@@ -173,6 +173,11 @@ async fn within_every_timeout_the_stream_completes() {
     let stream = with_timeouts(ProviderKind::Openai, s.llm_timeouts, deadline, async move {
         p.stream(request()).await
     });
-    let c = collect(stream, (ProviderKind::Openai, "")).await.unwrap();
+    let routed = Routed {
+        provider: ProviderKind::Openai,
+        model: String::new(),
+        stream,
+    };
+    let c = collect(routed).await.unwrap();
     assert_eq!(c.content, "t0 t1 t2 t3 t4");
 }

@@ -16,21 +16,23 @@ use serde_json::{Value, json};
 const KEY: &str = "sk-coachd-test";
 
 async fn app_with(fake: &FakeUpstream) -> TestApp {
+    app_with_extra(fake, &[]).await
+}
+
+async fn app_with_extra(fake: &FakeUpstream, extra: &[(&str, &str)]) -> TestApp {
     let base = fake.base_url();
-    spawn_app_with(
-        Services::Embedded,
-        &[
-            ("LLM_PROVIDER", "openai"),
-            ("OPENAI_API_KEY", "upstream-key"),
-            ("OPENAI_MODEL", "gpt-4o-mini"),
-            ("COACHD_OPENAI_BASE_URL", &base),
-            ("OPENROUTER_API_KEY", "upstream-key"),
-            ("COACHD_OPENROUTER_BASE_URL", &base),
-            ("COACHD_LLM_MAX_RETRIES", "0"),
-            ("COACHD_API_KEYS", KEY),
-        ],
-    )
-    .await
+    let mut vars = vec![
+        ("LLM_PROVIDER", "openai"),
+        ("OPENAI_API_KEY", "upstream-key"),
+        ("OPENAI_MODEL", "gpt-4o-mini"),
+        ("COACHD_OPENAI_BASE_URL", &base),
+        ("OPENROUTER_API_KEY", "upstream-key"),
+        ("COACHD_OPENROUTER_BASE_URL", &base),
+        ("COACHD_LLM_MAX_RETRIES", "0"),
+        ("COACHD_API_KEYS", KEY),
+    ];
+    vars.extend_from_slice(extra);
+    spawn_app_with(Services::Embedded, &vars).await
 }
 
 async fn chat(app: &TestApp, body: Value) -> reqwest::Response {
@@ -440,5 +442,44 @@ async fn models_lists_tasks_and_provider_models() {
     assert_eq!(missing.status(), 404);
     let e: Value = missing.json().await.unwrap();
     assert_eq!(e["error"]["code"], "model_not_found");
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn before_the_first_token_a_timeout_on_every_model_is_a_504_and_other_failures_a_502() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let app = app_with_extra(&fake, &[("COACHD_LLM_FIRST_TOKEN_TIMEOUT_MS", "300")]).await;
+    let user = json!([{"role": "user", "content": "hi"}]);
+    // A task (two models: OpenAI, then OpenRouter) and one provider model, streamed and not.
+    let cases = [
+        ("chat", true, 2),
+        ("chat", false, 2),
+        ("openai/gpt-4o-mini", true, 1),
+        ("openai/gpt-4o-mini", false, 1),
+    ];
+
+    fake.set_default(Script::counted(3).with_fault(Fault::Stall { after: 0 }));
+    for (model, stream, tried) in cases {
+        let before = fake.request_count("/chat/completions");
+        let resp = chat(&app, json!({"model": model, "stream": stream, "messages": user})).await;
+        assert_eq!(resp.status(), 504, "{model} stream={stream}");
+        assert_eq!(resp.headers()["x-should-retry"], "true");
+        let answer: Value = resp.json().await.unwrap();
+        let e = &answer["error"];
+        assert_eq!(
+            (e["type"].as_str(), e["code"].as_str()),
+            (Some("server_error"), Some("upstream_timeout")),
+            "{model} stream={stream}: {answer}"
+        );
+        assert_eq!(fake.request_count("/chat/completions") - before, tried);
+    }
+
+    fake.set_default(Script::status(500));
+    for (model, stream, _) in cases {
+        let resp = chat(&app, json!({"model": model, "stream": stream, "messages": user})).await;
+        assert_eq!(resp.status(), 502, "{model} stream={stream}");
+        let answer: Value = resp.json().await.unwrap();
+        assert_eq!(answer["error"]["code"], "all_models_failed", "{answer}");
+    }
     app.stop().await.unwrap();
 }

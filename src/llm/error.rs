@@ -38,8 +38,8 @@ pub struct Attempt {
     pub provider: ProviderKind,
     /// Model tried.
     pub model: String,
-    /// Why it failed.
-    pub error: String,
+    /// Why it failed, typed: retryability and the HTTP status are read from it.
+    pub error: LlmError,
 }
 
 /// What went wrong talking to a provider. Messages never contain API keys.
@@ -159,20 +159,50 @@ pub enum LlmError {
 }
 
 impl LlmError {
-    /// Whether retrying the same model may help (before the first token was handed on).
+    /// Whether retrying the same model within this call may help (before the first token was
+    /// handed on). A spent total deadline ends the call instead.
     pub fn retryable(&self) -> bool {
+        match self {
+            LlmError::Timeout {
+                phase: TimeoutPhase::Total,
+                ..
+            } => false,
+            LlmError::AllFailed { .. } => false,
+            _ => self.transient(),
+        }
+    }
+
+    /// Whether the same request may succeed when sent again later (what clients are told): the
+    /// upstream was busy, down, slow or cut the stream, rather than refusing the request.
+    pub fn transient(&self) -> bool {
         match self {
             LlmError::RateLimited { .. }
             | LlmError::Unavailable { .. }
             | LlmError::Stream { .. }
-            | LlmError::Incomplete { .. } => true,
-            LlmError::Timeout { phase, .. } => *phase != TimeoutPhase::Total,
+            | LlmError::Incomplete { .. }
+            | LlmError::Timeout { .. } => true,
+            LlmError::AllFailed { attempts, .. } => attempts.iter().any(|a| a.error.transient()),
+            _ => false,
+        }
+    }
+
+    /// Whether the call failed by running out of time: a timeout, or a routed call whose every
+    /// attempt timed out (connect, first token or the total deadline). Such a call answers 504.
+    pub fn timed_out(&self) -> bool {
+        match self {
+            LlmError::Timeout { .. } => true,
+            LlmError::AllFailed { attempts, .. } => {
+                !attempts.is_empty() && attempts.iter().all(|a| a.error.timed_out())
+            }
             _ => false,
         }
     }
 
     /// The stable code sent to clients.
     pub fn code(&self) -> &'static str {
+        if self.timed_out() {
+            return "upstream_timeout";
+        }
         match self {
             LlmError::Authentication { .. } => "upstream_auth",
             LlmError::RateLimited { .. } => "upstream_rate_limited",
@@ -192,19 +222,19 @@ impl LlmError {
     }
 }
 
+/// The one place that decides how an LLM failure answers a client: 504 `upstream_timeout` when
+/// it ran out of time ([`LlmError::timed_out`]), 400 for an unknown task, 502 otherwise. Every
+/// route (and the session's error events) goes through it.
 impl From<LlmError> for Error {
     fn from(e: LlmError) -> Self {
+        if e.timed_out() {
+            return Error::Timeout(e.to_string());
+        }
         match &e {
             LlmError::UnknownTask(_) => Error::bad_request("unknown_task", e.to_string()),
-            LlmError::Timeout { .. } => Error::Timeout(e.to_string()),
-            LlmError::AllFailed { attempts, .. } => Error::Upstream {
-                code: e.code(),
-                message: e.to_string(),
-                retryable: attempts.iter().any(|a| !a.error.contains("authentication")),
-            },
             _ => Error::Upstream {
                 code: e.code(),
-                retryable: e.retryable(),
+                retryable: e.transient(),
                 message: e.to_string(),
             },
         }
@@ -226,7 +256,9 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 
 /// Maps a transport error of reqwest (no HTTP status) to a typed error.
 pub fn from_reqwest(provider: ProviderKind, e: &reqwest::Error, connect_timeout: Duration) -> LlmError {
-    if e.is_connect() && is_timeout(e) {
+    // reqwest's `is_timeout` walks the source chain by type (its own `TimedOut`, hyper's
+    // timeout, an `io::Error` of kind `TimedOut`, which is what the connector's timeout gives).
+    if e.is_connect() && e.is_timeout() {
         return LlmError::Timeout {
             provider,
             phase: TimeoutPhase::Connect,
@@ -239,20 +271,6 @@ pub fn from_reqwest(provider: ProviderKind, e: &reqwest::Error, connect_timeout:
         status: None,
         message: error_chain(e),
     }
-}
-
-fn is_timeout(e: &reqwest::Error) -> bool {
-    if e.is_timeout() {
-        return true;
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if s.to_string().contains("timed out") {
-            return true;
-        }
-        source = s.source();
-    }
-    false
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -322,5 +340,88 @@ mod tests {
             }
             .retryable()
         );
+    }
+
+    const P: ProviderKind = ProviderKind::Openai;
+
+    fn attempt(error: LlmError) -> Attempt {
+        Attempt {
+            provider: P,
+            model: "m".into(),
+            error,
+        }
+    }
+
+    fn timeout(phase: TimeoutPhase) -> LlmError {
+        LlmError::Timeout {
+            provider: P,
+            phase,
+            after: Duration::from_millis(300),
+        }
+    }
+
+    fn all_failed(errors: Vec<LlmError>) -> LlmError {
+        LlmError::AllFailed {
+            task: "chat".into(),
+            attempts: errors.into_iter().map(attempt).collect(),
+        }
+    }
+
+    #[test]
+    fn a_call_that_only_timed_out_answers_504_and_any_other_failure_502() {
+        let timed_out = all_failed(vec![
+            timeout(TimeoutPhase::Connect),
+            timeout(TimeoutPhase::FirstToken),
+            timeout(TimeoutPhase::Total),
+        ]);
+        let e = Error::from(timed_out);
+        assert_eq!((e.status_code().as_u16(), e.code()), (504, "upstream_timeout"));
+        assert!(e.retryable());
+        assert!(e.to_string().contains("first token timeout"), "{e}");
+
+        let one = Error::from(timeout(TimeoutPhase::FirstToken));
+        assert_eq!(
+            (one.status_code().as_u16(), one.code()),
+            (504, "upstream_timeout")
+        );
+
+        let unavailable = LlmError::Unavailable {
+            provider: P,
+            status: Some(500),
+            message: String::new(),
+        };
+        let mixed = Error::from(all_failed(vec![
+            timeout(TimeoutPhase::FirstToken),
+            unavailable.clone(),
+        ]));
+        assert_eq!(
+            (mixed.status_code().as_u16(), mixed.code()),
+            (502, "all_models_failed")
+        );
+        assert!(mixed.retryable());
+
+        let failed = Error::from(all_failed(vec![unavailable]));
+        assert_eq!(failed.status_code().as_u16(), 502);
+    }
+
+    #[test]
+    fn client_retryability_comes_from_the_attempts_types() {
+        let refused = all_failed(vec![
+            LlmError::Authentication {
+                provider: P,
+                message: "a message that says nothing of authentication".into(),
+            },
+            LlmError::QuotaExceeded {
+                provider: P,
+                message: String::new(),
+            },
+        ]);
+        assert!(!refused.transient() && !Error::from(refused).retryable());
+        let busy = all_failed(vec![LlmError::RateLimited {
+            provider: P,
+            retry_after: None,
+            message: "authentication".into(),
+        }]);
+        assert!(busy.transient() && Error::from(busy).retryable());
     }
 }

@@ -5,7 +5,7 @@
 use serde_json::Value;
 
 use super::router::Llm;
-use super::{LlmError, Message, ResponseFormat, collect};
+use super::{LlmError, Message, Params, ResponseFormat, collect};
 
 impl Llm {
     /// The reference coach service's `generate_json(prompt, system_prompt[, schema])` on a task
@@ -55,13 +55,16 @@ impl Llm {
         messages: &[Message],
         format: &ResponseFormat,
     ) -> Result<String, LlmError> {
-        let stream = self.stream_task(
-            task,
-            Some(system.to_owned()),
-            messages.to_vec(),
-            Some(format.clone()),
-        );
-        Ok(collect(stream, (self.default_provider(), "")).await?.content)
+        let routed = self
+            .route_task(
+                task,
+                &Params::default(),
+                Some(system.to_owned()),
+                messages.to_vec(),
+                Some(format.clone()),
+            )
+            .await?;
+        Ok(collect(routed).await?.content)
     }
 }
 

@@ -186,17 +186,10 @@ impl FinishReason {
     }
 }
 
-/// One event of a provider stream.
+/// One event of a provider stream. Which model serves is not an event: routing returns it next
+/// to the stream ([`Routed`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum LlmEvent {
-    /// Which provider and model serve this stream; the router sends it once, before the first
-    /// delta, after any retries and fallbacks.
-    Start {
-        /// Provider.
-        provider: ProviderKind,
-        /// Model.
-        model: String,
-    },
     /// A piece of reply text.
     Delta(String),
     /// Token counts (may come before or after `Finish`).
@@ -246,24 +239,19 @@ pub struct Completion {
     pub finish_reason: FinishReason,
 }
 
-/// Collects a stream into a [`Completion`]; a stream that ends without `Finish` is an error.
-pub async fn collect(
-    mut stream: EventStream,
-    fallback: (ProviderKind, &str),
-) -> Result<Completion, LlmError> {
+/// Collects a routed stream into a [`Completion`]; a stream that ends without `Finish` is an
+/// error.
+pub async fn collect(routed: Routed) -> Result<Completion, LlmError> {
+    let Routed {
+        provider,
+        model,
+        mut stream,
+    } = routed;
     let mut content = String::new();
-    let (mut provider, mut model) = (fallback.0, fallback.1.to_owned());
     let mut usage = None;
     let mut finish = None;
     while let Some(event) = stream.next().await {
         match event? {
-            LlmEvent::Start {
-                provider: p,
-                model: m,
-            } => {
-                provider = p;
-                model = m;
-            }
             LlmEvent::Delta(text) => content.push_str(&text),
             LlmEvent::Usage(u) => usage = Some(u),
             LlmEvent::Finish(reason) => finish = Some(reason),

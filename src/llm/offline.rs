@@ -182,7 +182,7 @@ pub fn example(schema: &Value, depth: usize) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::llm::{Message, Params, collect};
+    use crate::llm::{Message, Params, Routed, collect};
 
     fn request(text: &str, format: Option<ResponseFormat>) -> ChatRequest {
         ChatRequest {
@@ -197,18 +197,17 @@ mod tests {
     #[tokio::test]
     async fn replies_deterministically_and_says_it_is_offline() {
         let p = Offline::new(Duration::ZERO);
-        let a = collect(
-            p.stream(request("How do I scale?", None)).await.unwrap(),
-            (ProviderKind::Offline, MODEL),
-        )
-        .await
-        .unwrap();
-        let b = collect(
-            p.stream(request("How do I scale?", None)).await.unwrap(),
-            (ProviderKind::Offline, MODEL),
-        )
-        .await
-        .unwrap();
+        let routed = |stream| Routed {
+            provider: ProviderKind::Offline,
+            model: MODEL.to_owned(),
+            stream,
+        };
+        let a = collect(routed(p.stream(request("How do I scale?", None)).await.unwrap()))
+            .await
+            .unwrap();
+        let b = collect(routed(p.stream(request("How do I scale?", None)).await.unwrap()))
+            .await
+            .unwrap();
         assert_eq!(a.content, b.content);
         assert!(a.content.contains("Offline reply") && a.content.contains("How do I scale?"));
         assert_eq!(a.finish_reason, FinishReason::Stop);

@@ -69,6 +69,8 @@ struct Active {
     reply: String,
     tokens: u32,
     stream: EventStream,
+    // Set by the stream once routing chose a model (interim until the actor's phase rewrite).
+    served: Arc<std::sync::OnceLock<(String, String)>>,
     provider: Option<String>,
     model: Option<String>,
     usage: Option<Usage>,
@@ -344,6 +346,8 @@ impl Actor {
                 history.push(crate::llm::Message::assistant(reply.clone()));
             }
         }
+        let served = Arc::new(std::sync::OnceLock::new());
+        let served_by = served.clone();
         let stream: EventStream = Box::pin(async_stream::stream! {
             let scope = TurnScope { session_id: &session_id, user_id: &user_id, coach_id: &coach_id };
             let began = Instant::now();
@@ -351,9 +355,15 @@ impl Actor {
             let took = began.elapsed();
             deps.stats.prompt.record(took);
             tracing::debug!(session_id = %session_id, elapsed_us = took.as_micros() as u64, memories = prompt.memories_used, "prompt assembled");
-            let mut inner = deps.llm.stream_task("chat", Some(prompt.system), prompt.messages, None);
-            while let Some(item) = inner.next().await {
-                yield item;
+            match deps.llm.route_task("chat", &Default::default(), Some(prompt.system), prompt.messages, None).await {
+                Ok(routed) => {
+                    let _ = served_by.set((routed.provider.to_string(), routed.model));
+                    let mut inner = routed.stream;
+                    while let Some(item) = inner.next().await {
+                        yield item;
+                    }
+                }
+                Err(e) => yield Err(e),
             }
         });
         self.current = Some(Active {
@@ -363,6 +373,7 @@ impl Actor {
             reply: String::new(),
             tokens: 0,
             stream,
+            served,
             provider: None,
             model: None,
             usage: None,
@@ -374,11 +385,13 @@ impl Actor {
         let Some(turn) = self.current.as_mut() else {
             return;
         };
-        match item {
-            Some(Ok(LlmEvent::Start { provider, model })) => {
-                turn.provider = Some(provider.to_string());
-                turn.model = Some(model);
+        if turn.provider.is_none() {
+            if let Some((provider, model)) = turn.served.get() {
+                turn.provider = Some(provider.clone());
+                turn.model = Some(model.clone());
             }
+        }
+        match item {
             Some(Ok(LlmEvent::Delta(text))) => {
                 let index = turn.tokens;
                 if index == 0 {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 
-use super::check_text;
+use super::check::check_text;
 use crate::auth::ApiUser;
 use crate::config::{Settings, is_label};
 use crate::error::{Error, ErrorBody};
@@ -77,6 +77,7 @@ pub struct ClassifyIntentResponse {
         (status = 400, description = "Invalid input", body = ErrorBody),
         (status = 401, description = "Missing or invalid credentials", body = ErrorBody),
         (status = 502, description = "The model failed or gave no valid label", body = ErrorBody),
+        (status = 504, description = "Every model timed out", body = ErrorBody),
     )
 )]
 pub(super) async fn classify_intent(
@@ -173,6 +174,7 @@ pub struct ExtractEntitiesResponse {
         (status = 400, description = "Invalid input", body = ErrorBody),
         (status = 401, description = "Missing or invalid credentials", body = ErrorBody),
         (status = 502, description = "The model failed", body = ErrorBody),
+        (status = 504, description = "Every model timed out", body = ErrorBody),
     )
 )]
 pub(super) async fn extract_entities(

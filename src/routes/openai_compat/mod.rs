@@ -18,7 +18,6 @@ use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{Value, json};
 use utoipa::{OpenApi, ToSchema};
@@ -31,6 +30,7 @@ pub use request::{
 
 use crate::config::ProviderKind;
 use crate::llm::{FinishReason, LlmError, LlmEvent};
+use crate::routes::api_v1::relay::{Format, Relay};
 use crate::routes::sse_response;
 use crate::state::AppState;
 use request::ChatInput;
@@ -92,12 +92,25 @@ fn usage_json(usage: Option<crate::llm::Usage>) -> Value {
     }
 }
 
-/// Builds the chunks of one streamed completion.
+/// The chunks of one streamed completion: the role chunk, one per text, the finish chunk, with
+/// `include_usage` a usage chunk, then `[DONE]`; or an error chunk, and nothing more.
 struct Chunks {
     id: String,
     created: u64,
+    /// `provider/model` of the model that serves.
     model: String,
+    provider: ProviderKind,
     include_usage: bool,
+    usage: Option<crate::llm::Usage>,
+    finished: bool,
+    end: End,
+}
+
+/// How far the end of a streamed completion got.
+enum End {
+    Pending,
+    Usage,
+    Done,
 }
 
 impl Chunks {
@@ -131,6 +144,55 @@ impl Chunks {
     }
 }
 
+impl Format for Chunks {
+    fn start(&mut self) -> Event {
+        self.chunk(json!({"role": "assistant", "content": ""}), None)
+    }
+
+    fn event(&mut self, event: LlmEvent) -> Option<Event> {
+        match event {
+            LlmEvent::Delta(text) => Some(self.chunk(json!({"content": text}), None)),
+            LlmEvent::Usage(u) => {
+                self.usage = Some(u);
+                None
+            }
+            LlmEvent::Finish(reason) => {
+                self.finished = true;
+                Some(self.chunk(json!({}), Some(openai_finish(&reason))))
+            }
+        }
+    }
+
+    fn error(&mut self, error: LlmError) -> Event {
+        OpenAiError::from(error).sse_event()
+    }
+
+    fn end(&mut self) -> Option<Event> {
+        loop {
+            match self.end {
+                End::Pending if !self.finished => {
+                    self.end = End::Done;
+                    let e = LlmError::Incomplete {
+                        provider: self.provider,
+                    };
+                    return Some(OpenAiError::from(e).sse_event());
+                }
+                End::Pending => {
+                    self.end = End::Usage;
+                    if self.include_usage {
+                        return Some(self.usage(self.usage));
+                    }
+                }
+                End::Usage => {
+                    self.end = End::Done;
+                    return Some(Event::default().data("[DONE]"));
+                }
+                End::Done => return None,
+            }
+        }
+    }
+}
+
 /// Chat completion, OpenAI-compatible.
 #[utoipa::path(
     post, path = "/v1/chat/completions", tag = "openai",
@@ -143,6 +205,7 @@ impl Chunks {
         (status = 401, description = "Missing or invalid API key", body = OpenAiErrorBody),
         (status = 404, description = "Unknown model", body = OpenAiErrorBody),
         (status = 502, description = "Every model failed before the first token", body = OpenAiErrorBody),
+        (status = 504, description = "Every model timed out before the first token", body = OpenAiErrorBody),
     )
 )]
 async fn chat_completions(
@@ -152,14 +215,15 @@ async fn chat_completions(
 ) -> Result<Response, OpenAiError> {
     let streaming = req.stream.unwrap_or(false);
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let requested = req.model.clone();
     let input = ChatInput::validate(&state, req)?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let created = unix_now();
-    let mut upstream = input.stream(&state);
+    // Routing returns before anything is sent, so a failure of every model still gets its HTTP
+    // status (which the SDKs turn into typed exceptions).
+    let routed = input.route(&state).await?;
 
     if !streaming {
-        let c = crate::llm::collect(upstream, (state.llm.default_provider(), "")).await?;
+        let c = crate::llm::collect(routed).await?;
         let body = json!({
             "id": id,
             "object": "chat.completion",
@@ -177,56 +241,20 @@ async fn chat_completions(
         return Ok(Json(body).into_response());
     }
 
-    // Nothing is sent before the first event, so a failure of every model still gets its HTTP
-    // status (which the SDKs turn into typed exceptions).
-    let first = match upstream.next().await {
-        Some(Ok(event)) => event,
-        Some(Err(e)) => return Err(e.into()),
-        None => {
-            return Err(LlmError::Incomplete {
-                provider: state.llm.default_provider(),
-            }
-            .into());
-        }
-    };
-    let mut chunks = Chunks {
+    let format = Chunks {
         id,
         created,
-        model: requested,
+        model: format!("{}/{}", routed.provider, routed.model),
+        provider: routed.provider,
         include_usage,
+        usage: None,
+        finished: false,
+        end: End::Pending,
     };
-    let default_provider = state.llm.default_provider();
-    let events = async_stream::stream! {
-        let mut upstream = futures::stream::iter([Ok(first)]).chain(upstream);
-        let (mut usage, mut finished) = (None, false);
-        while let Some(item) = upstream.next().await {
-            match item {
-                Ok(LlmEvent::Start { provider, model }) => {
-                    chunks.model = format!("{provider}/{model}");
-                    yield Ok(chunks.chunk(json!({"role": "assistant", "content": ""}), None));
-                }
-                Ok(LlmEvent::Delta(text)) => yield Ok(chunks.chunk(json!({"content": text}), None)),
-                Ok(LlmEvent::Usage(u)) => usage = Some(u),
-                Ok(LlmEvent::Finish(reason)) => {
-                    finished = true;
-                    yield Ok(chunks.chunk(json!({}), Some(openai_finish(&reason))));
-                }
-                Err(e) => {
-                    yield Ok(OpenAiError::from(e).sse_event());
-                    return;
-                }
-            }
-        }
-        if !finished {
-            yield Ok(OpenAiError::from(LlmError::Incomplete { provider: default_provider }).sse_event());
-            return;
-        }
-        if chunks.include_usage {
-            yield Ok(chunks.usage(usage));
-        }
-        yield Ok(Event::default().data("[DONE]"));
-    };
-    Ok(sse_response(events, state.settings.sse_keep_alive))
+    Ok(sse_response(
+        Relay::new(routed.stream, format),
+        state.settings.sse_keep_alive,
+    ))
 }
 
 /// One entry of `GET /v1/models`.

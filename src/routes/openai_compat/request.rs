@@ -7,7 +7,7 @@ use utoipa::ToSchema;
 
 use super::OpenAiError;
 use crate::config::ProviderKind;
-use crate::llm::{EventStream, Message, ModelRef, Params, ResponseFormat};
+use crate::llm::{LlmError, Message, ModelRef, Params, ResponseFormat, Routed};
 use crate::routes::api_v1::{check_messages, check_params};
 use crate::state::AppState;
 
@@ -265,18 +265,21 @@ impl ChatInput {
         })
     }
 
-    pub(super) fn stream(self, state: &AppState) -> EventStream {
+    /// Routes the request: through a task's models, or to the one provider model it names.
+    pub(super) async fn route(self, state: &AppState) -> Result<Routed, LlmError> {
         match self.target {
             Target::Task(task) => {
                 state
                     .llm
-                    .stream_task_with(&task, &self.params, None, self.messages, self.response_format)
+                    .route_task(&task, &self.params, None, self.messages, self.response_format)
+                    .await
             }
             Target::Model(mut model) => {
                 model.params = self.params;
                 state
                     .llm
-                    .stream_model(model, None, self.messages, self.response_format)
+                    .route_model(model, None, self.messages, self.response_format)
+                    .await
             }
         }
     }

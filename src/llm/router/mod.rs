@@ -1,0 +1,198 @@
+//! The LLM gateway [`Llm`]: the configured providers, the task table, timeouts and retry policy,
+//! and the calls built on routing. A call retries one model with back-off and falls back to the
+//! next only before the first token; when every model fails, one error lists each attempt.
+//!
+//! `route.rs` holds the routing function, `tasks.rs` the task table and the tasks file.
+
+mod route;
+mod tasks;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use route::{RetryPolicy, Routed};
+pub use tasks::{BUILTIN_TASKS, ModelRef, TaskSpec, default_tasks, load_tasks_file, parse_tasks};
+
+use super::offline::Offline;
+use super::{Completion, LlmError, Message, Params, Provider, anthropic, collect, groq, openai, openrouter};
+use crate::config::{LlmTimeouts, ProviderKind, Settings};
+
+/// The LLM gateway: configured providers, the task table, timeouts and retry policy.
+#[derive(Debug, Clone)]
+pub struct Llm {
+    providers: HashMap<ProviderKind, Arc<dyn Provider>>,
+    tasks: BTreeMap<String, TaskSpec>,
+    default_provider: ProviderKind,
+    timeouts: LlmTimeouts,
+    retry: RetryPolicy,
+}
+
+impl Llm {
+    /// A gateway over the given providers and tasks.
+    pub fn new(
+        providers: Vec<Arc<dyn Provider>>,
+        tasks: Vec<TaskSpec>,
+        default_provider: ProviderKind,
+        timeouts: LlmTimeouts,
+        retry: RetryPolicy,
+    ) -> Self {
+        Llm {
+            providers: providers.into_iter().map(|p| (p.kind(), p)).collect(),
+            tasks: tasks.into_iter().map(|t| (t.name.clone(), t)).collect(),
+            default_provider,
+            timeouts,
+            retry,
+        }
+    }
+
+    /// Builds every provider that has a key (plus the offline one), the default task table, and
+    /// the tasks of `COACHD_LLM_TASKS_FILE`. LLM_PROVIDER without a key falls back to offline.
+    pub fn from_settings(s: &Settings) -> Result<Self, String> {
+        let t = s.llm_timeouts;
+        let client = reqwest::Client::builder()
+            // Nagle would hold small upstream writes; the first token should not wait 40 ms.
+            .tcp_nodelay(true)
+            .connect_timeout(t.connect)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .user_agent(concat!("coachd/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let mut providers: Vec<Arc<dyn Provider>> = vec![Arc::new(Offline::new(s.offline_token_delay))];
+        if let Some(key) = &s.openai.api_key {
+            providers.push(Arc::new(openai::OpenAiCompatible::new(
+                ProviderKind::Openai,
+                client.clone(),
+                &s.openai,
+                key.clone(),
+                Default::default(),
+                true,
+                t.connect,
+            )));
+        }
+        if let Some(key) = &s.groq.api_key {
+            providers.push(Arc::new(groq::provider(
+                client.clone(),
+                &s.groq,
+                key.clone(),
+                t.connect,
+            )));
+        }
+        if let Some(key) = &s.anthropic.api_key {
+            providers.push(Arc::new(anthropic::Anthropic::new(
+                client.clone(),
+                &s.anthropic,
+                key.clone(),
+                t.connect,
+            )));
+        }
+        if let Some(key) = &s.openrouter.api_key {
+            providers.push(Arc::new(openrouter::provider(
+                client.clone(),
+                &s.openrouter,
+                key.clone(),
+                s.openrouter_referer.as_deref(),
+                &s.openrouter_title,
+                t.connect,
+            )));
+        }
+        let configured: Vec<ProviderKind> = providers.iter().map(|p| p.kind()).collect();
+        let default_provider = if configured.contains(&s.llm_provider) {
+            s.llm_provider
+        } else {
+            ProviderKind::Offline
+        };
+        let model_of = |kind: ProviderKind| -> String {
+            providers
+                .iter()
+                .find(|p| p.kind() == kind)
+                .map(|p| p.default_model().to_owned())
+                .unwrap_or_default()
+        };
+        let mut tasks = default_tasks(default_provider, &configured, model_of);
+        if let Some(path) = &s.llm_tasks_file {
+            for task in load_tasks_file(path)? {
+                tasks.retain(|t| t.name != task.name);
+                tasks.push(task);
+            }
+        }
+        for task in &tasks {
+            for m in std::iter::once(&task.primary).chain(&task.fallbacks) {
+                if !configured.contains(&m.provider) {
+                    return Err(format!(
+                        "task {:?} uses provider {} which has no API key configured",
+                        task.name, m.provider
+                    ));
+                }
+            }
+        }
+        let retry = RetryPolicy {
+            max_retries: s.llm_max_retries,
+            base: s.llm_retry_base,
+            max_wait: s.llm_max_retry_wait,
+        };
+        Ok(Llm::new(providers, tasks, default_provider, t, retry))
+    }
+
+    /// The provider requests without a task go to.
+    pub fn default_provider(&self) -> ProviderKind {
+        self.default_provider
+    }
+
+    /// A configured provider.
+    pub fn provider(&self, kind: ProviderKind) -> Option<&Arc<dyn Provider>> {
+        self.providers.get(&kind)
+    }
+
+    /// Every task, by name.
+    pub fn tasks(&self) -> impl Iterator<Item = &TaskSpec> {
+        self.tasks.values()
+    }
+
+    /// One task.
+    pub fn task(&self, name: &str) -> Option<&TaskSpec> {
+        self.tasks.get(name)
+    }
+
+    /// Checks the default provider (lists models; generates nothing).
+    pub async fn check_default(&self) -> Result<(), LlmError> {
+        match self.providers.get(&self.default_provider) {
+            Some(p) => p.check().await,
+            None => Err(LlmError::NotConfigured {
+                provider: self.default_provider,
+            }),
+        }
+    }
+
+    /// The reference coach service's `generate(prompt, system_prompt, history)`, on task `chat`.
+    pub async fn generate(
+        &self,
+        prompt: &str,
+        system_prompt: Option<&str>,
+        history: &[Message],
+    ) -> Result<Completion, LlmError> {
+        self.generate_task("chat", prompt, system_prompt, history).await
+    }
+
+    /// `generate` on a named task.
+    pub async fn generate_task(
+        &self,
+        task: &str,
+        prompt: &str,
+        system_prompt: Option<&str>,
+        history: &[Message],
+    ) -> Result<Completion, LlmError> {
+        let mut messages = history.to_vec();
+        messages.push(Message::user(prompt));
+        let routed = self
+            .route_task(
+                task,
+                &Params::default(),
+                system_prompt.map(str::to_owned),
+                messages,
+                None,
+            )
+            .await?;
+        collect(routed).await
+    }
+}

@@ -1,0 +1,94 @@
+//! Relays a routed provider stream as server-sent events, for the two stateless streaming routes
+//! (`/api/v1/llm/stream` and `/v1/chat/completions`): one small state machine polled once per
+//! provider event, each route bringing its wire format as a [`Format`].
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use axum::response::sse::Event;
+use futures::{Stream, StreamExt};
+
+use crate::llm::{EventStream, LlmError, LlmEvent};
+
+/// A route's wire format for a relayed stream.
+pub(crate) trait Format: Unpin {
+    /// The first event, sent before any provider event (it names the model that serves).
+    fn start(&mut self) -> Event;
+    /// The event for one provider event, or `None` for one only the end reports (usage, finish).
+    fn event(&mut self, event: LlmEvent) -> Option<Event>;
+    /// The last event after an upstream failure (the HTTP status was sent already).
+    fn error(&mut self, error: LlmError) -> Event;
+    /// The events after the upstream ended, one per call, until `None`.
+    fn end(&mut self) -> Option<Event>;
+}
+
+enum Phase {
+    Start,
+    Relaying,
+    Ending,
+    Done,
+}
+
+/// The SSE events of a routed stream in format `F`: `start`, one event per provider event that
+/// has one, then `end` (or `error` after a failure, and nothing more).
+pub(crate) struct Relay<F> {
+    upstream: Option<EventStream>,
+    format: F,
+    phase: Phase,
+}
+
+impl<F: Format> Relay<F> {
+    /// Relays `upstream` (a routed stream, already past its first token) in `format`.
+    pub(crate) fn new(upstream: EventStream, format: F) -> Self {
+        Relay {
+            upstream: Some(upstream),
+            format,
+            phase: Phase::Start,
+        }
+    }
+}
+
+impl<F: Format> Stream for Relay<F> {
+    type Item = Result<Event, Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            match this.phase {
+                Phase::Start => {
+                    this.phase = Phase::Relaying;
+                    return Poll::Ready(Some(Ok(this.format.start())));
+                }
+                Phase::Relaying => {
+                    let Some(upstream) = this.upstream.as_mut() else {
+                        this.phase = Phase::Ending;
+                        continue;
+                    };
+                    match ready!(upstream.poll_next_unpin(cx)) {
+                        Some(Ok(event)) => {
+                            if let Some(out) = this.format.event(event) {
+                                return Poll::Ready(Some(Ok(out)));
+                            }
+                        }
+                        Some(Err(error)) => {
+                            // Dropping the upstream at once releases its connection.
+                            this.upstream = None;
+                            this.phase = Phase::Done;
+                            return Poll::Ready(Some(Ok(this.format.error(error))));
+                        }
+                        None => {
+                            this.upstream = None;
+                            this.phase = Phase::Ending;
+                        }
+                    }
+                }
+                Phase::Ending => match this.format.end() {
+                    Some(out) => return Poll::Ready(Some(Ok(out))),
+                    None => this.phase = Phase::Done,
+                },
+                Phase::Done => return Poll::Ready(None),
+            }
+        }
+    }
+}
