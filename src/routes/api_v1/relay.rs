@@ -92,3 +92,70 @@ impl<F: Format> Stream for Relay<F> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ProviderKind;
+    use crate::llm::FinishReason;
+
+    /// Names each event it formats, so the test reads the relayed order.
+    struct Names {
+        ends: Vec<&'static str>,
+    }
+
+    impl Format for Names {
+        fn start(&mut self) -> Event {
+            Event::default().data("start")
+        }
+        fn event(&mut self, event: LlmEvent) -> Option<Event> {
+            match event {
+                LlmEvent::Delta(text) => Some(Event::default().data(text)),
+                LlmEvent::Usage(_) | LlmEvent::Finish(_) => None,
+            }
+        }
+        fn error(&mut self, _: LlmError) -> Event {
+            Event::default().data("error")
+        }
+        fn end(&mut self) -> Option<Event> {
+            self.ends.pop().map(|name| Event::default().data(name))
+        }
+    }
+
+    /// The `data:` of every event the relay sends, rendered as axum writes them.
+    async fn relayed(items: Vec<Result<LlmEvent, LlmError>>, ends: Vec<&'static str>) -> Vec<String> {
+        use axum::response::IntoResponse;
+        let relay = Relay::new(Box::pin(futures::stream::iter(items)), Names { ends });
+        let body = axum::response::sse::Sse::new(relay).into_response().into_body();
+        let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        String::from_utf8(bytes.to_vec())
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: ").map(str::to_owned))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn relays_start_each_text_then_every_end_event() {
+        let items = vec![
+            Ok(LlmEvent::Delta("a".into())),
+            Ok(LlmEvent::Finish(FinishReason::Stop)),
+            Ok(LlmEvent::Delta("b".into())),
+        ];
+        let got = relayed(items, vec!["[DONE]", "done"]).await;
+        assert_eq!(got, ["start", "a", "b", "done", "[DONE]"]);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_error_is_the_last_event() {
+        let items = vec![
+            Ok(LlmEvent::Delta("a".into())),
+            Err(LlmError::Incomplete {
+                provider: ProviderKind::Openai,
+            }),
+            Ok(LlmEvent::Delta("never".into())),
+        ];
+        let got = relayed(items, vec!["done"]).await;
+        assert_eq!(got, ["start", "a", "error"]);
+    }
+}
