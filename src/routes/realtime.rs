@@ -17,6 +17,7 @@ use crate::auth::Caller;
 use crate::error::Error;
 #[allow(unused_imports, reason = "named by the OpenAPI annotations")]
 use crate::error::ErrorBody;
+use crate::session::event::TransportKind;
 use crate::session::manager::Gauge;
 use crate::session::{SessionHandle, TurnMode};
 use crate::state::AppState;
@@ -93,16 +94,12 @@ async fn create(
     check_id("user_id", &body.user_id)?;
     check_id("coach_id", &body.coach_id)?;
     caller.authorize_user(&body.user_id)?;
-    let transport = match body.transport.as_deref().unwrap_or("http") {
-        "http" => "http",
-        "sse" => "sse",
-        "websocket" | "ws" => "websocket",
-        other => {
-            return Err(Error::bad_request(
-                "invalid_field",
-                format!("transport must be http, sse or websocket, not {other:?}"),
-            ));
-        }
+    let name = body.transport.as_deref().unwrap_or("http");
+    let Some(transport) = TransportKind::parse(name) else {
+        return Err(Error::bad_request(
+            "invalid_field",
+            format!("transport must be http, sse or websocket, not {name:?}"),
+        ));
     };
     let session = state.sessions.create(&body.user_id, &body.coach_id, transport)?;
     let (token, expires) = state.session_tokens.issue(&session.id, &session.user_id);

@@ -15,20 +15,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
-use crate::session::event::{EventBody, Published, SessionState};
+pub use crate::session::event::TransportKind;
+use crate::session::event::{ErrorCause, EventBody, Published, SessionState, SessionStatus};
 use crate::session::log::Subscription;
 use crate::session::{ClientFrame, SessionHandle, Stats};
-
-/// Which transport a connection uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TransportKind {
-    /// A JSON reply per turn.
-    Http,
-    /// Server-sent events.
-    Sse,
-    /// WebSocket.
-    WebSocket,
-}
 
 /// Why a connection ends (WebSocket close codes are documented in `proto/README.md`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,15 +106,7 @@ fn per_connection(session: &SessionHandle, body: EventBody) -> Published {
 }
 
 fn error_event(session: &SessionHandle, e: &Error) -> Published {
-    per_connection(
-        session,
-        EventBody::Error {
-            code: e.code().to_owned(),
-            message: e.to_string(),
-            retryable: e.retryable(),
-            turn_number: None,
-        },
-    )
+    per_connection(session, EventBody::error(ErrorCause::Request(e), None))
 }
 
 /// Sends the replay of a subscription (or a resync when the client is too far behind).
@@ -137,7 +119,11 @@ async fn send_backlog<T: Transport>(
         let (last_seq, oldest_seq) = session.log.bounds();
         let info = session.info().await.ok();
         let state = SessionState {
-            status: if info.is_some() { "active" } else { "ended" }.to_owned(),
+            status: if info.is_some() {
+                SessionStatus::Active
+            } else {
+                SessionStatus::Ended
+            },
             turn_count: info.as_ref().map_or(0, |i| i.turn_count),
             current_turn: None,
             oldest_seq,
