@@ -22,7 +22,7 @@ use crate::session::manager::Gauge;
 use crate::session::{SessionHandle, TurnMode};
 use crate::state::AppState;
 use crate::transport::http::HttpTurn;
-use crate::transport::sse::SseTransport;
+use crate::transport::sse::{self, SseOptions};
 use crate::transport::ws::WsTransport;
 use crate::transport::{DriveOptions, drive};
 
@@ -183,23 +183,22 @@ struct TurnBody {
     client_id: Option<String>,
 }
 
-/// An SSE response driven by its own tracked task (counted in `sse_connections`); with
-/// `until_turn_end`, the stream ends after that turn's `turn_end`.
+/// An SSE response pulled from the subscription (counted in `sse_connections` while the body
+/// lives); with `until_turn_end`, the stream ends after that turn's `turn_end`.
 fn attach_sse(
     state: &AppState,
     session: SessionHandle,
     sub: crate::session::log::Subscription,
     until_turn_end: Option<u32>,
 ) -> Response {
-    let rt = &state.settings.realtime;
-    let (mut transport, response) = SseTransport::new(rt.client_queue, rt.send_timeout, until_turn_end);
     let gauge = Gauge::enter(state.sessions.stats(), |s| &s.sse_connections);
-    let opts = drive_options(state, rt.sse_heartbeat);
-    state.tasks.spawn(async move {
-        let _gauge = gauge;
-        drive(session, sub, &mut transport, opts).await;
-    });
-    response
+    let opts = SseOptions {
+        heartbeat: state.settings.realtime.sse_heartbeat,
+        shutdown: state.shutdown.clone(),
+        stats: state.sessions.stats().clone(),
+        until_turn_end,
+    };
+    sse::response(session, sub, opts, gauge)
 }
 
 fn drive_options(state: &AppState, heartbeat: std::time::Duration) -> DriveOptions {
@@ -226,6 +225,7 @@ fn drive_options(state: &AppState, heartbeat: std::time::Duration) -> DriveOptio
         (status = 410, description = "The session has ended", body = ErrorBody),
         (status = 429, description = "Too many messages queued", body = ErrorBody),
         (status = 502, description = "Every model failed before any text", body = ErrorBody),
+        (status = 504, description = "The model timed out before any text", body = ErrorBody),
     )
 )]
 async fn turn(
@@ -283,36 +283,7 @@ pub(crate) async fn run_turn(
         drive_options(state, rt.sse_heartbeat),
     )
     .await;
-    let Some(end) = collector.turn_end else {
-        return Err(Error::Unavailable(
-            "the session ended before the turn finished".to_owned(),
-        ));
-    };
-    let reply = end["reply_text"].as_str().unwrap_or_default();
-    if let (Some(err), true) = (&collector.error, reply.is_empty()) {
-        let code = err["code"].as_str().unwrap_or("upstream_error").to_owned();
-        let message = err["message"].as_str().unwrap_or("the turn failed").to_owned();
-        return Err(Error::TurnFailed {
-            code,
-            message,
-            retryable: err["retryable"].as_bool().unwrap_or(false),
-        });
-    }
-    let mut out = json!({
-        "session_id": id,
-        "turn_number": number,
-        "reply_text": end["reply_text"],
-        "actions": end["actions"],
-        "usage": end["usage"],
-        "finish_reason": end["finish_reason"],
-        "interrupted": end["interrupted"],
-        "provider": end["provider"],
-        "model": end["model"],
-    });
-    if let Some(err) = collector.error {
-        out["error"] = json!({"code": err["code"], "message": err["message"]});
-    }
-    Ok(Json(out).into_response())
+    Ok(Json(collector.into_reply(&id)?).into_response())
 }
 
 #[utoipa::path(

@@ -2,6 +2,8 @@
 //! frames a client sends, and events the server emits. Every server event carries `session_id`
 //! and `seq`; events are serialised once, when published, and shared by every transport.
 
+use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::coach::notes::Notes;
@@ -455,45 +457,71 @@ pub struct ServerEvent {
     pub body: EventBody,
 }
 
-/// A published event: serialised once, shared by every transport and the replay log.
+/// A published event: its typed body, and its bytes serialised once at publish into one shared
+/// buffer. Every connection and the replay log hold an `Arc` of it; a WebSocket frame or an SSE
+/// frame is a refcounted clone of those bytes, never a copy or a fresh encoding.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Published {
     /// Its seq.
     pub seq: u64,
-    /// Its type name.
-    pub kind: &'static str,
-    /// For turn-scoped events, the turn.
-    pub turn_number: Option<u32>,
-    /// The JSON text.
-    pub json: String,
+    /// What it says.
+    pub body: EventBody,
+    /// The SSE frame: `id: {seq}`, `event: {type}`, `data: {json}` and the blank line.
+    pub sse: Bytes,
+    /// The JSON text (a slice of the same buffer), as a WebSocket text frame sends it.
+    pub json: Utf8Bytes,
 }
 
 impl Published {
     /// Serialises an event.
     pub fn new(session_id: &str, seq: u64, body: EventBody) -> Self {
-        let kind = body.kind();
-        let turn_number = match &body {
-            EventBody::TurnStart { turn_number, .. }
-            | EventBody::Token { turn_number, .. }
-            | EventBody::TurnEnd { turn_number, .. } => Some(*turn_number),
-            EventBody::Error(e) => e.turn_number,
-            _ => None,
-        };
         let event = ServerEvent {
             session_id: session_id.to_owned(),
             seq,
             body,
         };
+        let kind = event.body.kind();
+        let mut buf = format!("id: {seq}\nevent: {kind}\ndata: ").into_bytes();
+        let start = buf.len();
         // Serialising these plain structs cannot fail; fall back to an error frame regardless.
-        let json = serde_json::to_string(&event).unwrap_or_else(|_| {
-            format!(r#"{{"type":"error","session_id":"{session_id}","seq":{seq},"code":"internal","message":"unserialisable event","retryable":false}}"#)
-        });
+        // serde_json writes no raw newline (they are escaped in strings), so `data:` is one line.
+        if serde_json::to_writer(&mut buf, &event).is_err() {
+            buf.truncate(start);
+            buf.extend_from_slice(format!(r#"{{"type":"error","session_id":"{session_id}","seq":{seq},"code":"internal","message":"unserialisable event","retryable":false}}"#).as_bytes());
+        }
+        let end = buf.len();
+        buf.extend_from_slice(b"\n\n");
+        let sse = Bytes::from(buf);
+        // Valid UTF-8: it is a String's bytes followed by JSON, checked once here.
+        let json =
+            Utf8Bytes::try_from(sse.slice(start..end)).unwrap_or_else(|_| Utf8Bytes::from_static("{}"));
         Published {
             seq,
-            kind,
-            turn_number,
+            body: event.body,
+            sse,
             json,
         }
+    }
+
+    /// Its type name.
+    pub fn kind(&self) -> &'static str {
+        self.body.kind()
+    }
+
+    /// For turn-scoped events, the turn.
+    pub fn turn_number(&self) -> Option<u32> {
+        match &self.body {
+            EventBody::TurnStart { turn_number, .. }
+            | EventBody::Token { turn_number, .. }
+            | EventBody::TurnEnd { turn_number, .. } => Some(*turn_number),
+            EventBody::Error(e) => e.turn_number,
+            _ => None,
+        }
+    }
+
+    /// Whether this is turn `turn`'s `turn_end`.
+    pub fn ends_turn(&self, turn: u32) -> bool {
+        matches!(&self.body, EventBody::TurnEnd { turn_number, .. } if *turn_number == turn)
     }
 }
 
@@ -554,11 +582,13 @@ mod tests {
                 index: 0,
             },
         );
-        let v: serde_json::Value = serde_json::from_str(&p.json).unwrap();
+        let v: serde_json::Value = serde_json::from_str(p.json.as_str()).unwrap();
         assert_eq!(v["type"], "token");
         assert_eq!(v["session_id"], "s1");
         assert_eq!(v["seq"], 3);
-        assert_eq!(p.turn_number, Some(1));
+        assert_eq!(p.turn_number(), Some(1));
+        let frame = format!("id: 3\nevent: token\ndata: {}\n\n", p.json.as_str());
+        assert_eq!(p.sse, frame.as_bytes());
     }
 
     #[test]
