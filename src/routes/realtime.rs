@@ -436,6 +436,10 @@ async fn websocket(
     let after = after_seq(&query, &headers)?;
     let opts = drive_options(&state, rt.ws_ping);
     let stats = state.sessions.stats().clone();
+    // axum runs the upgraded connection on a task of its own; this token counts it on the
+    // shutdown tracker from the upgrade on, so shutdown waits until it has delivered the
+    // session's last events and closed with 1001.
+    let tracked = state.tasks.token();
     let response = upgrade
         .max_message_size(rt.ws_max_message_bytes)
         .max_frame_size(rt.ws_max_message_bytes)
@@ -444,6 +448,7 @@ async fn websocket(
         .read_buffer_size(rt.ws_read_buffer_bytes)
         .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
+            let _tracked = tracked;
             let _gauge = Gauge::enter(&stats, |s| &s.ws_connections);
             let mut transport = WsTransport::new(socket, rt.send_timeout, rt.ws_pong_timeout);
             // The first event of a connection is the session's state, then the replay (if asked).
