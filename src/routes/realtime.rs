@@ -4,7 +4,7 @@
 //! session task and the transport drive loop do the work.
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 
-use super::{JsonBody, wants_sse};
+use super::{JsonBody, QueryParams, wants_sse};
 use crate::auth::Caller;
 use crate::error::Error;
 #[allow(unused_imports, reason = "named by the OpenAPI annotations")]
@@ -331,10 +331,17 @@ async fn end(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    body: Option<Json<EndBody>>,
+    request: Request,
 ) -> Result<Json<Value>, Error> {
+    // The body is optional: a request without a Content-Type has none, any other is read as
+    // JSON with the crate's rejections.
+    let body = if request.headers().contains_key(axum::http::header::CONTENT_TYPE) {
+        JsonBody::<EndBody>::from_request(request, &state).await?.0
+    } else {
+        EndBody::default()
+    };
     let session = live(&state, &caller, &id)?;
-    let generate_notes = body.map(|Json(b)| b.generate_notes).unwrap_or(false);
+    let generate_notes = body.generate_notes;
     let outcome = session.end(generate_notes).await?;
     state.sessions.note_ended();
     Ok(Json(json!({
@@ -400,7 +407,7 @@ fn after_seq(query: &AttachQuery, headers: &HeaderMap) -> Result<Option<u64>, Er
 async fn events(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Query(query): Query<AttachQuery>,
+    QueryParams(query): QueryParams<AttachQuery>,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     // The session token is the credential here: browsers cannot send headers on these routes.
@@ -425,7 +432,7 @@ async fn events(
 async fn websocket(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Query(query): Query<AttachQuery>,
+    QueryParams(query): QueryParams<AttachQuery>,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, Error> {
