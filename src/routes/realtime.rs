@@ -17,7 +17,7 @@ use crate::auth::Caller;
 use crate::error::Error;
 #[allow(unused_imports, reason = "named by the OpenAPI annotations")]
 use crate::error::ErrorBody;
-use crate::session::event::TransportKind;
+use crate::session::event::{SessionStatus, TransportKind};
 use crate::session::manager::Gauge;
 use crate::session::{SessionHandle, TurnMode};
 use crate::state::AppState;
@@ -110,7 +110,7 @@ async fn create(
         "user_id": session.user_id,
         "coach_id": session.coach_id,
         "transport": transport,
-        "status": "active",
+        "status": SessionStatus::Active,
         "persona": {"id": persona.id, "name": persona.name, "domain": persona.domain},
         "token": token,
         "token_expires_at": expires,
@@ -346,7 +346,7 @@ async fn end(
     state.sessions.note_ended();
     Ok(Json(json!({
         "session_id": outcome.session_id,
-        "status": "ended",
+        "status": SessionStatus::Ended,
         "turn_count": outcome.turn_count,
         "notes": outcome.notes,
         "notes_id": outcome.notes_id,
