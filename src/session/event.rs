@@ -632,7 +632,7 @@ mod tests {
         let EventBody::Error(e) = &body else {
             panic!("an error event")
         };
-        assert_eq!((e.code.as_str(), e.turn_number), ("timeout", Some(2)));
+        assert_eq!((e.code.as_str(), e.turn_number), ("upstream_timeout", Some(2)));
         assert_eq!(e.to_error().unwrap().status_code().as_u16(), 504);
         let json = serde_json::to_value(&body).unwrap();
         assert_eq!(

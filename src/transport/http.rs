@@ -176,7 +176,10 @@ mod tests {
         ])
         .await;
         let err = turn.into_reply("s").unwrap_err();
-        assert_eq!((err.status_code().as_u16(), err.code()), (504, "timeout"));
+        assert_eq!(
+            (err.status_code().as_u16(), err.code()),
+            (504, "upstream_timeout")
+        );
     }
 
     #[tokio::test]
@@ -188,7 +191,7 @@ mod tests {
         .await;
         let reply = turn.into_reply("s").unwrap();
         assert_eq!(reply.reply_text, "Half a");
-        assert_eq!(reply.error.unwrap().code, "timeout");
+        assert_eq!(reply.error.unwrap().code, "upstream_timeout");
         assert_eq!(reply.finish_reason, FinishReason::Error);
     }
 
