@@ -4,9 +4,22 @@
 //! with back-off; on shutdown the queues are drained before the process exits.
 //!
 //! Records are sharded by session over the workers, so one session's turns are written in order.
+//! Each store is attempted on its own (at once, each with its own retries): a store that stays down
+//! costs only its own copy of the turn, which is then counted per store and logged.
+//!
+//! When a queue is full, nothing waits and nothing is lost: the session's [`SessionWriter`] keeps
+//! the record in a backlog of its own (in order, counted in `queue_full_waits` and `backlog`) and
+//! the session task hands it over as soon as the queue has room, between its other work. When the
+//! session ends, its backlog is handed over before the task finishes, so the ordered shutdown
+//! (sessions end, then write-behind drains) still stores it. Only a record refused by a queue that
+//! has already stopped (after the shutdown grace period) is lost, and that is counted in `failed`
+//! and logged with its session and turn.
 
+use std::collections::VecDeque;
 use std::collections::hash_map::DefaultHasher;
+use std::future::Future;
 use std::hash::{Hash, Hasher};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -82,16 +95,32 @@ pub struct WriteBehindConfig {
 /// Counters shown in `/realtime/stats`.
 #[derive(Debug, Default, Serialize)]
 pub struct WriteStats {
-    /// Records queued.
+    /// Records handed to write-behind (queued, or waiting in a session's backlog).
     pub enqueued: AtomicU64,
-    /// Records written completely.
+    /// Records written to every store.
     pub written: AtomicU64,
     /// Individual store attempts that failed and were retried.
     pub retries: AtomicU64,
-    /// Records given up after every attempt failed.
+    /// Records given up for at least one store after its attempts failed (see `given_up`), or
+    /// refused by a stopped queue.
     pub failed: AtomicU64,
-    /// Times a producer found its queue full and had to wait.
+    /// Records given up, per store.
+    pub given_up: StoreCounts,
+    /// Records that found their queue full and waited in their session's backlog.
     pub queue_full_waits: AtomicU64,
+    /// Records waiting in session backlogs now.
+    pub backlog: AtomicU64,
+}
+
+/// One counter per store a turn is written to.
+#[derive(Debug, Default, Serialize)]
+pub struct StoreCounts {
+    /// The session's context list (ContextCache).
+    pub session_context: AtomicU64,
+    /// The user–coach context list (ContextCache).
+    pub user_coach_context: AtomicU64,
+    /// Long-term memory (MemoryStore).
+    pub memory: AtomicU64,
 }
 
 /// The producer side: cheap to clone.
@@ -133,29 +162,29 @@ impl WriteBehind {
         }
     }
 
-    /// Queues a record. Never drops it: when the queue is full this waits for room (the caller is
-    /// a session task between turns, never the token path).
-    pub async fn enqueue(&self, record: TurnRecord) {
+    fn queue_of(&self, session_id: &str) -> Option<&mpsc::Sender<TurnRecord>> {
         let mut h = DefaultHasher::new();
-        record.session_id.hash(&mut h);
-        let Some(queue) = self.queues.get((h.finish() as usize) % self.queues.len().max(1)) else {
-            return;
-        };
-        self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
-        match queue.try_send(record) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(record)) => {
-                self.stats.queue_full_waits.fetch_add(1, Ordering::Relaxed);
-                if queue.send(record).await.is_err() {
-                    tracing::error!("write-behind queue closed: a turn was not stored");
-                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Err(mpsc::error::TrySendError::Closed(record)) => {
-                tracing::error!(session_id = %record.session_id, turn = record.turn_number, "write-behind stopped: turn not stored");
-                self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            }
+        session_id.hash(&mut h);
+        self.queues.get((h.finish() as usize) % self.queues.len().max(1))
+    }
+
+    /// The producer of one session: hands its records over without waiting (see the module
+    /// header for what happens when the queue is full).
+    pub fn session_writer(&self, session_id: &str) -> SessionWriter {
+        SessionWriter {
+            queue: self.queue_of(session_id).cloned(),
+            stats: self.stats.clone(),
+            backlog: VecDeque::new(),
+            room: None,
         }
+    }
+
+    /// Queues a record, waiting for room when the queue is full. For callers off every session's
+    /// command path; a session task uses its [`SessionWriter`].
+    pub async fn enqueue(&self, record: TurnRecord) {
+        let mut writer = self.session_writer(&record.session_id);
+        writer.push(record);
+        writer.flush().await;
     }
 
     /// Records waiting in the queues.
@@ -174,6 +203,107 @@ impl WriteBehind {
     /// Total capacity of the queues.
     pub fn capacity(&self) -> usize {
         self.capacity * self.queues.len()
+    }
+}
+
+/// Waits for room in a queue; boxed so that it lives across the session task's loop turns (a
+/// fresh one per turn would queue and unqueue a waiter every time).
+type Room =
+    Pin<Box<dyn Future<Output = Result<mpsc::OwnedPermit<TurnRecord>, mpsc::error::SendError<()>>> + Send>>;
+
+/// One session's producer: hands records to the session's queue without ever waiting; what does
+/// not fit waits here, in order, until [`SessionWriter::hand_over`] finds room.
+pub struct SessionWriter {
+    queue: Option<mpsc::Sender<TurnRecord>>,
+    stats: Arc<WriteStats>,
+    backlog: VecDeque<TurnRecord>,
+    room: Option<Room>,
+}
+
+impl std::fmt::Debug for SessionWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionWriter")
+            .field("backlog", &self.backlog.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionWriter {
+    /// Hands `record` over, or keeps it in the backlog when the queue is full (or older records
+    /// still wait, so the session's turns stay in order). Never waits.
+    pub fn push(&mut self, record: TurnRecord) {
+        self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
+        if !self.backlog.is_empty() {
+            self.keep(record);
+            return;
+        }
+        let Some(queue) = &self.queue else {
+            return self.refused(&record);
+        };
+        match queue.try_send(record) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(record)) => {
+                self.stats.queue_full_waits.fetch_add(1, Ordering::Relaxed);
+                self.keep(record);
+            }
+            Err(mpsc::error::TrySendError::Closed(record)) => self.refused(&record),
+        }
+    }
+
+    fn keep(&mut self, record: TurnRecord) {
+        self.stats.backlog.fetch_add(1, Ordering::Relaxed);
+        self.backlog.push_back(record);
+    }
+
+    fn refused(&self, record: &TurnRecord) {
+        tracing::error!(session_id = %record.session_id, turn = record.turn_number, "write-behind stopped: turn not stored");
+        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether records wait for room.
+    pub fn has_backlog(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
+    /// Waits for room and hands the oldest waiting record over; pending forever with no backlog.
+    /// Cancel-safe: dropped before it finishes, it keeps its place in the queue's line.
+    pub async fn hand_over(&mut self) {
+        if self.backlog.is_empty() {
+            return std::future::pending().await;
+        }
+        let Some(queue) = &self.queue else {
+            return std::future::pending().await;
+        };
+        let room = self
+            .room
+            .get_or_insert_with(|| Box::pin(queue.clone().reserve_owned()));
+        let permit = room.await;
+        self.room = None;
+        let Some(record) = self.backlog.pop_front() else {
+            return;
+        };
+        self.stats.backlog.fetch_sub(1, Ordering::Relaxed);
+        match permit {
+            Ok(permit) => {
+                permit.send(record);
+            }
+            Err(_) => self.refused(&record),
+        }
+    }
+
+    /// Hands every waiting record over, waiting for room as long as it takes: for the end of a
+    /// session, which shutdown waits for before it stops the workers.
+    pub async fn flush(mut self) {
+        while self.has_backlog() {
+            if self.queue.is_none() {
+                while let Some(record) = self.backlog.pop_front() {
+                    self.stats.backlog.fetch_sub(1, Ordering::Relaxed);
+                    self.refused(&record);
+                }
+                return;
+            }
+            self.hand_over().await;
+        }
     }
 }
 
@@ -227,56 +357,56 @@ impl Worker {
         if !r.reply_text.is_empty() {
             messages.push(assistant);
         }
-        let ok = self
-            .retry("session context", || async {
+        // Each store on its own and at once: one that is down neither skips nor delays the others.
+        let given_up = &self.stats.given_up;
+        let (session, user_coach, memory) = tokio::join!(
+            self.retry("session context", &given_up.session_context, || async {
                 self.context
                     .append_messages(&r.session_id, &r.user_id, &r.coach_id, messages.clone())
                     .await
-            })
-            .await
-            && self
-                .retry("user-coach context", || async {
-                    self.context
-                        .append_user_coach_messages(&r.user_id, &r.coach_id, messages.clone())
-                        .await
-                })
-                .await
-            && self
-                .retry("memory", || async {
-                    let mut text = format!("User: {}", r.user_text);
-                    if !r.reply_text.is_empty() {
-                        text.push_str("\nCoach: ");
-                        text.push_str(&r.reply_text);
-                    }
-                    self.memory
-                        .store(NewMemory {
-                            text: clip(&text, self.config.memory_max_bytes).to_owned(),
-                            user_id: r.user_id.clone(),
-                            coach_id: r.coach_id.clone(),
-                            memory_type: TURN_MEMORY_TYPE.to_owned(),
-                            metadata: json!({
-                                "session_id": r.session_id,
-                                "turn_number": r.turn_number,
-                                "interrupted": r.interrupted,
-                            }),
-                        })
-                        .await
-                        .map(|_| ())
-                })
-                .await;
-        if ok {
+            }),
+            self.retry("user-coach context", &given_up.user_coach_context, || async {
+                self.context
+                    .append_user_coach_messages(&r.user_id, &r.coach_id, messages.clone())
+                    .await
+            }),
+            self.retry("memory", &given_up.memory, || async {
+                let mut text = format!("User: {}", r.user_text);
+                if !r.reply_text.is_empty() {
+                    text.push_str("\nCoach: ");
+                    text.push_str(&r.reply_text);
+                }
+                self.memory
+                    .store(NewMemory {
+                        text: clip(&text, self.config.memory_max_bytes).to_owned(),
+                        user_id: r.user_id.clone(),
+                        coach_id: r.coach_id.clone(),
+                        memory_type: TURN_MEMORY_TYPE.to_owned(),
+                        metadata: json!({
+                            "session_id": r.session_id,
+                            "turn_number": r.turn_number,
+                            "interrupted": r.interrupted,
+                        }),
+                    })
+                    .await
+                    .map(|_| ())
+            }),
+        );
+        if session && user_coach && memory {
             self.stats.written.fetch_add(1, Ordering::Relaxed);
         } else {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
-                session_id = %r.session_id, turn = r.turn_number, user_chars = r.user_text.len(),
-                reply_chars = r.reply_text.len(), "turn not stored after every retry"
+                session_id = %r.session_id, turn = r.turn_number, session_context = session,
+                user_coach_context = user_coach, memory, user_chars = r.user_text.len(),
+                reply_chars = r.reply_text.len(), "turn not stored in every store after its retries"
             );
         }
     }
 
-    /// Runs `op` until it succeeds or the attempts run out; invalid input is not retried.
-    async fn retry<F, Fut>(&self, what: &str, op: F) -> bool
+    /// Runs `op` until it succeeds or the attempts run out; invalid input is not retried. A record
+    /// given up is counted in `given_up` and logged.
+    async fn retry<F, Fut>(&self, what: &str, given_up: &AtomicU64, op: F) -> bool
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<(), StoreError>>,
@@ -287,6 +417,7 @@ impl Worker {
                 Ok(()) => return true,
                 Err(StoreError::Invalid(reason)) => {
                     tracing::warn!(what, reason, "write-behind: record rejected by the store");
+                    given_up.fetch_add(1, Ordering::Relaxed);
                     return false;
                 }
                 Err(e) => {
@@ -299,6 +430,12 @@ impl Worker {
                 }
             }
         }
+        tracing::error!(
+            what,
+            attempts = self.config.max_attempts,
+            "write-behind: store given up for this record"
+        );
+        given_up.fetch_add(1, Ordering::Relaxed);
         false
     }
 }
