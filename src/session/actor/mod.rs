@@ -561,3 +561,6 @@ async fn make_notes(
         .await?;
     Ok((stored.id, stored.notes))
 }
+
+#[cfg(test)]
+mod tests;
