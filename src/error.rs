@@ -1,6 +1,6 @@
-//! The one error type of the HTTP surface. Its status code, JSON body, headers, SSE `error` event,
-//! retryability and WebSocket close code are all derived here, so every transport reports a
-//! failure the same way. [`StoreError`], the failure of a store, lives here too so its mapping to
+//! The one error type of the HTTP surface. Its status code, JSON body, headers, SSE `error` event
+//! and retryability are all derived here, so every transport reports a failure the same way (the
+//! WebSocket close codes are the table in `transport::ws`, as `proto/README.md` lists them). [`StoreError`], the failure of a store, lives here too so its mapping to
 //! [`Error`] is in one place.
 
 use axum::http::{HeaderValue, StatusCode, header};
@@ -52,16 +52,6 @@ pub enum Error {
     QueueFull {
         /// The configured limit.
         max: usize,
-    },
-    /// A turn failed before any reply text; carries the upstream error's code.
-    #[error("{message}")]
-    TurnFailed {
-        /// The code of the error event.
-        code: String,
-        /// Its message.
-        message: String,
-        /// Whether trying again may work.
-        retryable: bool,
     },
     /// A dependency (database, Redis, LLM provider) cannot serve the request now.
     #[error("{0}")]
@@ -122,8 +112,6 @@ impl Error {
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::SessionEnded => StatusCode::GONE,
             Error::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Error::TurnFailed { code, .. } if code.contains("timeout") => StatusCode::GATEWAY_TIMEOUT,
-            Error::TurnFailed { .. } => StatusCode::BAD_GATEWAY,
             Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -134,7 +122,6 @@ impl Error {
     pub fn code(&self) -> &str {
         match self {
             Error::BadRequest { code, .. } | Error::Upstream { code, .. } => code,
-            Error::TurnFailed { code, .. } => code,
             Error::SessionEnded => "session_ended",
             Error::QueueFull { .. } => "turn_queue_full",
             Error::Unauthorized => "unauthorized",
@@ -155,28 +142,8 @@ impl Error {
             | Error::Unavailable(_)
             | Error::Timeout(_)
             | Error::QueueFull { .. } => true,
-            Error::TurnFailed { retryable, .. } => *retryable,
             Error::Upstream { retryable, .. } => *retryable,
             _ => false,
-        }
-    }
-
-    /// The WebSocket close code for an error that ends a connection (RFC 6455 §7.4 and the
-    /// registered 4xxx private range documented in `proto/`).
-    pub fn ws_close_code(&self) -> u16 {
-        match self {
-            Error::BadRequest { .. } => 1008,
-            Error::PayloadTooLarge { .. } => 1009,
-            Error::Unauthorized => 4401,
-            Error::Forbidden => 4403,
-            Error::NotFound(_) => 4404,
-            Error::RateLimited { .. } => 4429,
-            Error::SessionEnded => 1000,
-            Error::QueueFull { .. } => 4429,
-            Error::Unavailable(_) | Error::Timeout(_) | Error::Upstream { .. } | Error::TurnFailed { .. } => {
-                1013
-            }
-            Error::Internal(_) => 1011,
         }
     }
 
@@ -368,16 +335,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_error_maps_to_status_code_and_close_code() {
+    fn every_error_maps_to_status_code_and_code() {
         let cases = [
-            (
-                Error::bad_request("invalid_field", "x"),
-                400,
-                "invalid_field",
-                1008,
-            ),
-            (Error::Unauthorized, 401, "unauthorized", 4401),
-            (Error::NotFound("session".into()), 404, "not_found", 4404),
+            (Error::bad_request("invalid_field", "x"), 400, "invalid_field"),
+            (Error::Unauthorized, 401, "unauthorized"),
+            (Error::NotFound("session".into()), 404, "not_found"),
             (
                 Error::RateLimited {
                     limit: 60,
@@ -386,15 +348,13 @@ mod tests {
                 },
                 429,
                 "rate_limited",
-                4429,
             ),
-            (Error::Unavailable("redis down".into()), 503, "unavailable", 1013),
-            (Error::Internal(anyhow::anyhow!("boom")), 500, "internal", 1011),
+            (Error::Unavailable("redis down".into()), 503, "unavailable"),
+            (Error::Internal(anyhow::anyhow!("boom")), 500, "internal"),
         ];
-        for (err, status, code, close) in cases {
+        for (err, status, code) in cases {
             assert_eq!(err.status_code().as_u16(), status);
             assert_eq!(err.code(), code);
-            assert_eq!(err.ws_close_code(), close);
         }
     }
 

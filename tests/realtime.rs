@@ -1076,3 +1076,169 @@ async fn an_oversized_body_is_refused_with_the_configured_limit() {
     );
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn shutdown_waits_for_websocket_connections_and_closes_them_with_1001_after_their_last_event() {
+    let (app, fake) = app_with_fake(Services::Embedded, &[]).await;
+    // A long reply, so the shutdown lands mid-turn.
+    fake.set_default(Script::counted(500).paced(Duration::ZERO, Duration::from_millis(10)));
+    let s = app.create_session("u", "c", "websocket").await;
+    let tracked_before = app.state.tasks.len();
+    let mut ws = ws_connect(&app, &s, "").await;
+    ws_next(&mut ws).await;
+    assert_eq!(
+        app.state.tasks.len(),
+        tracked_before + 1,
+        "the connection task is tracked by the shutdown tracker"
+    );
+    ws_send(&mut ws, json!({"type": "user_message", "text": "talk"})).await;
+    ws_until(&mut ws, "token").await;
+
+    let read = async {
+        let mut events = Vec::new();
+        loop {
+            match ws_next(&mut ws).await {
+                WsRead::Event(v) => events.push(v),
+                WsRead::Close(code) => return (events, code),
+            }
+        }
+    };
+    let (stopped, (events, code)) = tokio::join!(app.stop(), read);
+    stopped.unwrap();
+    assert_eq!(code, Some(1001), "closed as going away");
+    let tail: Vec<(&str, &str)> = events
+        .iter()
+        .filter(|e| e["type"] != "token")
+        .map(|e| {
+            let detail = e["finish_reason"]
+                .as_str()
+                .or(e["code"].as_str())
+                .or(e["status"].as_str());
+            (e["type"].as_str().unwrap(), detail.unwrap_or_default())
+        })
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            ("turn_end", "server_shutdown"),
+            ("error", "server_shutdown"),
+            ("session", "ended")
+        ],
+        "the session's last events come before the close"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_sse_client_gets_a_schema_valid_slow_client_event_before_its_stream_closes() {
+    let (app, fake) = app_with_fake(Services::Embedded, &[("COACHD_CLIENT_QUEUE_EVENTS", "8")]).await;
+    // 3 000 tokens of 4 KiB: far more than socket buffers hold, so a client that stops reading
+    // backs the server up into its bounded queue.
+    let mut script = Script::counted(3000);
+    script.tokens = (0..3000).map(|i| format!("{i:>4096}")).collect();
+    fake.set_default(script);
+    let s = app.create_session("u", "c", "sse").await;
+    let events_url = app.url(&format!("/realtime/sessions/{}/events?token={}", s.id, s.token));
+    let mut follow = SseReader::new(app.client.get(&events_url).send().await.unwrap());
+    assert_eq!(follow.next().await.unwrap().event, "session");
+    // The turn's own stream is dropped at once; the follower stops reading.
+    drop(
+        app.client
+            .post(app.url(&format!("/realtime/sessions/{}/turn", s.id)))
+            .header("accept", "text/event-stream")
+            .json(&json!({"text": "flood"}))
+            .send()
+            .await
+            .unwrap(),
+    );
+    let status_url = format!("/realtime/sessions/{}", s.id);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let info: Value = app.get(&status_url).await.json().await.unwrap();
+        if info["streaming_turn"].is_number() && info["connections"] == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the follower was never detached: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Every event SseReader returns is validated against proto/server.schema.json.
+    let mut last = None;
+    while let Some(event) = follow.next().await {
+        last = Some(event);
+    }
+    let last = last.expect("events before the close");
+    assert_eq!(last.event, "error", "the stream ends with its reason: {last:?}");
+    assert_eq!(last.data["code"], "slow_client");
+    assert_eq!(last.data["session_id"], s.id.as_str());
+    assert!(last.data["seq"].as_u64().unwrap() > 0);
+    assert_eq!(last.data["retryable"], true);
+    assert!(app.state.sessions.stats().slow_clients.get() >= 1);
+    app.wait_written_for(1, Duration::from_secs(120)).await;
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn end_body_and_after_seq_rejections_answer_in_the_json_error_shape() {
+    let (app, _fake) = app_with_fake(Services::Embedded, &[]).await;
+    let s = app.create_session("u", "c", "sse").await;
+    let end_url = app.url(&format!("/realtime/sessions/{}/end", s.id));
+    let json_error = |status: u16, body: &str, code: &str, why: &str| {
+        let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("{why}: not JSON: {body}"));
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (400, Some(code)),
+            "{why}: {body}"
+        );
+        assert!(v["error"]["message"].is_string(), "{why}: {body}");
+    };
+
+    let resp = app
+        .client
+        .post(&end_url)
+        .json(&json!({"generate_notes": "yes"}))
+        .send()
+        .await
+        .unwrap();
+    json_error(
+        resp.status().as_u16(),
+        &resp.text().await.unwrap(),
+        "invalid_field",
+        "mistyped end body",
+    );
+    let resp = app
+        .client
+        .post(&end_url)
+        .header("content-type", "application/json")
+        .body("{")
+        .send()
+        .await
+        .unwrap();
+    json_error(
+        resp.status().as_u16(),
+        &resp.text().await.unwrap(),
+        "invalid_json",
+        "malformed end body",
+    );
+
+    for path in ["events", "ws"] {
+        let url = app.url(&format!(
+            "/realtime/sessions/{}/{path}?token={}&after_seq=abc",
+            s.id, s.token
+        ));
+        let resp = app.client.get(url).send().await.unwrap();
+        json_error(
+            resp.status().as_u16(),
+            &resp.text().await.unwrap(),
+            "invalid_query",
+            path,
+        );
+    }
+
+    // Without a body, end still ends.
+    let resp = app.client.post(&end_url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    app.stop().await.unwrap();
+}

@@ -5,14 +5,40 @@
 use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::error::StoreError;
 use crate::llm::{Llm, LlmError};
-use crate::session::event::Notes;
+
+/// One action item of session notes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionItem {
+    /// What to do.
+    pub task: String,
+    /// Who does it (usually the client).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// When, as the model phrased it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due: Option<String>,
+    /// `high`, `medium` or `low`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<String>,
+}
+
+/// Notes of a session or transcript: what the `notes` event and the notes routes carry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Notes {
+    /// A few sentences.
+    pub summary: String,
+    /// The main points discussed.
+    pub key_points: Vec<String>,
+    /// What the client committed to.
+    pub action_items: Vec<ActionItem>,
+}
 
 /// The JSON schema the model's notes must match.
 pub fn schema() -> Value {
@@ -151,7 +177,7 @@ impl NotesStore for PgNotesStore {
             String,
             String,
             sqlx::types::Json<Vec<String>>,
-            sqlx::types::Json<Vec<crate::session::event::ActionItem>>,
+            sqlx::types::Json<Vec<ActionItem>>,
             DateTime<Utc>,
         );
         let rows: Vec<Row> = sqlx::query_as(

@@ -17,6 +17,7 @@ use crate::error::Error;
 #[allow(unused_imports, reason = "named by the OpenAPI annotations")]
 use crate::error::ErrorBody;
 use crate::session::TurnMode;
+use crate::session::event::TransportKind;
 use crate::state::AppState;
 
 /// The coach router.
@@ -135,7 +136,9 @@ async fn respond(
             (session, false)
         }
         None => (
-            state.sessions.create(&body.user_id, &body.coach_id, "http")?,
+            state
+                .sessions
+                .create(&body.user_id, &body.coach_id, TransportKind::Http)?,
             true,
         ),
     };

@@ -14,8 +14,9 @@ pub mod realtime;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header;
+use axum::http::request::Parts;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
@@ -55,6 +56,22 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
                 },
                 other => other,
             }),
+        }
+    }
+}
+
+/// A query string whose rejections (a missing or mistyped parameter) are [`Error`]s with the
+/// crate's JSON shape (code `invalid_query`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(QueryParams(value)),
+            Err(rejection) => Err(Error::bad_request("invalid_query", rejection.body_text())),
         }
     }
 }

@@ -4,7 +4,7 @@
 //! session task and the transport drive loop do the work.
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -12,16 +12,17 @@ use axum::{Json, Router};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 
-use super::{JsonBody, wants_sse};
+use super::{JsonBody, QueryParams, wants_sse};
 use crate::auth::Caller;
 use crate::error::Error;
 #[allow(unused_imports, reason = "named by the OpenAPI annotations")]
 use crate::error::ErrorBody;
+use crate::session::event::TransportKind;
 use crate::session::manager::Gauge;
 use crate::session::{SessionHandle, TurnMode};
 use crate::state::AppState;
 use crate::transport::http::HttpTurn;
-use crate::transport::sse::SseTransport;
+use crate::transport::sse::{self, SseOptions};
 use crate::transport::ws::WsTransport;
 use crate::transport::{DriveOptions, drive};
 
@@ -93,16 +94,12 @@ async fn create(
     check_id("user_id", &body.user_id)?;
     check_id("coach_id", &body.coach_id)?;
     caller.authorize_user(&body.user_id)?;
-    let transport = match body.transport.as_deref().unwrap_or("http") {
-        "http" => "http",
-        "sse" => "sse",
-        "websocket" | "ws" => "websocket",
-        other => {
-            return Err(Error::bad_request(
-                "invalid_field",
-                format!("transport must be http, sse or websocket, not {other:?}"),
-            ));
-        }
+    let name = body.transport.as_deref().unwrap_or("http");
+    let Some(transport) = TransportKind::parse(name) else {
+        return Err(Error::bad_request(
+            "invalid_field",
+            format!("transport must be http, sse or websocket, not {name:?}"),
+        ));
     };
     let session = state.sessions.create(&body.user_id, &body.coach_id, transport)?;
     let (token, expires) = state.session_tokens.issue(&session.id, &session.user_id);
@@ -186,23 +183,22 @@ struct TurnBody {
     client_id: Option<String>,
 }
 
-/// An SSE response driven by its own tracked task (counted in `sse_connections`); with
-/// `until_turn_end`, the stream ends after that turn's `turn_end`.
+/// An SSE response pulled from the subscription (counted in `sse_connections` while the body
+/// lives); with `until_turn_end`, the stream ends after that turn's `turn_end`.
 fn attach_sse(
     state: &AppState,
     session: SessionHandle,
     sub: crate::session::log::Subscription,
     until_turn_end: Option<u32>,
 ) -> Response {
-    let rt = &state.settings.realtime;
-    let (mut transport, response) = SseTransport::new(rt.client_queue, rt.send_timeout, until_turn_end);
     let gauge = Gauge::enter(state.sessions.stats(), |s| &s.sse_connections);
-    let opts = drive_options(state, rt.sse_heartbeat);
-    state.tasks.spawn(async move {
-        let _gauge = gauge;
-        drive(session, sub, &mut transport, opts).await;
-    });
-    response
+    let opts = SseOptions {
+        heartbeat: state.settings.realtime.sse_heartbeat,
+        shutdown: state.shutdown.clone(),
+        stats: state.sessions.stats().clone(),
+        until_turn_end,
+    };
+    sse::response(session, sub, opts, gauge)
 }
 
 fn drive_options(state: &AppState, heartbeat: std::time::Duration) -> DriveOptions {
@@ -229,6 +225,7 @@ fn drive_options(state: &AppState, heartbeat: std::time::Duration) -> DriveOptio
         (status = 410, description = "The session has ended", body = ErrorBody),
         (status = 429, description = "Too many messages queued", body = ErrorBody),
         (status = 502, description = "Every model failed before any text", body = ErrorBody),
+        (status = 504, description = "The model timed out before any text", body = ErrorBody),
     )
 )]
 async fn turn(
@@ -286,36 +283,7 @@ pub(crate) async fn run_turn(
         drive_options(state, rt.sse_heartbeat),
     )
     .await;
-    let Some(end) = collector.turn_end else {
-        return Err(Error::Unavailable(
-            "the session ended before the turn finished".to_owned(),
-        ));
-    };
-    let reply = end["reply_text"].as_str().unwrap_or_default();
-    if let (Some(err), true) = (&collector.error, reply.is_empty()) {
-        let code = err["code"].as_str().unwrap_or("upstream_error").to_owned();
-        let message = err["message"].as_str().unwrap_or("the turn failed").to_owned();
-        return Err(Error::TurnFailed {
-            code,
-            message,
-            retryable: err["retryable"].as_bool().unwrap_or(false),
-        });
-    }
-    let mut out = json!({
-        "session_id": id,
-        "turn_number": number,
-        "reply_text": end["reply_text"],
-        "actions": end["actions"],
-        "usage": end["usage"],
-        "finish_reason": end["finish_reason"],
-        "interrupted": end["interrupted"],
-        "provider": end["provider"],
-        "model": end["model"],
-    });
-    if let Some(err) = collector.error {
-        out["error"] = json!({"code": err["code"], "message": err["message"]});
-    }
-    Ok(Json(out).into_response())
+    Ok(Json(collector.into_reply(&id)?).into_response())
 }
 
 #[utoipa::path(
@@ -363,10 +331,17 @@ async fn end(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    body: Option<Json<EndBody>>,
+    request: Request,
 ) -> Result<Json<Value>, Error> {
+    // The body is optional: a request without a Content-Type has none, any other is read as
+    // JSON with the crate's rejections.
+    let body = if request.headers().contains_key(axum::http::header::CONTENT_TYPE) {
+        JsonBody::<EndBody>::from_request(request, &state).await?.0
+    } else {
+        EndBody::default()
+    };
     let session = live(&state, &caller, &id)?;
-    let generate_notes = body.map(|Json(b)| b.generate_notes).unwrap_or(false);
+    let generate_notes = body.generate_notes;
     let outcome = session.end(generate_notes).await?;
     state.sessions.note_ended();
     Ok(Json(json!({
@@ -432,7 +407,7 @@ fn after_seq(query: &AttachQuery, headers: &HeaderMap) -> Result<Option<u64>, Er
 async fn events(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Query(query): Query<AttachQuery>,
+    QueryParams(query): QueryParams<AttachQuery>,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     // The session token is the credential here: browsers cannot send headers on these routes.
@@ -457,7 +432,7 @@ async fn events(
 async fn websocket(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Query(query): Query<AttachQuery>,
+    QueryParams(query): QueryParams<AttachQuery>,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, Error> {
@@ -468,6 +443,10 @@ async fn websocket(
     let after = after_seq(&query, &headers)?;
     let opts = drive_options(&state, rt.ws_ping);
     let stats = state.sessions.stats().clone();
+    // axum runs the upgraded connection on a task of its own; this token counts it on the
+    // shutdown tracker from the upgrade on, so shutdown waits until it has delivered the
+    // session's last events and closed with 1001.
+    let tracked = state.tasks.token();
     let response = upgrade
         .max_message_size(rt.ws_max_message_bytes)
         .max_frame_size(rt.ws_max_message_bytes)
@@ -476,6 +455,7 @@ async fn websocket(
         .read_buffer_size(rt.ws_read_buffer_bytes)
         .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
+            let _tracked = tracked;
             let _gauge = Gauge::enter(&stats, |s| &s.ws_connections);
             let mut transport = WsTransport::new(socket, rt.send_timeout, rt.ws_pong_timeout);
             // The first event of a connection is the session's state, then the replay (if asked).

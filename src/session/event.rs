@@ -2,9 +2,13 @@
 //! frames a client sends, and events the server emits. Every server event carries `session_id`
 //! and `seq`; events are serialised once, when published, and shared by every transport.
 
+use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::llm::Usage;
+use crate::coach::notes::Notes;
+use crate::error::Error;
+use crate::llm::{LlmError, Usage};
 
 /// How a `user_message` sent while a reply streams is handled.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -47,6 +51,214 @@ pub enum ClientFrame {
     },
 }
 
+/// Why a turn ended, as `turn_end.finish_reason` says it: the provider's own reason when the
+/// reply ran to its end, or how it was cut short.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model finished.
+    Stop,
+    /// The token limit was reached.
+    Length,
+    /// A content filter stopped it.
+    ContentFilter,
+    /// The model asked for a tool.
+    ToolCalls,
+    /// Another reason the provider gave, passed on as it came.
+    Other(String),
+    /// A `cancel` stopped it.
+    Cancelled,
+    /// A message sent with mode `interrupt` replaced it.
+    Interrupted,
+    /// The server shut down while it streamed.
+    ServerShutdown,
+    /// The session ended while it streamed.
+    SessionEnded,
+    /// It failed; the `error` event before the `turn_end` says why.
+    Error,
+}
+
+impl FinishReason {
+    /// The wire name.
+    pub fn as_str(&self) -> &str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ContentFilter => "content_filter",
+            FinishReason::ToolCalls => "tool_calls",
+            FinishReason::Other(reason) => reason,
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::Interrupted => "interrupted",
+            FinishReason::ServerShutdown => "server_shutdown",
+            FinishReason::SessionEnded => "session_ended",
+            FinishReason::Error => "error",
+        }
+    }
+
+    /// Reads a wire name (any name not listed is a provider's own reason).
+    pub fn from_wire(name: &str) -> Self {
+        match name {
+            "stop" => FinishReason::Stop,
+            "length" => FinishReason::Length,
+            "content_filter" => FinishReason::ContentFilter,
+            "tool_calls" => FinishReason::ToolCalls,
+            "cancelled" => FinishReason::Cancelled,
+            "interrupted" => FinishReason::Interrupted,
+            "server_shutdown" => FinishReason::ServerShutdown,
+            "session_ended" => FinishReason::SessionEnded,
+            "error" => FinishReason::Error,
+            other => FinishReason::Other(other.to_owned()),
+        }
+    }
+
+    /// Whether the reply was cut short (cancelled, interrupted, or ended with the session or
+    /// server) rather than finished or failed.
+    pub fn is_interruption(&self) -> bool {
+        matches!(
+            self,
+            FinishReason::Cancelled
+                | FinishReason::Interrupted
+                | FinishReason::ServerShutdown
+                | FinishReason::SessionEnded
+        )
+    }
+}
+
+impl From<crate::llm::FinishReason> for FinishReason {
+    fn from(reason: crate::llm::FinishReason) -> Self {
+        use crate::llm::FinishReason as P;
+        match reason {
+            P::Stop => FinishReason::Stop,
+            P::Length => FinishReason::Length,
+            P::ContentFilter => FinishReason::ContentFilter,
+            P::ToolCalls => FinishReason::ToolCalls,
+            P::Cancelled => FinishReason::Cancelled,
+            P::Other(reason) => FinishReason::Other(reason),
+        }
+    }
+}
+
+impl std::fmt::Display for FinishReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for FinishReason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for FinishReason {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        Ok(FinishReason::from_wire(&name))
+    }
+}
+
+/// Whether a session is live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionStatus {
+    /// It takes turns.
+    Active,
+    /// It is over.
+    Ended,
+}
+
+/// How a session ended, as the record of an ended session says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndedBy {
+    /// A client ended it (or a one-turn session ended itself).
+    Ended,
+    /// The server shut down.
+    Shutdown,
+    /// It idled past its timeout with no connection.
+    Expired,
+}
+
+/// Which transport a session was created for, or a connection uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// A JSON reply per turn.
+    Http,
+    /// Server-sent events.
+    Sse,
+    /// WebSocket.
+    #[serde(rename = "websocket")]
+    WebSocket,
+}
+
+impl TransportKind {
+    /// Reads a `transport` field (`ws` is accepted for `websocket`).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "http" => Some(TransportKind::Http),
+            "sse" => Some(TransportKind::Sse),
+            "websocket" | "ws" => Some(TransportKind::WebSocket),
+            _ => None,
+        }
+    }
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::Http => "http",
+            TransportKind::Sse => "sse",
+            TransportKind::WebSocket => "websocket",
+        }
+    }
+}
+
+/// The body of an `error` event. Built by [`EventBody::error`] only, so every session error
+/// carries the code, message and retryability that [`Error`] derives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorEvent {
+    /// Stable code.
+    pub code: String,
+    /// Safe to show.
+    pub message: String,
+    /// Whether trying again may work.
+    pub retryable: bool,
+    /// The turn it concerns, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn_number: Option<u32>,
+    /// The provider failure behind it, kept for the HTTP turn, which answers a turn that failed
+    /// before any text with this error's own type and status. Never on the wire.
+    #[serde(skip)]
+    pub failure: Option<LlmError>,
+}
+
+impl ErrorEvent {
+    /// The client-facing error to answer an HTTP turn with, when the failure came from the
+    /// provider (its status is the one `From<LlmError> for Error` decides).
+    pub fn to_error(&self) -> Option<Error> {
+        self.failure.clone().map(Error::from)
+    }
+}
+
+/// What an `error` event reports; [`EventBody::error`] turns each into its code, message and
+/// retryability.
+#[derive(Debug)]
+pub enum ErrorCause<'a> {
+    /// A request that was refused (a malformed frame, a message the session did not take).
+    Request(&'a Error),
+    /// The provider failed during a turn.
+    Provider(LlmError),
+    /// The provider's stream ended without a finish reason (from this provider, when known).
+    Incomplete(Option<crate::config::ProviderKind>),
+    /// The end-of-session notes could not be made.
+    Notes(&'a Error),
+    /// The session ended before a queued message was answered.
+    TurnDropped,
+    /// The server is shutting down: the session, or this connection, ends.
+    ServerShutdown,
+    /// This connection did not keep up with its queue and is closed.
+    SlowClient,
+}
+
 /// The persona part of a `session` event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PersonaInfo {
@@ -58,38 +270,11 @@ pub struct PersonaInfo {
     pub domain: String,
 }
 
-/// One action item of session notes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ActionItem {
-    /// What to do.
-    pub task: String,
-    /// Who does it (usually the client).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner: Option<String>,
-    /// When, as the model phrased it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub due: Option<String>,
-    /// `high`, `medium` or `low`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub priority: Option<String>,
-}
-
-/// Notes of a session or transcript.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Notes {
-    /// A few sentences.
-    pub summary: String,
-    /// The main points discussed.
-    pub key_points: Vec<String>,
-    /// What the client committed to.
-    pub action_items: Vec<ActionItem>,
-}
-
 /// The state a `resync` event carries, for a client too far behind to replay.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionState {
-    /// `active` or `ended`.
-    pub status: String,
+    /// Whether the session is still live.
+    pub status: SessionStatus,
     /// Turns finished so far.
     pub turn_count: u32,
     /// The reply streaming now, if any.
@@ -124,8 +309,8 @@ pub enum EventBody {
         coach_id: String,
         /// The coach persona.
         persona: PersonaInfo,
-        /// `active` or `ended`.
-        status: String,
+        /// Whether the session is still live.
+        status: SessionStatus,
         /// Turns finished so far.
         turn_count: u32,
         /// Creation time (RFC 3339).
@@ -160,8 +345,8 @@ pub enum EventBody {
         actions: Vec<String>,
         /// Token counts, when the provider reported them.
         usage: Option<Usage>,
-        /// `stop`, `length`, `cancelled`, `error`, ...
-        finish_reason: String,
+        /// Why it ended: the provider's reason, or how it was cut short.
+        finish_reason: FinishReason,
         /// True when cancelled, interrupted or failed before its end.
         interrupted: bool,
         /// Provider that answered.
@@ -171,18 +356,8 @@ pub enum EventBody {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         model: Option<String>,
     },
-    /// Something failed.
-    Error {
-        /// Stable code.
-        code: String,
-        /// Safe to show.
-        message: String,
-        /// Whether trying again may work.
-        retryable: bool,
-        /// The turn it concerns, if any.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        turn_number: Option<u32>,
-    },
+    /// Something failed (built by [`EventBody::error`] only).
+    Error(ErrorEvent),
     /// Session notes.
     Notes {
         /// The notes.
@@ -204,6 +379,56 @@ pub enum EventBody {
 }
 
 impl EventBody {
+    /// Every session `error` event body is built here, from what went wrong and the turn it
+    /// concerns.
+    pub fn error(cause: ErrorCause<'_>, turn_number: Option<u32>) -> Self {
+        let (code, message, retryable, failure) = match cause {
+            ErrorCause::Request(e) => (e.code().to_owned(), e.to_string(), e.retryable(), None),
+            ErrorCause::Provider(failure) => {
+                let e = Error::from(failure.clone());
+                (e.code().to_owned(), e.to_string(), e.retryable(), Some(failure))
+            }
+            ErrorCause::Incomplete(provider) => (
+                "upstream_incomplete".to_owned(),
+                "the reply ended without a finish reason".to_owned(),
+                true,
+                provider.map(|provider| LlmError::Incomplete { provider }),
+            ),
+            ErrorCause::Notes(e) => (
+                e.code().to_owned(),
+                format!("notes could not be generated: {e}"),
+                e.retryable(),
+                None,
+            ),
+            ErrorCause::TurnDropped => (
+                "turn_dropped".to_owned(),
+                "the session ended before this message was answered".to_owned(),
+                false,
+                None,
+            ),
+            ErrorCause::ServerShutdown => (
+                "server_shutdown".to_owned(),
+                "the server is restarting; reconnect and resume".to_owned(),
+                true,
+                None,
+            ),
+            ErrorCause::SlowClient => (
+                "slow_client".to_owned(),
+                "stream closed: the client did not keep up; reconnect with Last-Event-ID to resume"
+                    .to_owned(),
+                true,
+                None,
+            ),
+        };
+        EventBody::Error(ErrorEvent {
+            code,
+            message,
+            retryable,
+            turn_number,
+            failure,
+        })
+    }
+
     /// The event's type name, as on the wire (SSE `event:` field).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -211,7 +436,7 @@ impl EventBody {
             EventBody::TurnStart { .. } => "turn_start",
             EventBody::Token { .. } => "token",
             EventBody::TurnEnd { .. } => "turn_end",
-            EventBody::Error { .. } => "error",
+            EventBody::Error(_) => "error",
             EventBody::Notes { .. } => "notes",
             EventBody::Resync { .. } => "resync",
             EventBody::Pong { .. } => "pong",
@@ -232,45 +457,71 @@ pub struct ServerEvent {
     pub body: EventBody,
 }
 
-/// A published event: serialised once, shared by every transport and the replay log.
+/// A published event: its typed body, and its bytes serialised once at publish into one shared
+/// buffer. Every connection and the replay log hold an `Arc` of it; a WebSocket frame or an SSE
+/// frame is a refcounted clone of those bytes, never a copy or a fresh encoding.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Published {
     /// Its seq.
     pub seq: u64,
-    /// Its type name.
-    pub kind: &'static str,
-    /// For turn-scoped events, the turn.
-    pub turn_number: Option<u32>,
-    /// The JSON text.
-    pub json: String,
+    /// What it says.
+    pub body: EventBody,
+    /// The SSE frame: `id: {seq}`, `event: {type}`, `data: {json}` and the blank line.
+    pub sse: Bytes,
+    /// The JSON text (a slice of the same buffer), as a WebSocket text frame sends it.
+    pub json: Utf8Bytes,
 }
 
 impl Published {
     /// Serialises an event.
     pub fn new(session_id: &str, seq: u64, body: EventBody) -> Self {
-        let kind = body.kind();
-        let turn_number = match &body {
-            EventBody::TurnStart { turn_number, .. }
-            | EventBody::Token { turn_number, .. }
-            | EventBody::TurnEnd { turn_number, .. } => Some(*turn_number),
-            EventBody::Error { turn_number, .. } => *turn_number,
-            _ => None,
-        };
         let event = ServerEvent {
             session_id: session_id.to_owned(),
             seq,
             body,
         };
+        let kind = event.body.kind();
+        let mut buf = format!("id: {seq}\nevent: {kind}\ndata: ").into_bytes();
+        let start = buf.len();
         // Serialising these plain structs cannot fail; fall back to an error frame regardless.
-        let json = serde_json::to_string(&event).unwrap_or_else(|_| {
-            format!(r#"{{"type":"error","session_id":"{session_id}","seq":{seq},"code":"internal","message":"unserialisable event","retryable":false}}"#)
-        });
+        // serde_json writes no raw newline (they are escaped in strings), so `data:` is one line.
+        if serde_json::to_writer(&mut buf, &event).is_err() {
+            buf.truncate(start);
+            buf.extend_from_slice(format!(r#"{{"type":"error","session_id":"{session_id}","seq":{seq},"code":"internal","message":"unserialisable event","retryable":false}}"#).as_bytes());
+        }
+        let end = buf.len();
+        buf.extend_from_slice(b"\n\n");
+        let sse = Bytes::from(buf);
+        // Valid UTF-8: it is a String's bytes followed by JSON, checked once here.
+        let json =
+            Utf8Bytes::try_from(sse.slice(start..end)).unwrap_or_else(|_| Utf8Bytes::from_static("{}"));
         Published {
             seq,
-            kind,
-            turn_number,
+            body: event.body,
+            sse,
             json,
         }
+    }
+
+    /// Its type name.
+    pub fn kind(&self) -> &'static str {
+        self.body.kind()
+    }
+
+    /// For turn-scoped events, the turn.
+    pub fn turn_number(&self) -> Option<u32> {
+        match &self.body {
+            EventBody::TurnStart { turn_number, .. }
+            | EventBody::Token { turn_number, .. }
+            | EventBody::TurnEnd { turn_number, .. } => Some(*turn_number),
+            EventBody::Error(e) => e.turn_number,
+            _ => None,
+        }
+    }
+
+    /// Whether this is turn `turn`'s `turn_end`.
+    pub fn ends_turn(&self, turn: u32) -> bool {
+        matches!(&self.body, EventBody::TurnEnd { turn_number, .. } if *turn_number == turn)
     }
 }
 
@@ -331,11 +582,64 @@ mod tests {
                 index: 0,
             },
         );
-        let v: serde_json::Value = serde_json::from_str(&p.json).unwrap();
+        let v: serde_json::Value = serde_json::from_str(p.json.as_str()).unwrap();
         assert_eq!(v["type"], "token");
         assert_eq!(v["session_id"], "s1");
         assert_eq!(v["seq"], 3);
-        assert_eq!(p.turn_number, Some(1));
+        assert_eq!(p.turn_number(), Some(1));
+        let frame = format!("id: 3\nevent: token\ndata: {}\n\n", p.json.as_str());
+        assert_eq!(p.sse, frame.as_bytes());
+    }
+
+    #[test]
+    fn state_enums_serialise_to_the_wire_strings() {
+        let wire = |v: serde_json::Value| v.as_str().unwrap().to_owned();
+        for (reason, name) in [
+            (FinishReason::Stop, "stop"),
+            (FinishReason::ContentFilter, "content_filter"),
+            (FinishReason::ToolCalls, "tool_calls"),
+            (FinishReason::Other("guardrail".into()), "guardrail"),
+            (FinishReason::ServerShutdown, "server_shutdown"),
+            (FinishReason::SessionEnded, "session_ended"),
+            (FinishReason::Error, "error"),
+        ] {
+            assert_eq!(wire(serde_json::to_value(&reason).unwrap()), name);
+            assert_eq!(
+                serde_json::from_value::<FinishReason>(name.into()).unwrap(),
+                reason
+            );
+        }
+        assert_eq!(
+            wire(serde_json::to_value(SessionStatus::Active).unwrap()),
+            "active"
+        );
+        assert_eq!(wire(serde_json::to_value(EndedBy::Expired).unwrap()), "expired");
+        assert_eq!(
+            wire(serde_json::to_value(TransportKind::WebSocket).unwrap()),
+            "websocket"
+        );
+        assert_eq!(TransportKind::parse("ws"), Some(TransportKind::WebSocket));
+    }
+
+    #[test]
+    fn a_provider_error_event_keeps_its_typed_cause_off_the_wire() {
+        let cause = LlmError::Timeout {
+            provider: crate::config::ProviderKind::Offline,
+            phase: crate::llm::error::TimeoutPhase::FirstToken,
+            after: std::time::Duration::from_secs(1),
+        };
+        let body = EventBody::error(ErrorCause::Provider(cause), Some(2));
+        let EventBody::Error(e) = &body else {
+            panic!("an error event")
+        };
+        assert_eq!((e.code.as_str(), e.turn_number), ("timeout", Some(2)));
+        assert_eq!(e.to_error().unwrap().status_code().as_u16(), 504);
+        let json = serde_json::to_value(&body).unwrap();
+        assert_eq!(
+            json.as_object().unwrap().len(),
+            5,
+            "type, code, message, retryable, turn_number: {json}"
+        );
     }
 
     #[test]

@@ -15,10 +15,10 @@ use tokio_util::task::TaskTracker;
 
 use super::TurnMode;
 use super::actor::{Actor, Command};
-use super::event::{Notes, PersonaInfo};
+use super::event::{EndedBy, PersonaInfo, SessionStatus, TransportKind};
 use super::log::{EventLog, Subscription};
 use crate::coach::Personas;
-use crate::coach::notes::NotesStore;
+use crate::coach::notes::{Notes, NotesStore};
 use crate::coach::prompt::PromptLimits;
 use crate::context::ContextCache;
 use crate::error::{Error, ErrorDetail};
@@ -178,9 +178,9 @@ pub struct SessionInfo {
     /// Persona.
     pub persona: PersonaInfo,
     /// Transport asked for at creation.
-    pub transport: String,
-    /// `active` or `ended`.
-    pub status: String,
+    pub transport: TransportKind,
+    /// Whether the session is live.
+    pub status: SessionStatus,
     /// Turns finished.
     pub turn_count: u32,
     /// The turn streaming now.
@@ -219,8 +219,8 @@ pub struct SessionHandle {
     pub user_id: Arc<str>,
     /// Coach.
     pub coach_id: Arc<str>,
-    /// Transport asked for at creation (`http`, `sse` or `websocket`).
-    pub transport: Arc<str>,
+    /// Transport asked for at creation.
+    pub transport: TransportKind,
     /// Creation time.
     pub created_at: DateTime<Utc>,
     /// The event log.
@@ -296,9 +296,9 @@ pub struct EndedSession {
     /// Coach.
     pub coach_id: String,
     /// Always `ended`.
-    pub status: &'static str,
-    /// `ended`, `expired` or `shutdown`.
-    pub ended_by: &'static str,
+    pub status: SessionStatus,
+    /// How it ended.
+    pub ended_by: EndedBy,
     /// Turns finished.
     pub turn_count: u32,
     /// When it ended.
@@ -314,7 +314,7 @@ pub(super) struct Registry {
 }
 
 impl Registry {
-    pub(super) fn remove(&self, id: &str, turn_count: u32, ended_by: &'static str) {
+    pub(super) fn remove(&self, id: &str, turn_count: u32, ended_by: EndedBy) {
         let removed = self
             .live
             .write()
@@ -329,7 +329,7 @@ impl Registry {
                 session_id: id.to_owned(),
                 user_id: h.user_id.to_string(),
                 coach_id: h.coach_id.to_string(),
-                status: "ended",
+                status: SessionStatus::Ended,
                 ended_by,
                 turn_count,
                 ended_at: Utc::now(),
@@ -361,7 +361,12 @@ impl ConnectionManager {
     }
 
     /// Starts a session for `user_id` with `coach_id` (an unknown coach gets the general persona).
-    pub fn create(&self, user_id: &str, coach_id: &str, transport: &str) -> Result<SessionHandle, Error> {
+    pub fn create(
+        &self,
+        user_id: &str,
+        coach_id: &str,
+        transport: TransportKind,
+    ) -> Result<SessionHandle, Error> {
         let mut live = self.registry.live.write().unwrap_or_else(PoisonError::into_inner);
         if live.len() >= self.deps.limits.max_sessions {
             self.deps.stats.rejected_at_capacity.inc();
@@ -379,7 +384,7 @@ impl ConnectionManager {
             id: id.clone(),
             user_id: Arc::from(user_id),
             coach_id: Arc::from(coach_id),
-            transport: Arc::from(transport),
+            transport,
             created_at: Utc::now(),
             log: Arc::new(EventLog::new(&id, self.deps.limits.log_events)),
             tx,

@@ -1,17 +1,48 @@
 //! The HTTP-turn adapter: collects one turn's events and answers with a JSON body once its
-//! `turn_end` arrives (the reference coach service's turn-based contract).
+//! `turn_end` arrives (the reference coach service's turn-based contract). It reads the typed
+//! events, never their JSON.
+
+use serde::Serialize;
 
 use super::{Detach, Inbound, Transport, TransportKind};
-use crate::session::event::Published;
+use crate::error::{Error, ErrorDetail};
+use crate::llm::Usage;
+use crate::session::event::{ErrorEvent, EventBody, FinishReason, Published};
 
 /// Collects the events of one turn.
 #[derive(Debug, Default)]
 pub struct HttpTurn {
     turn: u32,
-    /// The `turn_end` event, once seen.
-    pub turn_end: Option<serde_json::Value>,
+    /// The turn's `turn_end` body, once seen.
+    turn_end: Option<EventBody>,
     /// The first `error` event of the turn, if any.
-    pub error: Option<serde_json::Value>,
+    error: Option<ErrorEvent>,
+}
+
+/// The JSON answer of an HTTP turn.
+#[derive(Debug, Clone, Serialize)]
+pub struct TurnReply {
+    /// The session.
+    pub session_id: String,
+    /// The turn.
+    pub turn_number: u32,
+    /// The whole reply (partial when interrupted).
+    pub reply_text: String,
+    /// Action items found in the reply.
+    pub actions: Vec<String>,
+    /// Token counts, when the provider reported them.
+    pub usage: Option<Usage>,
+    /// Why the turn ended.
+    pub finish_reason: FinishReason,
+    /// True when cancelled, interrupted or failed before its end.
+    pub interrupted: bool,
+    /// Provider that answered.
+    pub provider: Option<String>,
+    /// Model that answered.
+    pub model: Option<String>,
+    /// The failure that cut a reply with some text short.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
 }
 
 impl HttpTurn {
@@ -22,21 +53,62 @@ impl HttpTurn {
             ..Self::default()
         }
     }
+
+    /// The answer once the drive loop is over: the reply, or the turn's failure with its own
+    /// type and status when it failed before any text.
+    pub fn into_reply(self, session_id: &str) -> Result<TurnReply, Error> {
+        let Some(EventBody::TurnEnd {
+            reply_text,
+            actions,
+            usage,
+            finish_reason,
+            interrupted,
+            provider,
+            model,
+            ..
+        }) = self.turn_end
+        else {
+            return Err(Error::Unavailable(
+                "the session ended before the turn finished".to_owned(),
+            ));
+        };
+        if let (Some(err), true) = (&self.error, reply_text.is_empty()) {
+            return Err(err.to_error().unwrap_or_else(|| Error::Upstream {
+                code: "upstream_error",
+                message: err.message.clone(),
+                retryable: err.retryable,
+            }));
+        }
+        Ok(TurnReply {
+            session_id: session_id.to_owned(),
+            turn_number: self.turn,
+            reply_text,
+            actions,
+            usage,
+            finish_reason,
+            interrupted,
+            provider,
+            model,
+            error: self.error.map(|e| ErrorDetail {
+                code: e.code,
+                message: e.message,
+            }),
+        })
+    }
 }
 
-#[async_trait::async_trait]
 impl Transport for HttpTurn {
     fn kind(&self) -> TransportKind {
         TransportKind::Http
     }
 
     async fn send(&mut self, event: &Published) -> Result<(), Detach> {
-        if event.turn_number != Some(self.turn) {
+        if event.turn_number() != Some(self.turn) {
             return Ok(());
         }
-        match event.kind {
-            "turn_end" => self.turn_end = serde_json::from_str(&event.json).ok(),
-            "error" if self.error.is_none() => self.error = serde_json::from_str(&event.json).ok(),
+        match &event.body {
+            body @ EventBody::TurnEnd { .. } => self.turn_end = Some(body.clone()),
+            EventBody::Error(e) if self.error.is_none() => self.error = Some(e.clone()),
             _ => {}
         }
         Ok(())
@@ -51,7 +123,7 @@ impl Transport for HttpTurn {
     }
 
     fn done_after(&self, event: &Published) -> bool {
-        event.kind == "turn_end" && event.turn_number == Some(self.turn)
+        event.ends_turn(self.turn)
     }
 
     async fn close(&mut self, _why: &Detach) {}

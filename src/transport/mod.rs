@@ -1,12 +1,13 @@
-//! The Transport trait and the one loop that drives any transport over a session: replay (or a
-//! resync), live events, client frames, heartbeats, slow-client and shutdown handling. The three
-//! adapters — WebSocket ([`ws`]), SSE ([`sse`]) and HTTP turns ([`http`]) — only say how to
-//! deliver an event, read a frame, beat the heart and close.
+//! The Transport trait and the one loop that drives a pushed-to transport over a session: replay
+//! (or a resync), live events, client frames, heartbeats, slow-client and shutdown handling. The
+//! WebSocket ([`ws`]) and HTTP-turn ([`http`]) adapters only say how to deliver an event, read a
+//! frame, beat the heart and close; SSE ([`sse`]) is a response body pulled from the subscription.
 
 pub mod http;
 pub mod sse;
 pub mod ws;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -15,20 +16,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
-use crate::session::event::{EventBody, Published, SessionState};
+pub use crate::session::event::TransportKind;
+use crate::session::event::{ErrorCause, EventBody, Published, SessionState, SessionStatus};
 use crate::session::log::Subscription;
 use crate::session::{ClientFrame, SessionHandle, Stats};
-
-/// Which transport a connection uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TransportKind {
-    /// A JSON reply per turn.
-    Http,
-    /// Server-sent events.
-    Sse,
-    /// WebSocket.
-    WebSocket,
-}
 
 /// Why a connection ends (WebSocket close codes are documented in `proto/README.md`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,21 +58,21 @@ pub enum Inbound {
     Closed,
 }
 
-/// One client connection attached to a session.
-#[async_trait::async_trait]
+/// One client connection attached to a session. Only used generically (by [`drive`]), so its
+/// methods are plain `async` functions whose futures are `Send`, with no boxing.
 pub trait Transport: Send {
     /// Which transport this is.
     fn kind(&self) -> TransportKind;
 
     /// Delivers one event. `Err` detaches the connection.
-    async fn send(&mut self, event: &Published) -> Result<(), Detach>;
+    fn send(&mut self, event: &Published) -> impl Future<Output = Result<(), Detach>> + Send;
 
     /// The next frame from the client. Transports without a client-to-server direction never
     /// resolve. Must be cancel-safe: the drive loop drops it whenever an event goes out first.
-    async fn recv(&mut self) -> Inbound;
+    fn recv(&mut self) -> impl Future<Output = Inbound> + Send;
 
-    /// A keepalive (SSE comment, WebSocket ping).
-    async fn heartbeat(&mut self) -> Result<(), Detach>;
+    /// A keepalive (a WebSocket ping).
+    fn heartbeat(&mut self) -> impl Future<Output = Result<(), Detach>> + Send;
 
     /// When the connection counts as dead unless the client answers a heartbeat first.
     fn liveness_deadline(&self) -> Option<Instant> {
@@ -94,8 +85,12 @@ pub trait Transport: Send {
     }
 
     /// Ends the connection, telling the client why where the transport can.
-    async fn close(&mut self, why: &Detach);
+    fn close(&mut self, why: &Detach) -> impl Future<Output = ()> + Send;
 }
+
+/// How long a connection keeps delivering a shutting-down session's last events (its `error`
+/// and `session` events) before it closes anyway.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
 
 /// Timing and limits of the drive loop.
 #[derive(Debug, Clone)]
@@ -110,21 +105,37 @@ pub struct DriveOptions {
     pub stats: Arc<Stats>,
 }
 
-fn per_connection(session: &SessionHandle, body: EventBody) -> Published {
+/// An event for one connection only (`pong`, `resync`, a refused frame's `error`): it carries
+/// the seq of the latest logged event.
+pub(crate) fn per_connection(session: &SessionHandle, body: EventBody) -> Published {
     let (last_seq, _) = session.log.bounds();
     Published::new(&session.id, last_seq, body)
 }
 
 fn error_event(session: &SessionHandle, e: &Error) -> Published {
-    per_connection(
-        session,
-        EventBody::Error {
-            code: e.code().to_owned(),
-            message: e.to_string(),
-            retryable: e.retryable(),
-            turn_number: None,
+    per_connection(session, EventBody::error(ErrorCause::Request(e), None))
+}
+
+/// The `resync` event for a client too far behind to replay.
+pub(crate) async fn resync_event(session: &SessionHandle) -> Published {
+    let (last_seq, oldest_seq) = session.log.bounds();
+    let info = session.info().await.ok();
+    let state = SessionState {
+        status: if info.is_some() {
+            SessionStatus::Active
+        } else {
+            SessionStatus::Ended
         },
-    )
+        turn_count: info.as_ref().map_or(0, |i| i.turn_count),
+        current_turn: None,
+        oldest_seq,
+        last_seq,
+    };
+    let body = EventBody::Resync {
+        reason: "the requested events are no longer in the session log".to_owned(),
+        state,
+    };
+    per_connection(session, body)
 }
 
 /// Sends the replay of a subscription (or a resync when the client is too far behind).
@@ -134,20 +145,7 @@ async fn send_backlog<T: Transport>(
     transport: &mut T,
 ) -> Result<(), Detach> {
     if sub.resync_needed {
-        let (last_seq, oldest_seq) = session.log.bounds();
-        let info = session.info().await.ok();
-        let state = SessionState {
-            status: if info.is_some() { "active" } else { "ended" }.to_owned(),
-            turn_count: info.as_ref().map_or(0, |i| i.turn_count),
-            current_turn: None,
-            oldest_seq,
-            last_seq,
-        };
-        let body = EventBody::Resync {
-            reason: "the requested events are no longer in the session log".to_owned(),
-            state,
-        };
-        transport.send(&per_connection(session, body)).await?;
+        transport.send(&resync_event(session).await).await?;
     }
     for event in std::mem::take(&mut sub.replay) {
         transport.send(&event).await?;
@@ -256,8 +254,27 @@ async fn run<T: Transport>(
                 }
             }
             () = sleep_until_opt(deadline) => return Detach::NoPong,
-            () = &mut shutdown => return Detach::Shutdown,
+            () = &mut shutdown => return drain_for_shutdown(sub, transport).await,
         }
+    }
+}
+
+/// At shutdown, delivers what the session still publishes (its `error` and final `session`
+/// events) until it closes its log, for at most [`SHUTDOWN_DRAIN`]; then the connection closes
+/// as shutting down (1001), so a client learns the server went away only after the last event.
+async fn drain_for_shutdown<T: Transport>(sub: &mut Subscription, transport: &mut T) -> Detach {
+    let drain = async {
+        while let Some(event) = sub.live.recv().await {
+            transport.send(&event).await?;
+            if transport.done_after(&event) {
+                return Err(Detach::Done);
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(SHUTDOWN_DRAIN, drain).await {
+        Ok(Err(why)) => why,
+        Ok(Ok(())) | Err(_) => Detach::Shutdown,
     }
 }
 

@@ -1,19 +1,30 @@
-//! The SSE adapter: each event as `id: {seq}` / `event: {type}` / `data: {json}`, written and
-//! flushed as produced, heartbeat comments, and a bounded queue between the session and the
-//! response body: a client that does not drain it in time is detached (it can reconnect with
-//! `Last-Event-ID` and replay what it missed).
+//! The SSE adapter: a response body pulled straight from the session subscription, so the
+//! subscription's bounded queue is the client's only queue, and overflowing it detaches the client
+//! as slow, as for a WebSocket (it can reconnect with `Last-Event-ID` and replay what it missed).
+//! Each event goes out as the `id:`/`event:`/`data:` frame made once at publish, a refcounted
+//! clone; a `: keepalive` comment beats the heart while the session is quiet.
 
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::http::{HeaderValue, header};
-use axum::response::sse::{Event, Sse};
-use axum::response::{IntoResponse, Response};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use axum::response::Response;
+use bytes::Bytes;
+use futures::Stream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use super::{Detach, Inbound, Transport, TransportKind};
-use crate::session::event::Published;
+use super::{SHUTDOWN_DRAIN, per_connection, resync_event};
+use crate::session::event::{ErrorCause, EventBody};
+use crate::session::log::Subscription;
+use crate::session::manager::GaugeGuard;
+use crate::session::{SessionHandle, Stats};
+
+/// The heartbeat comment.
+const KEEPALIVE: &[u8] = b": keepalive\n\n";
 
 /// Tells proxies and CDNs neither to buffer nor to transform (compress) an event stream; every SSE
 /// response of coachd carries these headers.
@@ -25,84 +36,113 @@ pub fn no_buffering(headers: &mut axum::http::HeaderMap) {
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
 }
 
-/// The sending side of an SSE response.
-#[derive(Debug)]
-pub struct SseTransport {
-    tx: mpsc::Sender<Result<Event, Infallible>>,
-    send_timeout: Duration,
-    until_turn_end: Option<u32>,
+/// Timing and bounds of a session event stream.
+#[derive(Debug, Clone)]
+pub struct SseOptions {
+    /// Heartbeat comment interval.
+    pub heartbeat: Duration,
+    /// Cancelled at shutdown.
+    pub shutdown: CancellationToken,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// End the stream after this turn's `turn_end` (the streaming form of a turn request).
+    pub until_turn_end: Option<u32>,
 }
 
-impl SseTransport {
-    /// A transport and the response that streams what it sends. With `until_turn_end`, the stream
-    /// ends after that turn's `turn_end` (the streaming form of a turn request).
-    pub fn new(queue: usize, send_timeout: Duration, until_turn_end: Option<u32>) -> (Self, Response) {
-        let (tx, rx) = mpsc::channel(queue.max(1));
-        let mut response = Sse::new(ReceiverStream::new(rx)).into_response();
-        no_buffering(response.headers_mut());
-        (
-            SseTransport {
-                tx,
-                send_timeout,
-                until_turn_end,
-            },
-            response,
-        )
-    }
+/// The SSE response of a subscription; `gauge` (the `sse_connections` count) is held until the
+/// body is dropped.
+pub fn response(session: SessionHandle, sub: Subscription, opts: SseOptions, gauge: GaugeGuard) -> Response {
+    let body = events(session, sub, opts, gauge);
+    let mut response = Response::new(Body::from_stream(body));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    no_buffering(headers);
+    response
+}
 
-    /// Sets the turn after whose `turn_end` the stream ends.
-    pub fn set_until_turn_end(&mut self, turn: u32) {
-        self.until_turn_end = Some(turn);
-    }
+/// What the stream does next.
+enum Step {
+    Event(Arc<crate::session::event::Published>),
+    Keepalive,
+    Lagged,
+    LogClosed,
+    ShutdownStarted,
+    DrainOver,
+}
 
-    async fn push(&mut self, event: Event) -> Result<(), Detach> {
-        match self.tx.send_timeout(Ok(event), self.send_timeout).await {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(Detach::SlowClient),
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(Detach::ClientGone),
+/// The frames of a session event stream: the resync or replay, then live events and heartbeats,
+/// until the session ends, the requested turn ended, the client falls too far behind (then a
+/// `slow_client` error event closes it), or the server shuts down (the session's last events
+/// first).
+pub fn events(
+    session: SessionHandle,
+    mut sub: Subscription,
+    opts: SseOptions,
+    gauge: GaugeGuard,
+) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
+    async_stream::stream! {
+        let _gauge = gauge;
+        let done = |event: &crate::session::event::Published| {
+            opts.until_turn_end.is_some_and(|n| event.ends_turn(n))
+        };
+        if sub.resync_needed {
+            yield Ok(resync_event(&session).await.sse);
+        }
+        for event in std::mem::take(&mut sub.replay) {
+            yield Ok(event.sse.clone());
+            if done(&event) {
+                return;
+            }
+        }
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + opts.heartbeat, opts.heartbeat);
+        let shutdown = opts.shutdown.cancelled();
+        tokio::pin!(shutdown);
+        let mut drain_until: Option<Instant> = None;
+        loop {
+            let step = tokio::select! {
+                event = sub.live.recv() => match event {
+                    Some(event) => Step::Event(event),
+                    None if sub.lagged.load(Ordering::SeqCst) => Step::Lagged,
+                    None => Step::LogClosed,
+                },
+                _ = heartbeat.tick(), if drain_until.is_none() => Step::Keepalive,
+                () = &mut shutdown, if drain_until.is_none() => Step::ShutdownStarted,
+                () = super::sleep_until_opt(drain_until) => Step::DrainOver,
+            };
+            match step {
+                Step::Event(event) => {
+                    yield Ok(event.sse.clone());
+                    if done(&event) {
+                        return;
+                    }
+                }
+                Step::Keepalive => yield Ok(Bytes::from_static(KEEPALIVE)),
+                Step::Lagged => {
+                    opts.stats.slow_clients.inc();
+                    tracing::info!(session_id = %session.id, "slow SSE client detached");
+                    // The client reads again eventually (or never): this frame is the next thing
+                    // it sees, with the seq to resume after.
+                    yield Ok(close_frame(&session, ErrorCause::SlowClient));
+                    return;
+                }
+                // The session ended; its last events are out.
+                Step::LogClosed => return,
+                // Keep delivering what the session still publishes (its `error` and final
+                // `session` events) until it closes its log, for a bounded time.
+                Step::ShutdownStarted => drain_until = Some(Instant::now() + SHUTDOWN_DRAIN),
+                Step::DrainOver => {
+                    yield Ok(close_frame(&session, ErrorCause::ServerShutdown));
+                    return;
+                }
+            }
         }
     }
 }
 
-#[async_trait::async_trait]
-impl Transport for SseTransport {
-    fn kind(&self) -> TransportKind {
-        TransportKind::Sse
-    }
-
-    async fn send(&mut self, event: &Published) -> Result<(), Detach> {
-        let sse = Event::default()
-            .id(event.seq.to_string())
-            .event(event.kind)
-            .data(event.json.as_str());
-        self.push(sse).await
-    }
-
-    async fn recv(&mut self) -> Inbound {
-        // SSE has no client-to-server direction; a closed response shows up as a failed send.
-        // Wake when the body is dropped, so an idle stream notices the client leaving too.
-        self.tx.closed().await;
-        Inbound::Closed
-    }
-
-    async fn heartbeat(&mut self) -> Result<(), Detach> {
-        self.push(Event::default().comment("keepalive")).await
-    }
-
-    fn done_after(&self, event: &Published) -> bool {
-        matches!(self.until_turn_end, Some(n) if event.kind == "turn_end" && event.turn_number == Some(n))
-    }
-
-    async fn close(&mut self, why: &Detach) {
-        let reason = match why {
-            Detach::SlowClient => "slow_client",
-            Detach::Shutdown => "server_shutdown",
-            _ => return,
-        };
-        // Tell a client that can still read why the stream ends; it may reconnect and resume.
-        let data = format!(
-            r#"{{"type":"error","code":"{reason}","message":"stream closed: {reason}","retryable":true}}"#
-        );
-        let _ = self.tx.try_send(Ok(Event::default().event("error").data(data)));
-    }
+/// The `error` event that tells a client why its stream closes.
+fn close_frame(session: &SessionHandle, cause: ErrorCause<'_>) -> Bytes {
+    per_connection(session, EventBody::error(cause, None)).sse
 }

@@ -12,7 +12,7 @@ use super::{Detach, Inbound, Transport, TransportKind};
 use crate::session::ClientFrame;
 use crate::session::event::Published;
 
-/// Close codes (see `proto/README.md`).
+/// Close codes: the one table, kept in step with `proto/README.md`.
 pub mod close {
     /// The session ended.
     pub const NORMAL: u16 = 1000;
@@ -85,7 +85,6 @@ fn classify(error: &str) -> Inbound {
     }
 }
 
-#[async_trait::async_trait]
 impl<S, E> Transport for WsTransport<S>
 where
     S: Sink<Message, Error = E> + Stream<Item = Result<Message, E>> + Unpin + Send,
@@ -96,8 +95,8 @@ where
     }
 
     async fn send(&mut self, event: &Published) -> Result<(), Detach> {
-        self.write(Message::Text(Utf8Bytes::from(event.json.as_str())))
-            .await
+        // A refcounted clone of the bytes made at publish.
+        self.write(Message::Text(event.json.clone())).await
     }
 
     async fn recv(&mut self) -> Inbound {

@@ -145,9 +145,7 @@ impl SseReader {
             .ok()?;
         let data: Value =
             serde_json::from_str(&ev.data).unwrap_or_else(|_| panic!("SSE data is JSON: {}", ev.data));
-        if ev.event != "error" || data.get("session_id").is_some() {
-            assert_valid_event(&data);
-        }
+        assert_valid_event(&data);
         assert_eq!(
             ev.event,
             data["type"].as_str().unwrap_or_default(),

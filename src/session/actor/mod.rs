@@ -12,13 +12,17 @@ use chrono::Utc;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
-use super::event::{EventBody, Notes, PersonaInfo, extract_actions};
+use super::event::{
+    EndedBy, ErrorCause, EventBody, FinishReason, PersonaInfo, SessionStatus, extract_actions,
+};
 use super::manager::{Deps, EndOutcome, Registry, SessionInfo};
 use super::{SessionHandle, TurnMode};
 use crate::coach::Persona;
+use crate::coach::notes::Notes;
 use crate::coach::prompt::{self, TurnScope};
+use crate::config::ProviderKind;
 use crate::error::Error;
-use crate::llm::{EventStream, FinishReason, LlmError, LlmEvent, Usage};
+use crate::llm::{EventStream, LlmError, LlmEvent, Usage};
 use crate::persist::TurnRecord;
 
 /// What a session task is asked to do.
@@ -69,10 +73,10 @@ struct Active {
     reply: String,
     tokens: u32,
     stream: EventStream,
-    provider: Option<String>,
+    provider: Option<ProviderKind>,
     model: Option<String>,
     usage: Option<Usage>,
-    finish: Option<FinishReason>,
+    finish: Option<crate::llm::FinishReason>,
 }
 
 enum Flow {
@@ -135,19 +139,19 @@ impl Actor {
         }
     }
 
-    fn session_event(&self, status: &str) -> EventBody {
+    fn session_event(&self, status: SessionStatus) -> EventBody {
         EventBody::Session {
             user_id: self.handle.user_id.to_string(),
             coach_id: self.handle.coach_id.to_string(),
             persona: self.persona_info(),
-            status: status.to_owned(),
+            status,
             turn_count: self.turns_done,
             created_at: self.handle.created_at.to_rfc3339(),
         }
     }
 
     pub(super) async fn run(mut self) {
-        self.handle.log.publish(self.session_event("active"));
+        self.handle.log.publish(self.session_event(SessionStatus::Active));
         let idle = self.deps.limits.idle_timeout;
         let shutdown = self.deps.shutdown.clone();
         // Both made once: a fresh cancellation future or timer per loop turn (that is, per token)
@@ -156,18 +160,13 @@ impl Actor {
         tokio::pin!(cancelled);
         let idle_timer = tokio::time::sleep_until(tokio::time::Instant::from_std(self.last_activity + idle));
         tokio::pin!(idle_timer);
-        let mut ended_by = "ended";
+        let mut ended_by = EndedBy::Ended;
         loop {
             tokio::select! {
                 () = &mut cancelled => {
-                    self.interrupt_current("server_shutdown").await;
-                    self.handle.log.publish(EventBody::Error {
-                        code: "server_shutdown".into(),
-                        message: "the server is restarting; reconnect and resume".into(),
-                        retryable: true,
-                        turn_number: None,
-                    });
-                    ended_by = "shutdown";
+                    self.interrupt_current(FinishReason::ServerShutdown).await;
+                    self.handle.log.publish(EventBody::error(ErrorCause::ServerShutdown, None));
+                    ended_by = EndedBy::Shutdown;
                     break;
                 }
                 command = self.rx.recv() => {
@@ -182,7 +181,7 @@ impl Actor {
                     self.on_llm_item(item).await;
                 }
                 () = std::future::ready(()), if self.end_when_idle && self.current.is_none() && self.queue.is_empty() => {
-                    self.handle.log.publish(self.session_event("ended"));
+                    self.handle.log.publish(self.session_event(SessionStatus::Ended));
                     self.deps.stats.sessions_ended.inc();
                     break;
                 }
@@ -196,7 +195,7 @@ impl Actor {
                     if self.handle.log.subscriber_count() == 0 && self.queue.is_empty() {
                         tracing::info!(session_id = %self.handle.id, "session expired after idling");
                         self.deps.stats.expired.inc();
-                        ended_by = "expired";
+                        ended_by = EndedBy::Expired;
                         break;
                     }
                     // Someone is still attached: an open connection is activity.
@@ -205,8 +204,8 @@ impl Actor {
                 }
             }
         }
-        if ended_by != "ended" {
-            self.handle.log.publish(self.session_event("ended"));
+        if ended_by != EndedBy::Ended {
+            self.handle.log.publish(self.session_event(SessionStatus::Ended));
         }
         self.handle.log.close();
         self.registry.remove(&self.handle.id, self.turns_done, ended_by);
@@ -226,7 +225,7 @@ impl Actor {
             }
             Command::Cancel { reply } => {
                 let running = self.current.is_some();
-                self.interrupt_current("cancelled").await;
+                self.interrupt_current(FinishReason::Cancelled).await;
                 self.start_next();
                 let _ = reply.send(running);
                 Flow::Continue
@@ -257,8 +256,8 @@ impl Actor {
             user_id: self.handle.user_id.to_string(),
             coach_id: self.handle.coach_id.to_string(),
             persona: self.persona_info(),
-            transport: self.handle.transport.to_string(),
-            status: "active".into(),
+            transport: self.handle.transport,
+            status: SessionStatus::Active,
             turn_count: self.turns_done,
             streaming_turn: self.current.as_ref().map(|t| t.number),
             queued_turns: self.queue.len(),
@@ -288,7 +287,7 @@ impl Actor {
         let text = trimmed.to_owned();
         if self.current.is_some() {
             match mode {
-                TurnMode::Interrupt => self.interrupt_current("interrupted").await,
+                TurnMode::Interrupt => self.interrupt_current(FinishReason::Interrupted).await,
                 TurnMode::Queue if self.queue.len() >= limits.max_queued_turns => {
                     return Err(Error::QueueFull {
                         max: limits.max_queued_turns,
@@ -376,7 +375,7 @@ impl Actor {
         };
         match item {
             Some(Ok(LlmEvent::Start { provider, model })) => {
-                turn.provider = Some(provider.to_string());
+                turn.provider = Some(provider);
                 turn.model = Some(model);
             }
             Some(Ok(LlmEvent::Delta(text))) => {
@@ -398,29 +397,22 @@ impl Actor {
             Some(Ok(LlmEvent::Finish(reason))) => turn.finish = Some(reason),
             Some(Err(e)) => {
                 let number = turn.number;
-                let err = Error::from(e);
-                tracing::warn!(session_id = %self.handle.id, turn = number, error = %err, "turn failed");
-                self.handle.log.publish(EventBody::Error {
-                    code: err.code().to_owned(),
-                    message: err.to_string(),
-                    retryable: err.retryable(),
-                    turn_number: Some(number),
-                });
-                self.finish_turn(true, "error").await;
+                tracing::warn!(session_id = %self.handle.id, turn = number, error = %e, "turn failed");
+                self.handle
+                    .log
+                    .publish(EventBody::error(ErrorCause::Provider(e), Some(number)));
+                self.finish_turn(true, FinishReason::Error).await;
                 self.start_next();
             }
             None => {
                 match turn.finish.clone() {
-                    Some(reason) => self.finish_turn(false, reason.as_str()).await,
+                    Some(reason) => self.finish_turn(false, reason.into()).await,
                     None => {
-                        let number = turn.number;
-                        self.handle.log.publish(EventBody::Error {
-                            code: "upstream_incomplete".into(),
-                            message: "the reply ended without a finish reason".into(),
-                            retryable: true,
-                            turn_number: Some(number),
-                        });
-                        self.finish_turn(true, "error").await;
+                        let (number, provider) = (turn.number, turn.provider);
+                        self.handle
+                            .log
+                            .publish(EventBody::error(ErrorCause::Incomplete(provider), Some(number)));
+                        self.finish_turn(true, FinishReason::Error).await;
                     }
                 }
                 self.start_next();
@@ -430,21 +422,21 @@ impl Actor {
 
     /// Stops the current reply (dropping its stream aborts the upstream request) and stores the
     /// partial turn as interrupted.
-    async fn interrupt_current(&mut self, reason: &str) {
+    async fn interrupt_current(&mut self, reason: FinishReason) {
         if self.current.is_some() {
             self.finish_turn(true, reason).await;
         }
     }
 
-    async fn finish_turn(&mut self, interrupted: bool, finish_reason: &str) {
+    async fn finish_turn(&mut self, interrupted: bool, finish_reason: FinishReason) {
         let Some(turn) = self.current.take() else {
             return;
         };
         drop(turn.stream);
         let stats = &self.deps.stats;
-        match (interrupted, finish_reason) {
+        match (interrupted, &finish_reason) {
             (false, _) => stats.turns_completed.inc(),
-            (true, "error") => stats.turns_failed.inc(),
+            (true, FinishReason::Error) => stats.turns_failed.inc(),
             (true, _) => stats.turns_interrupted.inc(),
         }
         let actions = extract_actions(&turn.reply, self.deps.limits.max_actions);
@@ -453,9 +445,9 @@ impl Actor {
             reply_text: turn.reply.clone(),
             actions,
             usage: turn.usage,
-            finish_reason: finish_reason.to_owned(),
+            finish_reason: finish_reason.clone(),
             interrupted,
-            provider: turn.provider,
+            provider: turn.provider.map(|p| p.to_string()),
             model: turn.model,
         });
         self.turns_done += 1;
@@ -475,7 +467,7 @@ impl Actor {
                 user_text: turn.user_text,
                 reply_text: turn.reply,
                 interrupted,
-                finish_reason: finish_reason.to_owned(),
+                finish_reason: finish_reason.to_string(),
                 usage: turn.usage,
                 at: Utc::now(),
             })
@@ -483,14 +475,11 @@ impl Actor {
     }
 
     async fn end(&mut self, generate_notes: bool) -> EndOutcome {
-        self.interrupt_current("session_ended").await;
+        self.interrupt_current(FinishReason::SessionEnded).await;
         for dropped in self.queue.drain(..) {
-            self.handle.log.publish(EventBody::Error {
-                code: "turn_dropped".into(),
-                message: "the session ended before this message was answered".into(),
-                retryable: false,
-                turn_number: Some(dropped.number),
-            });
+            self.handle
+                .log
+                .publish(EventBody::error(ErrorCause::TurnDropped, Some(dropped.number)));
         }
         let mut outcome = EndOutcome {
             session_id: self.handle.id.to_string(),
@@ -513,17 +502,14 @@ impl Actor {
                     outcome.notes_id = Some(id);
                 }
                 Err(e) => {
-                    self.handle.log.publish(EventBody::Error {
-                        code: e.code().to_owned(),
-                        message: format!("notes could not be generated: {e}"),
-                        retryable: e.retryable(),
-                        turn_number: None,
-                    });
+                    self.handle
+                        .log
+                        .publish(EventBody::error(ErrorCause::Notes(&e), None));
                     outcome.notes_error = Some(e.body().error);
                 }
             }
         }
-        self.handle.log.publish(self.session_event("ended"));
+        self.handle.log.publish(self.session_event(SessionStatus::Ended));
         outcome
     }
 
