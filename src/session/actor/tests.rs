@@ -24,6 +24,7 @@ use crate::llm::{
 };
 use crate::memory::{MemoryLimits, MemoryStore, in_process::InProcessMemoryStore};
 use crate::persist::{WriteBehind, WriteBehindConfig};
+use crate::session::event::{EndedBy, TransportKind};
 use crate::session::log::Subscription;
 use crate::session::{ConnectionManager, Deps, SessionHandle, SessionLimits, Stats, TurnMode};
 
@@ -250,7 +251,7 @@ fn harness(setup: Setup) -> Harness {
 
 impl Harness {
     fn session(&self) -> (SessionHandle, Subscription) {
-        let handle = self.manager.create("u", "c", "http").unwrap();
+        let handle = self.manager.create("u", "c", TransportKind::Http).unwrap();
         let sub = handle.subscribe(Some(0));
         (handle, sub)
     }
@@ -274,7 +275,7 @@ async fn next(sub: &mut Subscription) -> Value {
     } else {
         sub.replay.remove(0)
     };
-    serde_json::from_str(&event.json).unwrap()
+    serde_json::from_str(event.json.as_str()).unwrap()
 }
 
 /// Events up to and including the first one of type `kind` (for `turn`, when given).
@@ -530,7 +531,7 @@ async fn an_idle_session_without_connections_expires() {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     assert!(h.manager.get(&s.id).is_none(), "expired");
-    assert_eq!(h.manager.ended(&s.id).unwrap().ended_by, "expired");
+    assert_eq!(h.manager.ended(&s.id).unwrap().ended_by, EndedBy::Expired);
     assert_eq!(h.manager.stats().expired.get(), 1);
     h.stop().await;
 }
@@ -572,7 +573,7 @@ async fn end_when_idle_lets_the_running_and_queued_turns_finish_first() {
         (Some(u64::from(second)), Some(false))
     );
     tokio::task::yield_now().await;
-    assert_eq!(h.manager.ended(&s.id).unwrap().ended_by, "ended");
+    assert_eq!(h.manager.ended(&s.id).unwrap().ended_by, EndedBy::Ended);
     h.stop().await;
 }
 
