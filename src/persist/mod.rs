@@ -439,3 +439,199 @@ impl Worker {
         false
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The worker and the session producer with paused time, against the real in-process stores
+    //! (and a real Redis client on a closed port for a store that stays down).
+
+    use super::*;
+    use crate::context::ContextLimits;
+    use crate::context::in_process::InProcessContextCache;
+    use crate::embed::offline::OfflineEmbedder;
+    use crate::memory::MemoryLimits;
+    use crate::memory::in_process::InProcessMemoryStore;
+
+    fn record(session: &str, turn: u32) -> TurnRecord {
+        TurnRecord {
+            session_id: session.into(),
+            user_id: "u".into(),
+            coach_id: "c".into(),
+            turn_number: turn,
+            user_text: format!("question {turn}"),
+            reply_text: format!("answer {turn}"),
+            interrupted: false,
+            finish_reason: "stop".into(),
+            usage: None,
+            at: Utc::now(),
+        }
+    }
+
+    fn in_process_context() -> Arc<dyn ContextCache> {
+        let long = Duration::from_secs(3600);
+        Arc::new(InProcessContextCache::new(ContextLimits {
+            session_ttl: long,
+            user_session_ttl: long,
+            max_messages: 100,
+        }))
+    }
+
+    fn in_process_memory() -> Arc<dyn MemoryStore> {
+        Arc::new(InProcessMemoryStore::new(
+            Arc::new(OfflineEmbedder::new(16)),
+            MemoryLimits {
+                max_text_bytes: 10_000,
+                list_max: 100,
+            },
+            10_000,
+        ))
+    }
+
+    /// Redis on a port nobody listens on: every command fails.
+    fn unreachable_redis() -> Arc<dyn ContextCache> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("redis://127.0.0.1:{port}");
+        let settings = crate::config::Settings::for_tests(&[
+            ("REDIS_URL", &url),
+            ("COACHD_REDIS_COMMAND_TIMEOUT_MS", "200"),
+        ])
+        .unwrap();
+        let conn = crate::redis::connect(settings.redis_url.as_ref().unwrap(), &settings).unwrap();
+        Arc::new(crate::context::redis::RedisContextCache::new(
+            conn.pool,
+            "t:",
+            ContextLimits::from_settings(&settings),
+        ))
+    }
+
+    struct Running {
+        wb: WriteBehind,
+        tracker: TaskTracker,
+        stop: CancellationToken,
+    }
+
+    fn start(queue_capacity: usize, context: Arc<dyn ContextCache>, memory: Arc<dyn MemoryStore>) -> Running {
+        let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());
+        let wb = WriteBehind::start(
+            WriteBehindConfig {
+                workers: 1,
+                queue_capacity,
+                max_attempts: 3,
+                retry_base: Duration::from_millis(100),
+                memory_max_bytes: 10_000,
+            },
+            context,
+            memory,
+            &tracker,
+            stop.clone(),
+        );
+        Running { wb, tracker, stop }
+    }
+
+    impl Running {
+        async fn shut_down(&self) {
+            self.stop.cancel();
+            self.tracker.close();
+            self.tracker.wait().await;
+        }
+    }
+
+    fn count(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_that_stays_down_is_given_up_after_its_backed_off_retries_and_the_others_are_written() {
+        let memory = in_process_memory();
+        let run = start(8, unreachable_redis(), memory.clone());
+        let began = tokio::time::Instant::now();
+
+        run.wb.enqueue(record("s1", 1)).await;
+        run.shut_down().await;
+
+        let stats = run.wb.stats();
+        assert_eq!(count(&stats.retries), 4, "two retries for each Redis list");
+        assert!(
+            began.elapsed() >= Duration::from_millis(300),
+            "backed off 100 ms, then 200 ms: {:?}",
+            began.elapsed()
+        );
+        let given_up = &stats.given_up;
+        assert_eq!(
+            (
+                count(&given_up.session_context),
+                count(&given_up.user_coach_context),
+                count(&given_up.memory)
+            ),
+            (1, 1, 0)
+        );
+        assert_eq!((count(&stats.failed), count(&stats.written)), (1, 0));
+        assert_eq!(
+            memory.list("u", "c", 10, 0).await.unwrap().1,
+            1,
+            "memory was written regardless"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_drains_every_queued_record_before_the_worker_stops() {
+        let context = in_process_context();
+        let run = start(64, context.clone(), in_process_memory());
+        for i in 0..10 {
+            run.wb.enqueue(record(&format!("s{i}"), 1)).await;
+        }
+
+        run.shut_down().await;
+
+        assert_eq!(count(&run.wb.stats().written), 10);
+        for i in 0..10 {
+            let stored = context.recent_messages(&format!("s{i}"), 10).await.unwrap();
+            assert_eq!(stored.len(), 2, "session s{i} has its turn");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_keeps_a_sessions_records_in_its_backlog_in_order_without_waiting() {
+        let context = in_process_context();
+        let run = start(1, context.clone(), in_process_memory());
+        let mut writer = run.wb.session_writer("s1");
+
+        // No await in between: the worker has not taken anything yet, so the queue fills at once.
+        for turn in 1..=3 {
+            writer.push(record("s1", turn));
+        }
+
+        let stats = run.wb.stats();
+        assert!(writer.has_backlog());
+        assert_eq!((count(&stats.queue_full_waits), count(&stats.backlog)), (1, 2));
+        writer.flush().await;
+        assert_eq!(count(&stats.backlog), 0);
+        run.shut_down().await;
+        assert_eq!((count(&stats.enqueued), count(&stats.written)), (3, 3));
+        let turns: Vec<u64> = context
+            .recent_messages("s1", 10)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|m| m.role == "user")
+            .map(|m| m.metadata["turn_number"].as_u64().unwrap())
+            .collect();
+        assert_eq!(turns, [1, 2, 3], "stored in the order they ended");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_refused_by_a_stopped_queue_is_counted_not_dropped_silently() {
+        let run = start(4, in_process_context(), in_process_memory());
+        run.shut_down().await;
+        let mut writer = run.wb.session_writer("s1");
+
+        writer.push(record("s1", 1));
+
+        assert!(!writer.has_backlog());
+        assert_eq!(count(&run.wb.stats().failed), 1);
+    }
+}
