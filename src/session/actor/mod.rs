@@ -154,10 +154,9 @@ impl Actor {
                     }
                 }
                 // The current turn, in whichever phase it is: routed, or its next event.
-                step = next_step(&mut self.current) => {
-                    self.last_activity = Instant::now();
-                    self.on_step(step);
-                }
+                // No clock read here (this is the token path): the idle timer only runs between
+                // turns, so a turn's end, which `finish_turn` stamps, is its last activity.
+                step = next_step(&mut self.current) => self.on_step(step),
                 // Records a full queue could not take, handed over as room appears; the session
                 // goes on meanwhile (see persist's module header).
                 () = self.writer.hand_over(), if self.writer.has_backlog() => {}

@@ -219,6 +219,7 @@ impl Actor {
             return;
         };
         drop(turn.phase);
+        self.last_activity = Instant::now();
         let stats = &self.deps.stats;
         match (interrupted, &finish_reason) {
             (false, _) => stats.turns_completed.inc(),
