@@ -128,3 +128,77 @@ impl Transport for HttpTurn {
 
     async fn close(&mut self, _why: &Detach) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::ProviderKind;
+    use crate::llm::LlmError;
+    use crate::llm::error::TimeoutPhase;
+    use crate::session::event::ErrorCause;
+
+    fn turn_end(reply: &str) -> EventBody {
+        EventBody::TurnEnd {
+            turn_number: 1,
+            reply_text: reply.to_owned(),
+            actions: Vec::new(),
+            usage: None,
+            finish_reason: FinishReason::Error,
+            interrupted: true,
+            provider: None,
+            model: None,
+        }
+    }
+
+    async fn collect(events: Vec<EventBody>) -> HttpTurn {
+        let mut turn = HttpTurn::new(1);
+        for (seq, body) in (1..).zip(events) {
+            turn.send(&Published::new("s", seq, body)).await.unwrap();
+        }
+        turn
+    }
+
+    fn timeout() -> LlmError {
+        LlmError::Timeout {
+            provider: ProviderKind::Offline,
+            phase: TimeoutPhase::FirstToken,
+            after: Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_turn_that_failed_before_any_text_answers_with_the_errors_own_status() {
+        let turn = collect(vec![
+            EventBody::error(ErrorCause::Provider(timeout()), Some(1)),
+            turn_end(""),
+        ])
+        .await;
+        let err = turn.into_reply("s").unwrap_err();
+        assert_eq!((err.status_code().as_u16(), err.code()), (504, "timeout"));
+    }
+
+    #[tokio::test]
+    async fn a_turn_that_failed_after_some_text_answers_200_with_the_text_and_the_error() {
+        let turn = collect(vec![
+            EventBody::error(ErrorCause::Provider(timeout()), Some(1)),
+            turn_end("Half a"),
+        ])
+        .await;
+        let reply = turn.into_reply("s").unwrap();
+        assert_eq!(reply.reply_text, "Half a");
+        assert_eq!(reply.error.unwrap().code, "timeout");
+        assert_eq!(reply.finish_reason, FinishReason::Error);
+    }
+
+    #[tokio::test]
+    async fn events_of_other_turns_are_ignored() {
+        let mut other = turn_end("other");
+        if let EventBody::TurnEnd { turn_number, .. } = &mut other {
+            *turn_number = 2;
+        }
+        let turn = collect(vec![other]).await;
+        assert_eq!(turn.into_reply("s").unwrap_err().status_code().as_u16(), 503);
+    }
+}

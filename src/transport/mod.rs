@@ -52,6 +52,8 @@ pub enum Inbound {
     Frame(ClientFrame),
     /// A frame that could not be understood; answered with an `error` event.
     Invalid(String),
+    /// The client answered a heartbeat; nothing to deliver.
+    Alive,
     /// A violation that ends the connection.
     Fatal(Detach),
     /// The client closed.
@@ -210,6 +212,7 @@ async fn run<T: Transport>(
             },
             inbound = transport.recv() => match inbound {
                 Inbound::Closed => return Detach::ClientGone,
+                Inbound::Alive => {}
                 Inbound::Fatal(why) => return why,
                 Inbound::Invalid(message) => {
                     bad_frames += 1;
@@ -283,4 +286,21 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
+}
+
+/// A live session of the in-process app (kept alive by the returned app), its first `session`
+/// event logged: what the transports' unit tests drive.
+#[cfg(test)]
+pub(crate) async fn test_session() -> (crate::startup::Application, SessionHandle) {
+    let settings = crate::config::Settings::for_tests(&[]).unwrap();
+    let app = crate::startup::Application::build(settings).await.unwrap();
+    let session = app
+        .state()
+        .sessions
+        .create("u", "c", TransportKind::WebSocket)
+        .unwrap();
+    while session.log.bounds().0 == 0 {
+        tokio::task::yield_now().await;
+    }
+    (app, session)
 }

@@ -146,3 +146,116 @@ pub fn events(
 fn close_frame(session: &SessionHandle, cause: ErrorCause<'_>) -> Bytes {
     per_connection(session, EventBody::error(cause, None)).sse
 }
+
+#[cfg(test)]
+mod tests {
+    //! The session event stream with paused time: heartbeats, the slow-client close, shutdown.
+
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::session::manager::Gauge;
+    use crate::transport::test_session;
+
+    const HEARTBEAT: Duration = Duration::from_secs(15);
+
+    fn options(shutdown: &CancellationToken, stats: &Arc<Stats>) -> SseOptions {
+        SseOptions {
+            heartbeat: HEARTBEAT,
+            shutdown: shutdown.clone(),
+            stats: stats.clone(),
+            until_turn_end: None,
+        }
+    }
+
+    fn text(frame: Option<Result<Bytes, Infallible>>) -> String {
+        let Some(Ok(bytes)) = frame else { panic!("a frame") };
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    fn data(frame: &str) -> serde_json::Value {
+        let line = frame.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+        serde_json::from_str(line).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replay_first_then_a_keepalive_comment_each_quiet_interval() {
+        let (_app, session) = test_session().await;
+        let stats = Arc::new(Stats::default());
+        let gauge = Gauge::enter(&stats, |s| &s.sse_connections);
+        let sub = session.subscribe(Some(0));
+        let mut events = Box::pin(events(
+            session,
+            sub,
+            options(&CancellationToken::new(), &stats),
+            gauge,
+        ));
+        assert!(text(events.next().await).starts_with("id: 1\nevent: session\ndata: "));
+        let start = Instant::now();
+        assert_eq!(text(events.next().await), ": keepalive\n\n");
+        assert_eq!(start.elapsed(), HEARTBEAT);
+        assert_eq!(stats.sse_connections.get(), 1);
+        drop(events);
+        assert_eq!(
+            stats.sse_connections.get(),
+            0,
+            "the gauge lives as long as the body"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_behind_its_queue_gets_what_was_queued_then_a_slow_client_event() {
+        let (_app, session) = test_session().await;
+        let stats = Arc::new(Stats::default());
+        let gauge = Gauge::enter(&stats, |s| &s.sse_connections);
+        let sub = session.log.subscribe(None, 2);
+        for i in 0..3 {
+            session.log.publish(EventBody::Token {
+                turn_number: 1,
+                text: format!("t{i}"),
+                index: i,
+            });
+        }
+        let id = session.id.to_string();
+        let events = events(session, sub, options(&CancellationToken::new(), &stats), gauge);
+        tokio::pin!(events);
+        assert_eq!(data(&text(events.next().await))["text"], "t0");
+        assert_eq!(data(&text(events.next().await))["text"], "t1");
+        let close = data(&text(events.next().await));
+        assert_eq!(
+            (
+                close["type"].as_str(),
+                close["code"].as_str(),
+                close["session_id"].as_str()
+            ),
+            (Some("error"), Some("slow_client"), Some(id.as_str()))
+        );
+        assert_eq!(close["seq"], 4, "the latest seq, to resume after");
+        assert!(events.next().await.is_none());
+        assert_eq!(stats.slow_clients.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_shutdown_the_sessions_last_events_go_out_before_the_stream_ends() {
+        let (app, session) = test_session().await;
+        let stats = Arc::new(Stats::default());
+        let gauge = Gauge::enter(&stats, |s| &s.sse_connections);
+        let sub = session.subscribe(None);
+        // The app's own token: the session task sees it too.
+        let shutdown = app.shutdown_token();
+        let events = events(session, sub, options(&shutdown, &stats), gauge);
+        tokio::pin!(events);
+        shutdown.cancel();
+        let error = data(&text(events.next().await));
+        assert_eq!(
+            (error["type"].as_str(), error["code"].as_str()),
+            (Some("error"), Some("server_shutdown"))
+        );
+        let end = data(&text(events.next().await));
+        assert_eq!(
+            (end["type"].as_str(), end["status"].as_str()),
+            (Some("session"), Some("ended"))
+        );
+        assert!(events.next().await.is_none(), "then the stream ends");
+    }
+}

@@ -1,6 +1,7 @@
 //! The WebSocket adapter: events as text frames, client frames from text frames, protocol pings
 //! with a pong deadline, a send timeout, and close codes for every way a connection can end.
-//! Generic over the socket's `Sink` + `Stream`, so tests can drive it with channels.
+//! Generic over the socket's `Sink` + `Stream`, so the tests below drive it, and the drive loop,
+//! over channels.
 
 use std::time::Duration;
 
@@ -117,7 +118,12 @@ where
                         reason: "only JSON text frames are accepted".into(),
                     });
                 }
-                Ok(Message::Pong(_)) => self.awaiting_pong = None,
+                // Returned, not swallowed: the drive loop re-arms its pong deadline only when
+                // `recv` returns, so a pong read inside this loop would not cancel it.
+                Ok(Message::Pong(_)) => {
+                    self.awaiting_pong = None;
+                    return Inbound::Alive;
+                }
                 // Pings are answered by the WebSocket layer itself.
                 Ok(Message::Ping(_)) => {}
                 Ok(Message::Close(_)) => return Inbound::Closed,
@@ -155,5 +161,248 @@ where
         };
         // Best effort: a client that is gone or stuck cannot be told.
         let _ = tokio::time::timeout(self.send_timeout, self.socket.send(Message::Close(Some(frame)))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The drive loop over a channel-backed WebSocket, with paused time: heartbeats and the pong
+    //! deadline, both slow-client rules, resume, and malformed frames. The session is a real
+    //! one (the in-process app, offline provider); its log is published to directly.
+
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    use futures::channel::mpsc;
+
+    use super::*;
+    use crate::session::Stats;
+    use crate::session::event::EventBody;
+    use crate::transport::{DriveOptions, drive, test_session as session};
+
+    /// A socket whose other end is the test: frames the server sends arrive on `to_client`,
+    /// frames the test sends come in on `from_client`.
+    struct ChannelSocket {
+        to_client: mpsc::Sender<Message>,
+        from_client: mpsc::UnboundedReceiver<Message>,
+    }
+
+    impl Sink<Message> for ChannelSocket {
+        type Error = mpsc::SendError;
+
+        fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Pin::new(&mut self.to_client).poll_ready(cx)
+        }
+
+        fn start_send(mut self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+            Pin::new(&mut self.to_client).start_send(item)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Pin::new(&mut self.to_client).poll_flush(cx)
+        }
+
+        fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Pin::new(&mut self.to_client).poll_close(cx)
+        }
+    }
+
+    impl Stream for ChannelSocket {
+        type Item = Result<Message, mpsc::SendError>;
+
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.from_client.poll_next_unpin(cx).map(|m| m.map(Ok))
+        }
+    }
+
+    /// The test's end of a connection.
+    struct Client {
+        rx: mpsc::Receiver<Message>,
+        tx: mpsc::UnboundedSender<Message>,
+    }
+
+    impl Client {
+        fn send(&self, frame: &str) {
+            self.tx.unbounded_send(Message::Text(frame.into())).unwrap();
+        }
+
+        async fn next(&mut self) -> Message {
+            self.rx
+                .next()
+                .await
+                .expect("a message before the socket is dropped")
+        }
+
+        /// The next text frame as JSON (skipping pings).
+        async fn event(&mut self) -> serde_json::Value {
+            loop {
+                match self.next().await {
+                    Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
+                    Message::Ping(_) => {}
+                    other => panic!("expected an event, got {other:?}"),
+                }
+            }
+        }
+
+        /// The close code, skipping anything before it.
+        async fn close_code(&mut self) -> u16 {
+            loop {
+                if let Message::Close(frame) = self.next().await {
+                    return frame.map(|f| f.code).unwrap();
+                }
+            }
+        }
+    }
+
+    const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+    const PING: Duration = Duration::from_secs(25);
+    const PONG_TIMEOUT: Duration = Duration::from_secs(8);
+
+    fn connection(buffer: usize) -> (WsTransport<ChannelSocket>, Client) {
+        let (to_client, rx) = mpsc::channel(buffer);
+        let (tx, from_client) = mpsc::unbounded();
+        let socket = ChannelSocket {
+            to_client,
+            from_client,
+        };
+        (
+            WsTransport::new(socket, SEND_TIMEOUT, PONG_TIMEOUT),
+            Client { rx, tx },
+        )
+    }
+
+    fn options(stats: &Arc<Stats>) -> DriveOptions {
+        DriveOptions {
+            heartbeat: PING,
+            max_bad_frames: 2,
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            stats: stats.clone(),
+        }
+    }
+
+    fn token(i: u32) -> EventBody {
+        EventBody::Token {
+            turn_number: 1,
+            text: format!("t{i}"),
+            index: i,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ping_goes_out_each_interval_and_a_missing_pong_closes_4002() {
+        let (_app, session) = session().await;
+        let (mut transport, mut client) = connection(16);
+        let stats = Arc::new(Stats::default());
+        let sub = session.subscribe(None);
+        let start = Instant::now();
+        let run = drive(session, sub, &mut transport, options(&stats));
+        let talk = async {
+            // The first ping is answered: the connection lives on to the next one.
+            assert!(matches!(client.next().await, Message::Ping(_)));
+            assert_eq!(start.elapsed(), PING);
+            client
+                .tx
+                .unbounded_send(Message::Pong(Default::default()))
+                .unwrap();
+            assert!(matches!(client.next().await, Message::Ping(_)));
+            assert_eq!(start.elapsed(), PING * 2);
+            // The second is not: closed once the pong deadline passes.
+            assert_eq!(client.close_code().await, close::NO_PONG);
+            assert_eq!(start.elapsed(), PING * 2 + PONG_TIMEOUT);
+        };
+        tokio::join!(run, talk);
+        assert_eq!(stats.no_pong_closes.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_behind_its_queue_gets_what_was_queued_then_4001() {
+        let (_app, session) = session().await;
+        let (mut transport, mut client) = connection(16);
+        let stats = Arc::new(Stats::default());
+        let sub = session.log.subscribe(None, 2);
+        // Three events for a queue of two before the connection reads any: it overflows.
+        for i in 0..3 {
+            session.log.publish(token(i));
+        }
+        let run = drive(session, sub, &mut transport, options(&stats));
+        let talk = async {
+            assert_eq!(client.event().await["text"], "t0");
+            assert_eq!(client.event().await["text"], "t1");
+            assert_eq!(client.close_code().await, close::SLOW_CLIENT);
+        };
+        tokio::join!(run, talk);
+        assert_eq!(stats.slow_clients.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_socket_that_takes_no_frame_within_the_send_timeout_is_a_slow_client() {
+        let (_app, session) = session().await;
+        // Room for one frame, and a client that never reads.
+        let (mut transport, client) = connection(0);
+        let stats = Arc::new(Stats::default());
+        let sub = session.subscribe(None);
+        for i in 0..3 {
+            session.log.publish(token(i));
+        }
+        let start = Instant::now();
+        drive(session, sub, &mut transport, options(&stats)).await;
+        assert_eq!(stats.slow_clients.get(), 1);
+        // Given up after one send timeout (and one more for the close frame, which cannot go out).
+        assert_eq!(start.elapsed(), SEND_TIMEOUT * 2);
+        drop(client);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resume_replays_after_the_given_seq_then_goes_live() {
+        let (_app, session) = session().await;
+        let (mut transport, mut client) = connection(16);
+        let stats = Arc::new(Stats::default());
+        let first = session.log.bounds().0;
+        for i in 0..4 {
+            session.log.publish(token(i));
+        }
+        let sub = session.subscribe(None);
+        let log = session.log.clone();
+        let run = drive(session, sub, &mut transport, options(&stats));
+        let talk = async {
+            client.send(&format!(r#"{{"type":"resume","after_seq":{}}}"#, first + 2));
+            let mut seqs = Vec::new();
+            for _ in 0..2 {
+                seqs.push(client.event().await["seq"].as_u64().unwrap());
+            }
+            log.publish(token(4));
+            seqs.push(client.event().await["seq"].as_u64().unwrap());
+            assert_eq!(
+                seqs,
+                [first + 3, first + 4, first + 5],
+                "replay, then live, no gap"
+            );
+            drop(client);
+        };
+        tokio::join!(run, talk);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn malformed_frames_get_error_events_until_the_limit_then_1008() {
+        let (_app, session) = session().await;
+        let (mut transport, mut client) = connection(16);
+        let stats = Arc::new(Stats::default());
+        let sub = session.subscribe(None);
+        let run = drive(session, sub, &mut transport, options(&stats));
+        let talk = async {
+            client.send("not json");
+            assert_eq!(client.event().await["code"], "invalid_frame");
+            // A good frame in between resets the count.
+            client.send(r#"{"type":"ping","nonce":"n"}"#);
+            assert_eq!(client.event().await["nonce"], "n");
+            for _ in 0..2 {
+                client.send(r#"{"type":"shout"}"#);
+                assert_eq!(client.event().await["code"], "invalid_frame");
+            }
+            client.send("{");
+            assert_eq!(client.close_code().await, close::POLICY);
+        };
+        tokio::join!(run, talk);
     }
 }
