@@ -441,7 +441,7 @@ impl Worker {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The worker and the session producer with paused time, against the real in-process stores
     //! (and a real Redis client on a closed port for a store that stays down).
 
@@ -487,24 +487,34 @@ mod tests {
         ))
     }
 
-    /// Redis on a port nobody listens on: every command fails.
-    fn unreachable_redis() -> Arc<dyn ContextCache> {
+    /// A real Redis client on a port nobody listens on: every command fails after 200 ms. Built
+    /// with fred directly, so the test does not depend on how start-up reads its settings.
+    pub(crate) fn unreachable_redis() -> Arc<dyn ContextCache> {
+        use fred::prelude::{Builder, ClientLike, Config};
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let url = format!("redis://127.0.0.1:{port}");
-        let settings = crate::config::Settings::for_tests(&[
-            ("REDIS_URL", &url),
-            ("COACHD_REDIS_COMMAND_TIMEOUT_MS", "200"),
-        ])
-        .unwrap();
-        let conn = crate::redis::connect(settings.redis_url.as_ref().unwrap(), &settings).unwrap();
+        let mut config = Config::from_url(&format!("redis://127.0.0.1:{port}")).unwrap();
+        config.fail_fast = false;
+        let timeout = Duration::from_millis(200);
+        let pool = Builder::from_config(config)
+            .with_connection_config(|c| c.connection_timeout = timeout)
+            .with_performance_config(|p| p.default_command_timeout = timeout)
+            .build_pool(1)
+            .unwrap();
+        // The connection task ends with the test's runtime.
+        drop(pool.connect());
+        let long = Duration::from_secs(3600);
         Arc::new(crate::context::redis::RedisContextCache::new(
-            conn.pool,
+            pool,
             "t:",
-            ContextLimits::from_settings(&settings),
+            ContextLimits {
+                session_ttl: long,
+                user_session_ttl: long,
+                max_messages: 100,
+            },
         ))
     }
 

@@ -603,27 +603,6 @@ async fn shutdown_interrupts_the_reply_and_stores_it_before_write_behind_stops()
     assert_eq!(wb.stats().written.load(Ordering::Relaxed), 1);
 }
 
-/// A Redis client on a port nobody listens on: every command fails after the command timeout.
-fn unreachable_redis() -> Arc<dyn ContextCache> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("redis://127.0.0.1:{port}");
-    let settings = crate::config::Settings::for_tests(&[
-        ("REDIS_URL", &url),
-        ("COACHD_REDIS_COMMAND_TIMEOUT_MS", "200"),
-    ])
-    .unwrap();
-    let conn = crate::redis::connect(settings.redis_url.as_ref().unwrap(), &settings).unwrap();
-    Arc::new(crate::context::redis::RedisContextCache::new(
-        conn.pool,
-        "t:",
-        ContextLimits::from_settings(&settings),
-    ))
-}
-
 /// Issue 10 (7g): a full write-behind queue in front of a store that cannot answer must not hold
 /// up the session: cancel and the next turn are answered at once, and every turn is still stored
 /// (or counted as given up for the store that is down), none dropped.
@@ -632,7 +611,7 @@ async fn a_full_write_behind_queue_does_not_hold_up_cancel_or_the_next_turn() {
     let h = harness(Setup {
         queue_capacity: 1,
         max_attempts: 3,
-        context: Some(unreachable_redis()),
+        context: Some(crate::persist::tests::unreachable_redis()),
         ..Setup::default()
     });
     let (s, mut sub) = h.session();
