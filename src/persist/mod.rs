@@ -12,9 +12,9 @@
 //! the session task hands it over as soon as the queue has room, between its other work. A backlog
 //! grows by at most one record per finished turn, so it stays as small as the stall is short.
 //! When the session ends, its backlog is handed over before the task finishes, so the ordered
-//! shutdown (sessions end, then write-behind drains) still stores it. Only a record refused by a queue that
-//! has already stopped (after the shutdown grace period) is lost, and that is counted in `failed`
-//! and logged with its session and turn.
+//! shutdown (sessions end, then write-behind drains) still stores it. Only a record refused by a
+//! queue that has already stopped (after the shutdown grace period) is lost, and that is counted
+//! in `failed` and logged with its session and turn.
 
 use std::collections::VecDeque;
 use std::collections::hash_map::DefaultHasher;
