@@ -1,8 +1,9 @@
 //! Prompt assembly for one turn: the coach persona, the top-k memories of this user with this
 //! coach, and the recent context. Within a session the session task's own turns are the context
 //! (never a read of what write-behind may not have stored yet); a session without turns starts
-//! from the user–coach context in the ContextCache, so it picks up where the last one left off. Storage failures degrade the
-//! prompt (logged) instead of failing the turn: a reply without memories beats no reply.
+//! from the user–coach context in the ContextCache, so it picks up where the last one left off.
+//! Storage failures degrade the prompt (logged) instead of failing the turn: a reply without
+//! memories beats no reply.
 
 use std::time::Duration;
 

@@ -4,9 +4,23 @@
 //! with back-off; on shutdown the queues are drained before the process exits.
 //!
 //! Records are sharded by session over the workers, so one session's turns are written in order.
+//! Each store is attempted on its own (at once, each with its own retries): a store that stays down
+//! costs only its own copy of the turn, which is then counted per store and logged.
+//!
+//! When a queue is full, nothing waits and nothing is lost: the session's [`SessionWriter`] keeps
+//! the record in a backlog of its own (in order, counted in `queue_full_waits` and `backlog`) and
+//! the session task hands it over as soon as the queue has room, between its other work. A backlog
+//! grows by at most one record per finished turn, so it stays as small as the stall is short.
+//! When the session ends, its backlog is handed over before the task finishes, so the ordered
+//! shutdown (sessions end, then write-behind drains) still stores it. Only a record refused by a
+//! queue that has already stopped (after the shutdown grace period) is lost, and that is counted
+//! in `failed` and logged with its session and turn.
 
+use std::collections::VecDeque;
 use std::collections::hash_map::DefaultHasher;
+use std::future::Future;
 use std::hash::{Hash, Hasher};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -82,16 +96,32 @@ pub struct WriteBehindConfig {
 /// Counters shown in `/realtime/stats`.
 #[derive(Debug, Default, Serialize)]
 pub struct WriteStats {
-    /// Records queued.
+    /// Records handed to write-behind (queued, or waiting in a session's backlog).
     pub enqueued: AtomicU64,
-    /// Records written completely.
+    /// Records written to every store.
     pub written: AtomicU64,
     /// Individual store attempts that failed and were retried.
     pub retries: AtomicU64,
-    /// Records given up after every attempt failed.
+    /// Records given up for at least one store after its attempts failed (see `given_up`), or
+    /// refused by a stopped queue.
     pub failed: AtomicU64,
-    /// Times a producer found its queue full and had to wait.
+    /// Records given up, per store.
+    pub given_up: StoreCounts,
+    /// Records that found their queue full and waited in their session's backlog.
     pub queue_full_waits: AtomicU64,
+    /// Records waiting in session backlogs now.
+    pub backlog: AtomicU64,
+}
+
+/// One counter per store a turn is written to.
+#[derive(Debug, Default, Serialize)]
+pub struct StoreCounts {
+    /// The session's context list (ContextCache).
+    pub session_context: AtomicU64,
+    /// The user–coach context list (ContextCache).
+    pub user_coach_context: AtomicU64,
+    /// Long-term memory (MemoryStore).
+    pub memory: AtomicU64,
 }
 
 /// The producer side: cheap to clone.
@@ -133,29 +163,29 @@ impl WriteBehind {
         }
     }
 
-    /// Queues a record. Never drops it: when the queue is full this waits for room (the caller is
-    /// a session task between turns, never the token path).
-    pub async fn enqueue(&self, record: TurnRecord) {
+    fn queue_of(&self, session_id: &str) -> Option<&mpsc::Sender<TurnRecord>> {
         let mut h = DefaultHasher::new();
-        record.session_id.hash(&mut h);
-        let Some(queue) = self.queues.get((h.finish() as usize) % self.queues.len().max(1)) else {
-            return;
-        };
-        self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
-        match queue.try_send(record) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(record)) => {
-                self.stats.queue_full_waits.fetch_add(1, Ordering::Relaxed);
-                if queue.send(record).await.is_err() {
-                    tracing::error!("write-behind queue closed: a turn was not stored");
-                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Err(mpsc::error::TrySendError::Closed(record)) => {
-                tracing::error!(session_id = %record.session_id, turn = record.turn_number, "write-behind stopped: turn not stored");
-                self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            }
+        session_id.hash(&mut h);
+        self.queues.get((h.finish() as usize) % self.queues.len().max(1))
+    }
+
+    /// The producer of one session: hands its records over without waiting (see the module
+    /// header for what happens when the queue is full).
+    pub fn session_writer(&self, session_id: &str) -> SessionWriter {
+        SessionWriter {
+            queue: self.queue_of(session_id).cloned(),
+            stats: self.stats.clone(),
+            backlog: VecDeque::new(),
+            room: None,
         }
+    }
+
+    /// Queues a record, waiting for room when the queue is full. For callers off every session's
+    /// command path; a session task uses its [`SessionWriter`].
+    pub async fn enqueue(&self, record: TurnRecord) {
+        let mut writer = self.session_writer(&record.session_id);
+        writer.push(record);
+        writer.flush().await;
     }
 
     /// Records waiting in the queues.
@@ -174,6 +204,107 @@ impl WriteBehind {
     /// Total capacity of the queues.
     pub fn capacity(&self) -> usize {
         self.capacity * self.queues.len()
+    }
+}
+
+/// Waits for room in a queue; boxed so that it lives across the session task's loop turns (a
+/// fresh one per turn would queue and unqueue a waiter every time).
+type Room =
+    Pin<Box<dyn Future<Output = Result<mpsc::OwnedPermit<TurnRecord>, mpsc::error::SendError<()>>> + Send>>;
+
+/// One session's producer: hands records to the session's queue without ever waiting; what does
+/// not fit waits here, in order, until [`SessionWriter::hand_over`] finds room.
+pub struct SessionWriter {
+    queue: Option<mpsc::Sender<TurnRecord>>,
+    stats: Arc<WriteStats>,
+    backlog: VecDeque<TurnRecord>,
+    room: Option<Room>,
+}
+
+impl std::fmt::Debug for SessionWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionWriter")
+            .field("backlog", &self.backlog.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionWriter {
+    /// Hands `record` over, or keeps it in the backlog when the queue is full (or older records
+    /// still wait, so the session's turns stay in order). Never waits.
+    pub fn push(&mut self, record: TurnRecord) {
+        self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
+        if !self.backlog.is_empty() {
+            self.keep(record);
+            return;
+        }
+        let Some(queue) = &self.queue else {
+            return self.refused(&record);
+        };
+        match queue.try_send(record) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(record)) => {
+                self.stats.queue_full_waits.fetch_add(1, Ordering::Relaxed);
+                self.keep(record);
+            }
+            Err(mpsc::error::TrySendError::Closed(record)) => self.refused(&record),
+        }
+    }
+
+    fn keep(&mut self, record: TurnRecord) {
+        self.stats.backlog.fetch_add(1, Ordering::Relaxed);
+        self.backlog.push_back(record);
+    }
+
+    fn refused(&self, record: &TurnRecord) {
+        tracing::error!(session_id = %record.session_id, turn = record.turn_number, "write-behind stopped: turn not stored");
+        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether records wait for room.
+    pub fn has_backlog(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
+    /// Waits for room and hands the oldest waiting record over; pending forever with no backlog.
+    /// Cancel-safe: dropped before it finishes, it keeps its place in the queue's line.
+    pub async fn hand_over(&mut self) {
+        if self.backlog.is_empty() {
+            return std::future::pending().await;
+        }
+        let Some(queue) = &self.queue else {
+            return std::future::pending().await;
+        };
+        let room = self
+            .room
+            .get_or_insert_with(|| Box::pin(queue.clone().reserve_owned()));
+        let permit = room.await;
+        self.room = None;
+        let Some(record) = self.backlog.pop_front() else {
+            return;
+        };
+        self.stats.backlog.fetch_sub(1, Ordering::Relaxed);
+        match permit {
+            Ok(permit) => {
+                permit.send(record);
+            }
+            Err(_) => self.refused(&record),
+        }
+    }
+
+    /// Hands every waiting record over, waiting for room as long as it takes: for the end of a
+    /// session, which shutdown waits for before it stops the workers.
+    pub async fn flush(mut self) {
+        while self.has_backlog() {
+            if self.queue.is_none() {
+                while let Some(record) = self.backlog.pop_front() {
+                    self.stats.backlog.fetch_sub(1, Ordering::Relaxed);
+                    self.refused(&record);
+                }
+                return;
+            }
+            self.hand_over().await;
+        }
     }
 }
 
@@ -227,56 +358,56 @@ impl Worker {
         if !r.reply_text.is_empty() {
             messages.push(assistant);
         }
-        let ok = self
-            .retry("session context", || async {
+        // Each store on its own and at once: one that is down neither skips nor delays the others.
+        let given_up = &self.stats.given_up;
+        let (session, user_coach, memory) = tokio::join!(
+            self.retry("session context", &given_up.session_context, || async {
                 self.context
                     .append_messages(&r.session_id, &r.user_id, &r.coach_id, messages.clone())
                     .await
-            })
-            .await
-            && self
-                .retry("user-coach context", || async {
-                    self.context
-                        .append_user_coach_messages(&r.user_id, &r.coach_id, messages.clone())
-                        .await
-                })
-                .await
-            && self
-                .retry("memory", || async {
-                    let mut text = format!("User: {}", r.user_text);
-                    if !r.reply_text.is_empty() {
-                        text.push_str("\nCoach: ");
-                        text.push_str(&r.reply_text);
-                    }
-                    self.memory
-                        .store(NewMemory {
-                            text: clip(&text, self.config.memory_max_bytes).to_owned(),
-                            user_id: r.user_id.clone(),
-                            coach_id: r.coach_id.clone(),
-                            memory_type: TURN_MEMORY_TYPE.to_owned(),
-                            metadata: json!({
-                                "session_id": r.session_id,
-                                "turn_number": r.turn_number,
-                                "interrupted": r.interrupted,
-                            }),
-                        })
-                        .await
-                        .map(|_| ())
-                })
-                .await;
-        if ok {
+            }),
+            self.retry("user-coach context", &given_up.user_coach_context, || async {
+                self.context
+                    .append_user_coach_messages(&r.user_id, &r.coach_id, messages.clone())
+                    .await
+            }),
+            self.retry("memory", &given_up.memory, || async {
+                let mut text = format!("User: {}", r.user_text);
+                if !r.reply_text.is_empty() {
+                    text.push_str("\nCoach: ");
+                    text.push_str(&r.reply_text);
+                }
+                self.memory
+                    .store(NewMemory {
+                        text: clip(&text, self.config.memory_max_bytes).to_owned(),
+                        user_id: r.user_id.clone(),
+                        coach_id: r.coach_id.clone(),
+                        memory_type: TURN_MEMORY_TYPE.to_owned(),
+                        metadata: json!({
+                            "session_id": r.session_id,
+                            "turn_number": r.turn_number,
+                            "interrupted": r.interrupted,
+                        }),
+                    })
+                    .await
+                    .map(|_| ())
+            }),
+        );
+        if session && user_coach && memory {
             self.stats.written.fetch_add(1, Ordering::Relaxed);
         } else {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
-                session_id = %r.session_id, turn = r.turn_number, user_chars = r.user_text.len(),
-                reply_chars = r.reply_text.len(), "turn not stored after every retry"
+                session_id = %r.session_id, turn = r.turn_number, session_context = session,
+                user_coach_context = user_coach, memory, user_chars = r.user_text.len(),
+                reply_chars = r.reply_text.len(), "turn not stored in every store after its retries"
             );
         }
     }
 
-    /// Runs `op` until it succeeds or the attempts run out; invalid input is not retried.
-    async fn retry<F, Fut>(&self, what: &str, op: F) -> bool
+    /// Runs `op` until it succeeds or the attempts run out; invalid input is not retried. A record
+    /// given up is counted in `given_up` and logged.
+    async fn retry<F, Fut>(&self, what: &str, given_up: &AtomicU64, op: F) -> bool
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<(), StoreError>>,
@@ -287,6 +418,7 @@ impl Worker {
                 Ok(()) => return true,
                 Err(StoreError::Invalid(reason)) => {
                     tracing::warn!(what, reason, "write-behind: record rejected by the store");
+                    given_up.fetch_add(1, Ordering::Relaxed);
                     return false;
                 }
                 Err(e) => {
@@ -299,6 +431,218 @@ impl Worker {
                 }
             }
         }
+        tracing::error!(
+            what,
+            attempts = self.config.max_attempts,
+            "write-behind: store given up for this record"
+        );
+        given_up.fetch_add(1, Ordering::Relaxed);
         false
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! The worker and the session producer with paused time, against the real in-process stores
+    //! (and a real Redis client on a closed port for a store that stays down).
+
+    use super::*;
+    use crate::context::ContextLimits;
+    use crate::context::in_process::InProcessContextCache;
+    use crate::embed::offline::OfflineEmbedder;
+    use crate::memory::MemoryLimits;
+    use crate::memory::in_process::InProcessMemoryStore;
+
+    fn record(session: &str, turn: u32) -> TurnRecord {
+        TurnRecord {
+            session_id: session.into(),
+            user_id: "u".into(),
+            coach_id: "c".into(),
+            turn_number: turn,
+            user_text: format!("question {turn}"),
+            reply_text: format!("answer {turn}"),
+            interrupted: false,
+            finish_reason: "stop".into(),
+            usage: None,
+            at: Utc::now(),
+        }
+    }
+
+    fn in_process_context() -> Arc<dyn ContextCache> {
+        let long = Duration::from_secs(3600);
+        Arc::new(InProcessContextCache::new(ContextLimits {
+            session_ttl: long,
+            user_session_ttl: long,
+            max_messages: 100,
+        }))
+    }
+
+    fn in_process_memory() -> Arc<dyn MemoryStore> {
+        Arc::new(InProcessMemoryStore::new(
+            Arc::new(OfflineEmbedder::new(16)),
+            MemoryLimits {
+                max_text_bytes: 10_000,
+                list_max: 100,
+            },
+            10_000,
+        ))
+    }
+
+    /// A real Redis client on a port nobody listens on: every command fails after 200 ms. Built
+    /// with fred directly, so the test does not depend on how start-up reads its settings.
+    pub(crate) fn unreachable_redis() -> Arc<dyn ContextCache> {
+        use fred::prelude::{Builder, ClientLike, Config};
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut config = Config::from_url(&format!("redis://127.0.0.1:{port}")).unwrap();
+        config.fail_fast = false;
+        let timeout = Duration::from_millis(200);
+        let pool = Builder::from_config(config)
+            .with_connection_config(|c| c.connection_timeout = timeout)
+            .with_performance_config(|p| p.default_command_timeout = timeout)
+            .build_pool(1)
+            .unwrap();
+        // The connection task ends with the test's runtime.
+        drop(pool.connect());
+        let long = Duration::from_secs(3600);
+        Arc::new(crate::context::redis::RedisContextCache::new(
+            pool,
+            "t:",
+            ContextLimits {
+                session_ttl: long,
+                user_session_ttl: long,
+                max_messages: 100,
+            },
+        ))
+    }
+
+    struct Running {
+        wb: WriteBehind,
+        tracker: TaskTracker,
+        stop: CancellationToken,
+    }
+
+    fn start(queue_capacity: usize, context: Arc<dyn ContextCache>, memory: Arc<dyn MemoryStore>) -> Running {
+        let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());
+        let wb = WriteBehind::start(
+            WriteBehindConfig {
+                workers: 1,
+                queue_capacity,
+                max_attempts: 3,
+                retry_base: Duration::from_millis(100),
+                memory_max_bytes: 10_000,
+            },
+            context,
+            memory,
+            &tracker,
+            stop.clone(),
+        );
+        Running { wb, tracker, stop }
+    }
+
+    impl Running {
+        async fn shut_down(&self) {
+            self.stop.cancel();
+            self.tracker.close();
+            self.tracker.wait().await;
+        }
+    }
+
+    fn count(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_that_stays_down_is_given_up_after_its_backed_off_retries_and_the_others_are_written() {
+        let memory = in_process_memory();
+        let run = start(8, unreachable_redis(), memory.clone());
+        let began = tokio::time::Instant::now();
+
+        run.wb.enqueue(record("s1", 1)).await;
+        run.shut_down().await;
+
+        let stats = run.wb.stats();
+        assert_eq!(count(&stats.retries), 4, "two retries for each Redis list");
+        assert!(
+            began.elapsed() >= Duration::from_millis(300),
+            "backed off 100 ms, then 200 ms: {:?}",
+            began.elapsed()
+        );
+        let given_up = &stats.given_up;
+        assert_eq!(
+            (
+                count(&given_up.session_context),
+                count(&given_up.user_coach_context),
+                count(&given_up.memory)
+            ),
+            (1, 1, 0)
+        );
+        assert_eq!((count(&stats.failed), count(&stats.written)), (1, 0));
+        assert_eq!(
+            memory.list("u", "c", 10, 0).await.unwrap().1,
+            1,
+            "memory was written regardless"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_drains_every_queued_record_before_the_worker_stops() {
+        let context = in_process_context();
+        let run = start(64, context.clone(), in_process_memory());
+        for i in 0..10 {
+            run.wb.enqueue(record(&format!("s{i}"), 1)).await;
+        }
+
+        run.shut_down().await;
+
+        assert_eq!(count(&run.wb.stats().written), 10);
+        for i in 0..10 {
+            let stored = context.recent_messages(&format!("s{i}"), 10).await.unwrap();
+            assert_eq!(stored.len(), 2, "session s{i} has its turn");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_keeps_a_sessions_records_in_its_backlog_in_order_without_waiting() {
+        let context = in_process_context();
+        let run = start(1, context.clone(), in_process_memory());
+        let mut writer = run.wb.session_writer("s1");
+
+        // No await in between: the worker has not taken anything yet, so the queue fills at once.
+        for turn in 1..=3 {
+            writer.push(record("s1", turn));
+        }
+
+        let stats = run.wb.stats();
+        assert!(writer.has_backlog());
+        assert_eq!((count(&stats.queue_full_waits), count(&stats.backlog)), (1, 2));
+        writer.flush().await;
+        assert_eq!(count(&stats.backlog), 0);
+        run.shut_down().await;
+        assert_eq!((count(&stats.enqueued), count(&stats.written)), (3, 3));
+        let turns: Vec<u64> = context
+            .recent_messages("s1", 10)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|m| m.role == "user")
+            .map(|m| m.metadata["turn_number"].as_u64().unwrap())
+            .collect();
+        assert_eq!(turns, [1, 2, 3], "stored in the order they ended");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_refused_by_a_stopped_queue_is_counted_not_dropped_silently() {
+        let run = start(4, in_process_context(), in_process_memory());
+        run.shut_down().await;
+        let mut writer = run.wb.session_writer("s1");
+
+        writer.push(record("s1", 1));
+
+        assert!(!writer.has_backlog());
+        assert_eq!(count(&run.wb.stats().failed), 1);
     }
 }
