@@ -1,14 +1,14 @@
-//! The write-behind queue: drained at shutdown, and retried while Redis is down.
+//! The write-behind queue: drained at shutdown, retried while Redis is down, and each store
+//! written on its own, so a Redis outage does not cost the PostgreSQL memory of a turn.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use coachd::fake_upstream::Script;
+use coachd::persist::TurnRecord;
 
 use crate::common::{Services, spawn_app_with};
-use std::sync::atomic::Ordering;
-
 use crate::{app_with_fake, redis_client, redis_cmd};
-use coachd::persist::TurnRecord;
 
 #[tokio::test]
 async fn graceful_shutdown_drains_the_write_behind_queue() {
