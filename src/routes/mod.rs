@@ -10,6 +10,7 @@ pub mod memory;
 pub mod openai_compat;
 pub mod personas;
 pub mod realtime;
+pub mod validate;
 
 use std::time::Duration;
 

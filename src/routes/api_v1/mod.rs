@@ -26,6 +26,7 @@ use crate::auth::{ApiCaller, ApiUser, Caller};
 use crate::config::Settings;
 use crate::error::{Error, ErrorBody};
 use crate::llm::{FinishReason, LlmError, LlmEvent, Message, ModelRef, Params, Role, TaskSpec, Usage};
+use crate::routes::validate::Id;
 use crate::routes::{JsonBody, sse_response};
 use crate::state::AppState;
 
@@ -260,7 +261,7 @@ pub struct CompleteRequest {
     /// The end user this completion is for, recorded with its token usage. A JWT caller may only
     /// name themselves (403 otherwise); it defaults to the JWT's user.
     #[serde(default)]
-    pub user_id: Option<String>,
+    pub user_id: Option<Id>,
 }
 
 /// A validated LLM request.
@@ -347,7 +348,10 @@ impl LlmInput {
         if let Some(user_id) = &req.user_id {
             caller.authorize_user(user_id)?;
         }
-        let user_id = req.user_id.or_else(|| caller.user_id().map(str::to_owned));
+        let user_id = req
+            .user_id
+            .map(Id::into_string)
+            .or_else(|| caller.user_id().map(str::to_owned));
         if state.llm.task(&req.task).is_none() {
             return Err(unknown_task(state, &req.task));
         }
