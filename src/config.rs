@@ -388,8 +388,11 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// `COACHD_LOG`: a tracing filter directive; defaults from `DEBUG`.
     pub log_filter: String,
-    /// `COACHD_SHUTDOWN_GRACE_SECS`: how long in-flight requests may run after a stop signal.
+    /// `COACHD_SHUTDOWN_GRACE_SECS`: how long in-flight requests may run after the listener closes.
     pub shutdown_grace: Duration,
+    /// `COACHD_SHUTDOWN_DRAIN_DELAY_SECS`: how long the server serves on after a stop signal with
+    /// `/health/ready` answering 503, so load balancers stop routing here before it stops accepting.
+    pub shutdown_drain_delay: Duration,
     /// `COACHD_HEALTH_TIMEOUT_MS`: limit of one dependency check.
     pub health_timeout: Duration,
     /// `COACHD_MAX_BODY_BYTES`: largest accepted request body.
@@ -821,6 +824,7 @@ impl Settings {
             log_format,
             log_filter,
             shutdown_grace: r.seconds("COACHD_SHUTDOWN_GRACE_SECS", 30, 0, 3_600)?,
+            shutdown_drain_delay: r.seconds("COACHD_SHUTDOWN_DRAIN_DELAY_SECS", 5, 0, 600)?,
             health_timeout: r.millis("COACHD_HEALTH_TIMEOUT_MS", 2_000, 1, 60_000)?,
             max_body_bytes: r.int("COACHD_MAX_BODY_BYTES", 1 << 20, 1_024, 1 << 30)?,
         })

@@ -1,6 +1,6 @@
 //! Builds the application (storage, state, router), binds the listener and serves until a stop
-//! signal, then shuts down gracefully: stop accepting, let in-flight requests finish within the
-//! grace period, close storage connections.
+//! signal, then shuts down gracefully: report not ready for the drain delay while still serving,
+//! stop accepting, let in-flight requests finish within the grace period, close storage connections.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -253,6 +253,7 @@ impl Application {
             llm,
             personas,
             shutdown,
+            draining: CancellationToken::new(),
             auth: Arc::new(auth),
             started_at: Instant::now(),
         };
@@ -281,13 +282,16 @@ impl Application {
         &self.state
     }
 
-    /// A token that stops the server when cancelled (as a signal would).
+    /// A token that stops the server when cancelled, as a signal would: readiness answers 503
+    /// at once, the listener closes after the drain delay, then the ordered shutdown runs.
     pub fn shutdown_token(&self) -> CancellationToken {
-        self.state.shutdown.clone()
+        self.state.draining.clone()
     }
 
-    /// Serves until `stop` resolves or the shutdown token is cancelled, then drains in-flight
-    /// requests for at most the grace period and closes storage connections.
+    /// Serves until `stop` resolves or the shutdown token is cancelled; then answers 503 on
+    /// `/health/ready` while serving on for the drain delay (`COACHD_SHUTDOWN_DRAIN_DELAY_SECS`),
+    /// stops accepting, drains in-flight requests for at most the grace period and closes storage
+    /// connections.
     pub async fn run(self, stop: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let Application {
             listener,
@@ -298,7 +302,9 @@ impl Application {
             write_stop,
         } = self;
         let token = state.shutdown.clone();
+        let draining = state.draining.clone();
         let grace = state.settings.shutdown_grace;
+        let drain_delay = state.settings.shutdown_drain_delay;
         let app = build_router(state.clone());
 
         // TCP_NODELAY on every accepted socket: without it Nagle holds small SSE/WS frames ~40 ms.
@@ -307,18 +313,42 @@ impl Application {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY");
             }
         });
+        // The listener closes on `shutdown`, not on the stop signal: between the two lies the
+        // drain delay, when /health/ready already answers 503 and everything else is served.
         let server = axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
         let server = server.into_future();
         tokio::pin!(server);
         tracing::info!(%addr, "coachd listening");
 
-        let stop_token = token.clone();
-        let result = tokio::select! {
-            r = &mut server => r.map_err(anyhow::Error::from),
-            () = async move { stop.await; stop_token.cancel(); } => {
-                drain(&mut server, grace).await
+        let stop_token = draining.clone();
+        let ended = tokio::select! {
+            r = &mut server => Some(r.map_err(anyhow::Error::from)),
+            () = async move { stop.await; stop_token.cancel(); } => None,
+            () = draining.cancelled() => None,
+            () = token.cancelled() => None,
+        };
+        draining.cancel();
+        let result = match ended {
+            Some(r) => r,
+            None => {
+                let mut stopped = None;
+                if !token.is_cancelled() && !drain_delay.is_zero() {
+                    tracing::info!(
+                        drain_delay_secs = drain_delay.as_secs(),
+                        "stopping: /health/ready answers 503; serving on for the drain delay"
+                    );
+                    tokio::select! {
+                        r = &mut server => stopped = Some(r.map_err(anyhow::Error::from)),
+                        () = tokio::time::sleep(drain_delay) => {}
+                        () = token.cancelled() => {}
+                    }
+                }
+                token.cancel();
+                match stopped {
+                    Some(r) => r,
+                    None => drain(&mut server, grace).await,
+                }
             }
-            () = token.cancelled() => drain(&mut server, grace).await,
         };
         token.cancel();
 

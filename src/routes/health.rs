@@ -69,7 +69,7 @@ async fn live() -> Json<serde_json::Value> {
 ))]
 async fn ready(State(state): State<AppState>) -> Response {
     let (db, redis) = tokio::join!(health::check_db(&state), health::check_redis(&state));
-    let draining = state.shutdown.is_cancelled();
+    let draining = state.draining.is_cancelled() || state.shutdown.is_cancelled();
     let down = db.is_down() || redis.is_down() || draining;
     let status = if draining {
         "shutting_down"
