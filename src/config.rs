@@ -249,7 +249,9 @@ pub struct RealtimeSettings {
     pub token_secret: Option<Secret>,
     /// `COACHD_SESSION_TOKEN_TTL_SECS`.
     pub token_ttl: Duration,
-    /// `COACHD_SSE_HEARTBEAT_SECS`.
+    /// `COACHD_SSE_HEARTBEAT_SECS` (formerly `COACHD_SSE_KEEP_ALIVE_SECS`, still read): interval
+    /// of the `:` comment every SSE response sends while no event does, session and stateless
+    /// streams alike.
     pub sse_heartbeat: Duration,
     /// `COACHD_WS_PING_SECS`.
     pub ws_ping: Duration,
@@ -382,8 +384,6 @@ pub struct Settings {
     pub intent_labels: Vec<String>,
     /// `COACHD_ENTITY_TYPES`: the default entity types of `/api/v1/llm/extract-entities`.
     pub entity_types: Vec<String>,
-    /// `COACHD_SSE_KEEP_ALIVE_SECS`: interval of SSE keep-alive comments.
-    pub sse_keep_alive: Duration,
     /// `COACHD_LOG_FORMAT`.
     pub log_format: LogFormat,
     /// `COACHD_LOG`: a tracing filter directive; defaults from `DEBUG`.
@@ -397,6 +397,9 @@ pub struct Settings {
     pub health_timeout: Duration,
     /// `COACHD_MAX_BODY_BYTES`: largest accepted request body.
     pub max_body_bytes: usize,
+    /// What the operator should change (a deprecated variable name, say): logged as warnings at
+    /// start-up, once tracing is set up.
+    pub warnings: Vec<String>,
 }
 
 /// Reads raw values by name; the process environment in production, a map in tests.
@@ -555,6 +558,30 @@ impl<S: Source> Reader<'_, S> {
             .collect()
     }
 
+    /// A setting that was renamed: `new` wins; `old` alone still works, with a warning that
+    /// names `new`.
+    fn renamed<T>(
+        &self,
+        new: &str,
+        old: &str,
+        warnings: &mut Vec<String>,
+        read: impl Fn(&str) -> Result<T, ConfigError>,
+    ) -> Result<T, ConfigError> {
+        match (self.raw(new), self.raw(old)) {
+            (None, Some(_)) => {
+                warnings.push(format!(
+                    "{old} is deprecated: set {new} instead (it is read for now)"
+                ));
+                read(old)
+            }
+            (Some(_), Some(_)) => {
+                warnings.push(format!("{old} is deprecated and ignored: {new} is set"));
+                read(new)
+            }
+            _ => read(new),
+        }
+    }
+
     fn base_url(&self, var: &str, default: &str) -> Result<Url, ConfigError> {
         let raw = self.string(var, default);
         let expected = "an http(s) URL such as https://api.example.com/v1";
@@ -618,6 +645,7 @@ impl Settings {
     /// Settings from any [`Source`]; tests use a map so they never touch the process environment.
     pub fn from_source<S: Source>(source: &S) -> Result<Self, ConfigError> {
         let r = Reader(source);
+        let mut warnings = Vec::new();
         let debug = r.boolean("DEBUG", false)?;
 
         let llm_provider = match r.raw("LLM_PROVIDER") {
@@ -790,7 +818,12 @@ impl Settings {
                 max_text_chars: r.int("COACHD_MAX_TEXT_CHARS", 8_000, 1, 1_000_000)?,
                 token_secret: r.secret("COACHD_SESSION_TOKEN_SECRET"),
                 token_ttl: r.seconds("COACHD_SESSION_TOKEN_TTL_SECS", 3_600, 1, 30 * DAY_SECS)?,
-                sse_heartbeat: r.seconds("COACHD_SSE_HEARTBEAT_SECS", 15, 1, 3_600)?,
+                sse_heartbeat: r.renamed(
+                    "COACHD_SSE_HEARTBEAT_SECS",
+                    "COACHD_SSE_KEEP_ALIVE_SECS",
+                    &mut warnings,
+                    |var| r.seconds(var, 15, 1, 3_600),
+                )?,
                 ws_ping: r.seconds("COACHD_WS_PING_SECS", 25, 1, 3_600)?,
                 ws_pong_timeout: r.seconds("COACHD_WS_PONG_TIMEOUT_SECS", 8, 1, 3_600)?,
                 ws_max_message_bytes: r.int("COACHD_WS_MAX_MESSAGE_BYTES", 65_536, 256, 64 << 20)?,
@@ -820,13 +853,13 @@ impl Settings {
             api_max_labels: r.int("COACHD_API_MAX_LABELS", 50, 1, 1_000)?,
             intent_labels: r.labels("COACHD_INTENT_LABELS", &DEFAULT_INTENT_LABELS)?,
             entity_types: r.labels("COACHD_ENTITY_TYPES", &DEFAULT_ENTITY_TYPES)?,
-            sse_keep_alive: r.seconds("COACHD_SSE_KEEP_ALIVE_SECS", 15, 1, 3_600)?,
             log_format,
             log_filter,
             shutdown_grace: r.seconds("COACHD_SHUTDOWN_GRACE_SECS", 30, 0, 3_600)?,
             shutdown_drain_delay: r.seconds("COACHD_SHUTDOWN_DRAIN_DELAY_SECS", 5, 0, 600)?,
             health_timeout: r.millis("COACHD_HEALTH_TIMEOUT_MS", 2_000, 1, 60_000)?,
             max_body_bytes: r.int("COACHD_MAX_BODY_BYTES", 1 << 20, 1_024, 1 << 30)?,
+            warnings,
         })
     }
 
@@ -985,6 +1018,41 @@ mod tests {
             assert_eq!(e.var, "COACHD_INTENT_LABELS", "{bad}");
         }
         assert!(load(&[("COACHD_ENTITY_TYPES", "x,x")]).is_err());
+    }
+
+    #[test]
+    fn the_old_sse_keep_alive_name_still_sets_the_heartbeat_with_a_warning() {
+        let s = load(&[]).unwrap();
+        assert_eq!(s.realtime.sse_heartbeat, Duration::from_secs(15));
+        assert!(s.warnings.is_empty());
+
+        let s = load(&[("COACHD_SSE_KEEP_ALIVE_SECS", "7")]).unwrap();
+        assert_eq!(s.realtime.sse_heartbeat, Duration::from_secs(7));
+        assert_eq!(s.warnings.len(), 1);
+        assert!(
+            s.warnings[0].contains("COACHD_SSE_KEEP_ALIVE_SECS")
+                && s.warnings[0].contains("COACHD_SSE_HEARTBEAT_SECS"),
+            "the warning names the new variable: {:?}",
+            s.warnings
+        );
+
+        let s = load(&[
+            ("COACHD_SSE_KEEP_ALIVE_SECS", "7"),
+            ("COACHD_SSE_HEARTBEAT_SECS", "3"),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.realtime.sse_heartbeat,
+            Duration::from_secs(3),
+            "the new name wins"
+        );
+        assert!(s.warnings[0].contains("ignored"), "{:?}", s.warnings);
+
+        let e = load(&[("COACHD_SSE_KEEP_ALIVE_SECS", "0")]).unwrap_err();
+        assert_eq!(
+            e.var, "COACHD_SSE_KEEP_ALIVE_SECS",
+            "an old value is checked under its own name"
+        );
     }
 
     #[test]

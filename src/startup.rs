@@ -116,6 +116,9 @@ impl Application {
     /// `PORT=0` binds a free port; [`Application::port`] tells which.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let settings = Arc::new(settings);
+        for warning in &settings.warnings {
+            tracing::warn!("config: {warning}");
+        }
 
         let db = match &settings.database_url {
             Some(url) => {

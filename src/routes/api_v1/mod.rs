@@ -536,7 +536,7 @@ async fn stream(
         record_usage(&task, user_id.as_deref(), &provider, &model, usage);
         yield Ok(Event::default().event("done").data(data.to_string()));
     };
-    Ok(sse_response(events, state.settings.sse_keep_alive))
+    Ok(sse_response(events, state.settings.realtime.sse_heartbeat))
 }
 
 /// Token usage per task, model and user, as a structured log line (metrics can be derived from it).

@@ -226,7 +226,7 @@ async fn chat_completions(
         }
         yield Ok(Event::default().data("[DONE]"));
     };
-    Ok(sse_response(events, state.settings.sse_keep_alive))
+    Ok(sse_response(events, state.settings.realtime.sse_heartbeat))
 }
 
 /// One entry of `GET /v1/models`.
