@@ -6,12 +6,21 @@ use fred::prelude::{Builder, ClientLike, Config, ReconnectPolicy};
 use fred::types::ConnectHandle;
 
 use crate::config::{ServiceUrl, Settings};
-use crate::startup::StartupError;
 
 /// Reconnect back-off: 100 ms doubling to 5 s, forever. Redis outages are usually short, and a
 /// node that gave up would need a restart to recover.
 const RECONNECT_MIN_MS: u32 = 100;
 const RECONNECT_MAX_MS: u32 = 5_000;
+
+/// The Redis URL or pool settings are unusable.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot use Redis at {url}: {reason}")]
+pub struct RedisSetupError {
+    /// The URL with its password redacted.
+    pub url: String,
+    /// fred's reason.
+    pub reason: String,
+}
 
 /// A connected (or connecting) pool and the task that drives its connections.
 #[derive(Debug)]
@@ -23,8 +32,8 @@ pub struct RedisConn {
 }
 
 /// Builds the pool from `REDIS_URL` (+ `REDIS_PASSWORD`) and starts connecting.
-pub fn connect(url: &ServiceUrl, settings: &Settings) -> Result<RedisConn, StartupError> {
-    let bad = |reason: String| StartupError::Redis {
+pub fn connect(url: &ServiceUrl, settings: &Settings) -> Result<RedisConn, RedisSetupError> {
+    let bad = |reason: String| RedisSetupError {
         url: url.redacted(),
         reason,
     };

@@ -39,48 +39,18 @@ pub enum StartupError {
     /// A setting is invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    /// PostgreSQL could not be reached or the URL is unusable.
-    #[error("cannot connect to PostgreSQL at {url}: {reason}")]
-    Database {
-        /// The URL with its password redacted.
-        url: String,
-        /// The driver's reason.
-        reason: String,
-    },
-    /// The server has no pgvector.
-    #[error(
-        "the PostgreSQL server has no pgvector extension (\"vector\" is not in pg_available_extensions); \
-         install pgvector 0.8+ on it, or run scripts/services for a development server that has it"
-    )]
-    NoPgvector,
-    /// A migration failed.
-    #[error("database migration failed: {0}")]
-    Migrate(String),
+    /// PostgreSQL could not be set up (connection, pgvector, migrations).
+    #[error(transparent)]
+    Database(#[from] crate::db::DbError),
     /// `coachd migrate` without `DATABASE_URL`.
     #[error("DATABASE_URL is not set: there is no database to migrate")]
     NoDatabase,
-    /// The Redis URL is unusable.
-    #[error("cannot use Redis at {url}: {reason}")]
-    Redis {
-        /// The URL with its password redacted.
-        url: String,
-        /// fred's reason.
-        reason: String,
-    },
-    /// The configured embedding dimension differs from the one the database was set up with.
-    #[error(
-        "COACHD_EMBEDDING_DIM is {configured} but the memory database holds {stored}-dimensional embeddings; \
-         set COACHD_EMBEDDING_DIM={stored} (with the embedding model that filled it) or use another database"
-    )]
-    EmbeddingDimension {
-        /// `COACHD_EMBEDDING_DIM`.
-        configured: usize,
-        /// The dimension recorded in the database.
-        stored: usize,
-    },
+    /// The Redis URL or pool settings are unusable.
+    #[error(transparent)]
+    Redis(#[from] crate::redis::RedisSetupError),
     /// The memory store could not be set up (dimension record, index).
-    #[error("cannot set up the memory store: {0}")]
-    Memory(String),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::SetupError),
     /// The embedder could not be built.
     #[error("cannot set up the embedder: {0}")]
     Embedder(String),

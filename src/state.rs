@@ -51,7 +51,7 @@ pub struct AppState {
     pub auth: Arc<crate::auth::Authenticator>,
     /// Coach personas.
     pub personas: Arc<crate::coach::Personas>,
-    /// Cancelled when a stop is asked for (a signal, [`crate::Application::shutdown_token`]):
+    /// Cancelled when a stop is asked for (a signal, `Application::shutdown_token`):
     /// from then on `/health/ready` answers 503, while the server serves on for the drain delay.
     pub draining: CancellationToken,
     /// Cancelled when the server stops accepting (after the drain delay); long-lived streams

@@ -20,6 +20,26 @@ pub use crate::error::StoreError;
 pub use in_process::InProcessMemoryStore;
 pub use pg::PgMemoryStore;
 
+/// Why the memory store could not be set up at start-up; each message is one line meant for an
+/// operator.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The configured embedding dimension differs from the one the database was set up with.
+    #[error(
+        "COACHD_EMBEDDING_DIM is {configured} but the memory database holds {stored}-dimensional embeddings; \
+         set COACHD_EMBEDDING_DIM={stored} (with the embedding model that filled it) or use another database"
+    )]
+    EmbeddingDimension {
+        /// `COACHD_EMBEDDING_DIM`.
+        configured: usize,
+        /// The dimension recorded in the database.
+        stored: usize,
+    },
+    /// The store could not be set up (dimension record, index).
+    #[error("cannot set up the memory store: {0}")]
+    Memory(String),
+}
+
 /// Longest user id, coach id or memory type accepted (bytes).
 pub const MAX_ID_BYTES: usize = 256;
 

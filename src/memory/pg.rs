@@ -18,12 +18,11 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{
-    Memory, MemoryLimits, MemoryStore, NewMemory, Prepared, ScoredMemory, StoreError, StoreOutcome,
-    check_query, prepare,
+    Memory, MemoryLimits, MemoryStore, NewMemory, Prepared, ScoredMemory, SetupError, StoreError,
+    StoreOutcome, check_query, prepare,
 };
 use crate::config::MemorySettings;
 use crate::embed::{EmbedError, Embedder};
-use crate::startup::StartupError;
 
 /// Serialises the first-start set-up of concurrently starting instances.
 const SETUP_LOCK: &str = "coachd.coach_memory.setup";
@@ -105,20 +104,20 @@ fn typed_embedding(dimension: usize) -> String {
 impl PgMemoryStore {
     /// Checks the database against the embedder's dimension and returns the store. On the first
     /// start it records the dimension and model and creates the HNSW index and the dimension
-    /// check; later starts with another dimension fail with [`StartupError::EmbeddingDimension`].
+    /// check; later starts with another dimension fail with [`SetupError::EmbeddingDimension`].
     /// Safe when several instances start at once (an advisory lock serialises them).
     pub async fn prepare(
         pool: PgPool,
         embedder: Arc<dyn Embedder>,
         settings: &MemorySettings,
-    ) -> Result<Self, StartupError> {
+    ) -> Result<Self, SetupError> {
         let dimension = embedder.dimension();
         if !(1..=MAX_INDEXED_DIMENSION).contains(&dimension) {
-            return Err(StartupError::Memory(format!(
+            return Err(SetupError::Memory(format!(
                 "embedding dimension {dimension} is outside 1..={MAX_INDEXED_DIMENSION}, the range an HNSW index takes"
             )));
         }
-        let failed = |e: sqlx::Error| StartupError::Memory(e.to_string());
+        let failed = |e: sqlx::Error| SetupError::Memory(e.to_string());
         let mut tx = pool.begin().await.map_err(failed)?;
         sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
             .bind(SETUP_LOCK)
@@ -134,7 +133,7 @@ impl PgMemoryStore {
             Some((stored, model)) => {
                 let stored = usize::try_from(stored).unwrap_or(0);
                 if stored != dimension {
-                    return Err(StartupError::EmbeddingDimension {
+                    return Err(SetupError::EmbeddingDimension {
                         configured: dimension,
                         stored,
                     });

@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use super::rate_limit::{RateHeaders, enforce};
 use super::validate::Id;
 use crate::auth::Caller;
-use crate::context::rate_limit::{RateHeaders, enforce};
 use crate::error::Error;
 #[allow(unused_imports, reason = "named by the OpenAPI annotations")]
 use crate::error::ErrorBody;
