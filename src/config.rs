@@ -12,65 +12,11 @@ use std::time::Duration;
 
 use url::Url;
 
-/// A value that must never reach a log line or a `Debug` dump.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wrap a secret value.
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The secret itself; call only where it is sent, never where it is logged.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret([redacted])")
-    }
-}
-
-/// A connection URL whose password is hidden from `Debug` and `Display`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ServiceUrl(Url);
-
-impl ServiceUrl {
-    /// The full URL, password included; for connecting only.
-    pub fn expose(&self) -> &str {
-        self.0.as_str()
-    }
-
-    /// The URL with any password replaced by `***`, safe to log.
-    pub fn redacted(&self) -> String {
-        let mut url = self.0.clone();
-        if url.password().is_some() {
-            // set_password only fails for URLs that cannot carry credentials, which we never build.
-            let _ = url.set_password(Some("***"));
-        }
-        url.to_string()
-    }
-
-    /// The parsed URL, for reading components; never log it as a whole.
-    pub fn url(&self) -> &Url {
-        &self.0
-    }
-}
-
-impl fmt::Debug for ServiceUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ServiceUrl({})", self.redacted())
-    }
-}
-
-impl fmt::Display for ServiceUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted())
-    }
-}
+use crate::context::ContextLimits;
+use crate::embed::{EmbeddingProvider, EmbeddingSettings};
+use crate::llm::{LlmSettings, LlmTimeouts, ProviderKind, ProviderSettings};
+use crate::memory::MemorySettings;
+pub use crate::secret::{Secret, ServiceUrl};
 
 /// A configuration value that could not be used; the message is one line meant for an operator.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -84,117 +30,6 @@ pub struct ConfigError {
     pub shown: Option<String>,
 }
 
-/// Which LLM provider serves requests that name none.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProviderKind {
-    /// OpenAI Chat Completions (or any OpenAI-compatible server via its base URL).
-    Openai,
-    /// Groq's OpenAI-compatible API.
-    Groq,
-    /// Anthropic's Messages API.
-    Anthropic,
-    /// OpenRouter's OpenAI-compatible API.
-    Openrouter,
-    /// The built-in deterministic provider that needs no network.
-    Offline,
-}
-
-impl ProviderKind {
-    /// Every kind, in the order they are documented.
-    pub const ALL: [ProviderKind; 5] = [
-        ProviderKind::Openai,
-        ProviderKind::Groq,
-        ProviderKind::Anthropic,
-        ProviderKind::Openrouter,
-        ProviderKind::Offline,
-    ];
-
-    /// The lowercase name used in configuration.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProviderKind::Openai => "openai",
-            ProviderKind::Groq => "groq",
-            ProviderKind::Anthropic => "anthropic",
-            ProviderKind::Openrouter => "openrouter",
-            ProviderKind::Offline => "offline",
-        }
-    }
-}
-
-impl FromStr for ProviderKind {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        ProviderKind::ALL
-            .into_iter()
-            .find(|k| k.as_str().eq_ignore_ascii_case(s.trim()))
-            .ok_or(())
-    }
-}
-
-impl fmt::Display for ProviderKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Which embedder turns memory text into vectors (`COACHD_EMBEDDING_PROVIDER`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EmbeddingProvider {
-    /// Deterministic feature hashing in process; no network.
-    Offline,
-    /// An OpenAI-compatible `/embeddings` endpoint.
-    Openai,
-}
-
-impl fmt::Display for EmbeddingProvider {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            EmbeddingProvider::Offline => "offline",
-            EmbeddingProvider::Openai => "openai",
-        })
-    }
-}
-
-/// Settings of the embedder (`COACHD_EMBEDDING_*`).
-#[derive(Debug, Clone)]
-pub struct EmbeddingSettings {
-    /// `COACHD_EMBEDDING_PROVIDER`: chosen explicitly, never from the presence of a key, because
-    /// the dimension of stored vectors is fixed per database.
-    pub provider: EmbeddingProvider,
-    /// `COACHD_EMBEDDING_MODEL` (OpenAI-compatible provider only).
-    pub model: String,
-    /// `COACHD_EMBEDDING_DIM`: length of every vector; checked against the database at start-up.
-    pub dimension: usize,
-    /// `COACHD_EMBEDDING_BASE_URL`.
-    pub base_url: Url,
-    /// `COACHD_EMBEDDING_API_KEY`, else `OPENAI_API_KEY`.
-    pub api_key: Option<Secret>,
-    /// `COACHD_EMBEDDING_SEND_DIMENSIONS`: send `dimensions` in requests.
-    pub send_dimensions: bool,
-    /// `COACHD_EMBEDDING_BATCH_SIZE`: most texts in one request.
-    pub batch_size: usize,
-    /// `COACHD_EMBEDDING_TIMEOUT_MS`: limit of one request.
-    pub timeout: Duration,
-}
-
-/// Limits and tuning of the coach memory store (`COACHD_MEMORY_*`).
-#[derive(Debug, Clone)]
-pub struct MemorySettings {
-    /// `COACHD_MEMORY_MAX_TEXT_BYTES`: longest memory text and search query.
-    pub max_text_bytes: usize,
-    /// `COACHD_MEMORY_LIST_MAX`: largest page of a list and largest `limit` of a search.
-    pub list_max: usize,
-    /// `COACHD_MEMORY_EF_SEARCH`: `hnsw.ef_search`, the candidate list of one HNSW scan.
-    pub ef_search: u32,
-    /// `COACHD_MEMORY_MAX_SCAN_TUPLES`: `hnsw.max_scan_tuples`, how far an iterative scan goes
-    /// before the exact per-user scan takes over.
-    pub max_scan_tuples: u32,
-    /// `COACHD_MEMORY_EMBEDDED_MAX`: most memories the in-process store holds; the oldest go first.
-    pub embedded_max: usize,
-}
-
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -202,30 +37,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
-}
-
-/// Settings of one upstream LLM provider.
-#[derive(Debug, Clone)]
-pub struct ProviderSettings {
-    /// API key; `None` means the provider is not configured.
-    pub api_key: Option<Secret>,
-    /// Default model.
-    pub model: String,
-    /// Base URL of the API (ends before `/chat/completions` or `/messages`).
-    pub base_url: Url,
-}
-
-/// The four upstream timeouts every provider call runs under.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LlmTimeouts {
-    /// TCP + TLS connect.
-    pub connect: Duration,
-    /// From sending the request to the first content token.
-    pub first_token: Duration,
-    /// Longest silence between two stream events once tokens flow.
-    pub idle: Duration,
-    /// Whole call, from request to end of stream.
-    pub total: Duration,
 }
 
 /// Settings of live sessions and their transports.
@@ -310,10 +121,9 @@ pub struct Settings {
     pub redis_key_prefix: String,
     /// `COACHD_REDIS_COMMAND_TIMEOUT_MS`.
     pub redis_command_timeout: Duration,
-    /// `SESSION_CONTEXT_TTL` (seconds).
-    pub session_context_ttl: Duration,
-    /// `USER_SESSION_TTL` (seconds).
-    pub user_session_ttl: Duration,
+    /// Limits of the context cache (`SESSION_CONTEXT_TTL`, `USER_SESSION_TTL`,
+    /// `COACHD_CONTEXT_MAX_MESSAGES`).
+    pub context: ContextLimits,
     /// `RATE_LIMIT_TTL` (seconds): the rate-limit window.
     pub rate_limit_ttl: Duration,
     /// `RATE_LIMIT_REQUESTS` per window.
@@ -323,39 +133,12 @@ pub struct Settings {
     /// `RATE_LIMIT_FAIL_OPEN`: when the limiter's store (Redis) cannot answer, admit the request
     /// (true, the default: an outage of Redis does not take the routes down) or refuse it with 503.
     pub rate_limit_fail_open: bool,
-    /// `COACHD_CONTEXT_MAX_MESSAGES`: cap of each context list, so no session grows a key without bound.
-    pub context_max_messages: usize,
     /// The embedder.
     pub embedding: EmbeddingSettings,
     /// The coach memory store.
     pub memory: MemorySettings,
-    /// `LLM_PROVIDER`.
-    pub llm_provider: ProviderKind,
-    /// OpenAI (`OPENAI_API_KEY`, `OPENAI_MODEL`, `COACHD_OPENAI_BASE_URL`).
-    pub openai: ProviderSettings,
-    /// Groq (`GROQ_API_KEY`, `GROQ_MODEL`, `COACHD_GROQ_BASE_URL`).
-    pub groq: ProviderSettings,
-    /// Anthropic (`ANTHROPIC_API_KEY`, `ANTHROPIC_MODEL`, `COACHD_ANTHROPIC_BASE_URL`).
-    pub anthropic: ProviderSettings,
-    /// OpenRouter (`OPENROUTER_API_KEY`, `COACHD_OPENROUTER_MODEL`, `COACHD_OPENROUTER_BASE_URL`).
-    pub openrouter: ProviderSettings,
-    /// `COACHD_OPENROUTER_REFERER`: sent as OpenRouter's `HTTP-Referer`.
-    pub openrouter_referer: Option<String>,
-    /// `COACHD_OPENROUTER_TITLE`: sent as OpenRouter's `X-Title`.
-    pub openrouter_title: String,
-    /// Upstream timeouts (`COACHD_LLM_*_TIMEOUT_MS`).
-    pub llm_timeouts: LlmTimeouts,
-    /// `COACHD_LLM_MAX_RETRIES`: retries of one model before falling back.
-    pub llm_max_retries: u32,
-    /// `COACHD_LLM_RETRY_BASE_MS`: first backoff delay, doubled on each retry.
-    pub llm_retry_base: Duration,
-    /// `COACHD_LLM_MAX_RETRY_WAIT_MS`: longest back-off (or provider retry-after) honoured before
-    /// falling back to the next model instead.
-    pub llm_max_retry_wait: Duration,
-    /// `COACHD_LLM_TASKS_FILE`: TOML file of extra or overriding tasks.
-    pub llm_tasks_file: Option<PathBuf>,
-    /// `COACHD_OFFLINE_TOKEN_DELAY_MS`: pace of the offline provider.
-    pub offline_token_delay: Duration,
+    /// The LLM gateway: providers, timeouts, retries, tasks.
+    pub llm: LlmSettings,
     /// Live sessions and transports.
     pub realtime: RealtimeSettings,
     /// `COACHD_MAX_TRANSCRIPT_CHARS`: longest transcript for notes.
@@ -447,7 +230,7 @@ impl<S: Source> Reader<'_, S> {
     }
 
     fn secret(&self, var: &str) -> Option<Secret> {
-        self.raw(var).map(Secret)
+        self.raw(var).map(Secret::new)
     }
 
     fn parse<T: FromStr>(&self, var: &str, default: T, expected: &str) -> Result<T, ConfigError> {
@@ -518,7 +301,7 @@ impl<S: Source> Reader<'_, S> {
             let rest = &raw[raw.find("://").unwrap_or(0)..];
             url = Url::parse(&format!("{scheme}{rest}")).map_err(|_| invalid(var, &expected, None))?;
         }
-        Ok(Some(ServiceUrl(url)))
+        Ok(Some(ServiceUrl::new(url)))
     }
 
     /// A comma-separated list of labels (see [`is_label`]), without duplicates, or `default`.
@@ -546,7 +329,7 @@ impl<S: Source> Reader<'_, S> {
             .filter(|k| !k.is_empty())
             .map(|k| {
                 if k.bytes().all(|b| b.is_ascii_graphic()) {
-                    Ok(Secret(k.to_owned()))
+                    Ok(Secret::new(k))
                 } else {
                     Err(invalid(
                         var,
@@ -762,52 +545,57 @@ impl Settings {
             redis_pool_size: r.int("COACHD_REDIS_POOL_SIZE", 4, 1, 256)?,
             redis_key_prefix: r.string("COACHD_REDIS_KEY_PREFIX", ""),
             redis_command_timeout: r.millis("COACHD_REDIS_COMMAND_TIMEOUT_MS", 2_000, 1, 600_000)?,
-            session_context_ttl: r.seconds("SESSION_CONTEXT_TTL", 3_600, 1, 365 * DAY_SECS)?,
-            user_session_ttl: r.seconds("USER_SESSION_TTL", DAY_SECS, 1, 365 * DAY_SECS)?,
+            context: ContextLimits {
+                session_ttl: r.seconds("SESSION_CONTEXT_TTL", 3_600, 1, 365 * DAY_SECS)?,
+                user_session_ttl: r.seconds("USER_SESSION_TTL", DAY_SECS, 1, 365 * DAY_SECS)?,
+                // A cap on each context list, so no session grows a key without bound.
+                max_messages: r.int("COACHD_CONTEXT_MAX_MESSAGES", 100, 1, 100_000)?,
+            },
             rate_limit_ttl: r.seconds("RATE_LIMIT_TTL", 60, 1, DAY_SECS)?,
             rate_limit_requests: r.int("RATE_LIMIT_REQUESTS", 60, 1, 1_000_000)?,
             rate_limit_enabled: r.boolean("RATE_LIMIT_ENABLED", true)?,
             rate_limit_fail_open: r.boolean("RATE_LIMIT_FAIL_OPEN", true)?,
-            context_max_messages: r.int("COACHD_CONTEXT_MAX_MESSAGES", 100, 1, 100_000)?,
             embedding,
             memory,
-            llm_provider,
-            openai: provider(
-                "OPENAI_API_KEY",
-                "OPENAI_MODEL",
-                "gpt-4-turbo-preview",
-                "COACHD_OPENAI_BASE_URL",
-                "https://api.openai.com/v1",
-            )?,
-            groq: provider(
-                "GROQ_API_KEY",
-                "GROQ_MODEL",
-                "llama-3.1-70b-versatile",
-                "COACHD_GROQ_BASE_URL",
-                "https://api.groq.com/openai/v1",
-            )?,
-            anthropic: provider(
-                "ANTHROPIC_API_KEY",
-                "ANTHROPIC_MODEL",
-                "claude-3-sonnet-20240229",
-                "COACHD_ANTHROPIC_BASE_URL",
-                "https://api.anthropic.com/v1",
-            )?,
-            openrouter: provider(
-                "OPENROUTER_API_KEY",
-                "COACHD_OPENROUTER_MODEL",
-                "anthropic/claude-sonnet-4",
-                "COACHD_OPENROUTER_BASE_URL",
-                "https://openrouter.ai/api/v1",
-            )?,
-            openrouter_referer: r.raw("COACHD_OPENROUTER_REFERER"),
-            openrouter_title: r.string("COACHD_OPENROUTER_TITLE", "coachd"),
-            llm_timeouts,
-            llm_max_retries: r.int("COACHD_LLM_MAX_RETRIES", 2, 0, 10)?,
-            llm_retry_base: r.millis("COACHD_LLM_RETRY_BASE_MS", 250, 0, 60_000)?,
-            llm_max_retry_wait: r.millis("COACHD_LLM_MAX_RETRY_WAIT_MS", 10_000, 0, 600_000)?,
-            llm_tasks_file: r.raw("COACHD_LLM_TASKS_FILE").map(PathBuf::from),
-            offline_token_delay: r.millis("COACHD_OFFLINE_TOKEN_DELAY_MS", 20, 0, 10_000)?,
+            llm: LlmSettings {
+                llm_provider,
+                openai: provider(
+                    "OPENAI_API_KEY",
+                    "OPENAI_MODEL",
+                    "gpt-4-turbo-preview",
+                    "COACHD_OPENAI_BASE_URL",
+                    "https://api.openai.com/v1",
+                )?,
+                groq: provider(
+                    "GROQ_API_KEY",
+                    "GROQ_MODEL",
+                    "llama-3.1-70b-versatile",
+                    "COACHD_GROQ_BASE_URL",
+                    "https://api.groq.com/openai/v1",
+                )?,
+                anthropic: provider(
+                    "ANTHROPIC_API_KEY",
+                    "ANTHROPIC_MODEL",
+                    "claude-3-sonnet-20240229",
+                    "COACHD_ANTHROPIC_BASE_URL",
+                    "https://api.anthropic.com/v1",
+                )?,
+                openrouter: provider(
+                    "OPENROUTER_API_KEY",
+                    "COACHD_OPENROUTER_MODEL",
+                    "anthropic/claude-sonnet-4",
+                    "COACHD_OPENROUTER_BASE_URL",
+                    "https://openrouter.ai/api/v1",
+                )?,
+                openrouter_referer: r.raw("COACHD_OPENROUTER_REFERER"),
+                openrouter_title: r.string("COACHD_OPENROUTER_TITLE", "coachd"),
+                llm_timeouts,
+                llm_max_retries: r.int("COACHD_LLM_MAX_RETRIES", 2, 0, 10)?,
+                llm_retry_base: r.millis("COACHD_LLM_RETRY_BASE_MS", 250, 0, 60_000)?,
+                llm_max_retry_wait: r.millis("COACHD_LLM_MAX_RETRY_WAIT_MS", 10_000, 0, 600_000)?,
+                llm_tasks_file: r.raw("COACHD_LLM_TASKS_FILE").map(PathBuf::from),
+                offline_token_delay: r.millis("COACHD_OFFLINE_TOKEN_DELAY_MS", 20, 0, 10_000)?,
+            },
             realtime: RealtimeSettings {
                 max_sessions: r.int("COACHD_MAX_SESSIONS", 10_000, 1, 10_000_000)?,
                 idle_timeout: r.seconds("COACHD_SESSION_IDLE_SECS", 1_800, 1, 7 * DAY_SECS)?,
@@ -871,6 +659,12 @@ impl Settings {
     }
 }
 
+impl AsRef<LlmSettings> for Settings {
+    fn as_ref(&self) -> &LlmSettings {
+        &self.llm
+    }
+}
+
 /// Loads `.env` from the working directory into the process environment, without overriding
 /// variables that are already set. A missing file is fine; an unreadable one is an error.
 pub fn load_dotenv() -> Result<Option<PathBuf>, String> {
@@ -901,14 +695,14 @@ mod tests {
     fn defaults_match_the_reference_services() {
         let s = load(&[]).unwrap();
         assert_eq!(s.port, 8000);
-        assert_eq!(s.session_context_ttl, Duration::from_secs(3600));
-        assert_eq!(s.user_session_ttl, Duration::from_secs(86_400));
+        assert_eq!(s.context.session_ttl, Duration::from_secs(3600));
+        assert_eq!(s.context.user_session_ttl, Duration::from_secs(86_400));
         assert_eq!(s.rate_limit_ttl, Duration::from_secs(60));
         assert_eq!(s.rate_limit_requests, 60);
         assert!(s.rate_limit_enabled);
-        assert_eq!(s.llm_provider, ProviderKind::Openai);
+        assert_eq!(s.llm.llm_provider, ProviderKind::Openai);
         assert!(s.database_url.is_none() && s.redis_url.is_none());
-        assert_eq!(s.context_max_messages, 100);
+        assert_eq!(s.context.max_messages, 100);
         assert_eq!(s.embedding.provider, EmbeddingProvider::Offline);
         assert_eq!(s.embedding.dimension, 384);
         assert_eq!(s.embedding.base_url.as_str(), "https://api.openai.com/v1");

@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 use fred::prelude::ClientLike;
 use serde::Serialize;
 
-use crate::config::ProviderKind;
-use crate::llm::Llm;
+use crate::llm::{Llm, ProviderKind};
 
 /// Status of one component.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]

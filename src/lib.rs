@@ -39,6 +39,7 @@ pub mod memory;
 pub mod persist;
 pub mod redis;
 pub mod routes;
+pub mod secret;
 pub mod session;
 pub mod startup;
 pub mod state;

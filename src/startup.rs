@@ -23,7 +23,7 @@ use crate::config::Settings;
 use crate::context::rate_limit::{
     DisabledRateLimiter, InProcessRateLimiter, RateLimit, RateLimiter, RedisRateLimiter,
 };
-use crate::context::{ContextCache, ContextLimits, InProcessContextCache, RedisContextCache};
+use crate::context::{ContextCache, InProcessContextCache, RedisContextCache};
 use crate::error::Error;
 use crate::memory::{InProcessMemoryStore, MemoryLimits, MemoryStore, PgMemoryStore};
 use crate::redis::RedisConn;
@@ -104,7 +104,12 @@ impl Application {
         };
         let redis = match &settings.redis_url {
             Some(url) => {
-                let conn = redis::connect(url, &settings)?;
+                let conn = redis::connect(
+                    url,
+                    settings.redis_password.as_ref(),
+                    settings.redis_pool_size,
+                    settings.redis_command_timeout,
+                )?;
                 tracing::info!(url = %url, "storage: Redis (connecting in the background)");
                 Some(conn)
             }
@@ -114,7 +119,7 @@ impl Application {
             }
         };
 
-        let llm = crate::llm::Llm::from_settings(&settings).map_err(StartupError::Llm)?;
+        let llm = crate::llm::Llm::from_settings(&settings.llm).map_err(StartupError::Llm)?;
         tracing::info!(
             default_provider = %llm.default_provider(),
             tasks = llm.tasks().count(),
@@ -127,7 +132,8 @@ impl Application {
         let personas = crate::coach::Personas::from_file(settings.personas_file.as_deref())
             .map_err(StartupError::Personas)?;
 
-        let embedder = embed::from_settings(&settings).map_err(|e| StartupError::Embedder(e.to_string()))?;
+        let embedder = embed::from_settings(&settings.embedding, settings.llm.llm_timeouts.connect)
+            .map_err(|e| StartupError::Embedder(e.to_string()))?;
         tracing::info!(
             provider = %settings.embedding.provider,
             model = embedder.model(),
@@ -149,7 +155,7 @@ impl Application {
                 ))
             }
         };
-        let limits = ContextLimits::from_settings(&settings);
+        let limits = settings.context;
         let window = RateLimit {
             requests: settings.rate_limit_requests,
             window: settings.rate_limit_ttl,

@@ -60,7 +60,13 @@ fn reference_limits() -> ContextLimits {
 
 async fn redis_pool() -> coachd::redis::RedisConn {
     let settings = Settings::for_tests(&[("REDIS_URL", &common::redis_url())]).unwrap();
-    let conn = coachd::redis::connect(settings.redis_url.as_ref().unwrap(), &settings).unwrap();
+    let conn = coachd::redis::connect(
+        settings.redis_url.as_ref().unwrap(),
+        settings.redis_password.as_ref(),
+        settings.redis_pool_size,
+        settings.redis_command_timeout,
+    )
+    .unwrap();
     fred::interfaces::ClientLike::wait_for_connect(&conn.pool)
         .await
         .unwrap();
@@ -469,7 +475,13 @@ async fn a_redis_outage_is_reported_as_unavailable() {
         ("COACHD_REDIS_COMMAND_TIMEOUT_MS", "200"),
     ])
     .unwrap();
-    let conn = coachd::redis::connect(settings.redis_url.as_ref().unwrap(), &settings).unwrap();
+    let conn = coachd::redis::connect(
+        settings.redis_url.as_ref().unwrap(),
+        settings.redis_password.as_ref(),
+        settings.redis_pool_size,
+        settings.redis_command_timeout,
+    )
+    .unwrap();
     let cache = RedisContextCache::new(conn.pool.clone(), "x:", reference_limits());
     let err = cache
         .append_message("s1", "u1", "c1", msg("user", "hi"))

@@ -9,8 +9,8 @@ mod common;
 use std::sync::Arc;
 
 use coachd::Settings;
-use coachd::config::MemorySettings;
 use coachd::embed::{Embedder, OfflineEmbedder};
+use coachd::memory::MemorySettings;
 use coachd::memory::SetupError;
 use coachd::memory::{InProcessMemoryStore, MemoryLimits, MemoryStore, NewMemory, PgMemoryStore, StoreError};
 use coachd::startup::StartupError;

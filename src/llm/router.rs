@@ -20,7 +20,7 @@ use super::{
     ChatRequest, Completion, EventStream, LlmError, LlmEvent, Message, Params, Provider, ResponseFormat,
     anthropic, collect, groq, openai, openrouter,
 };
-use crate::config::{LlmTimeouts, ProviderKind, Settings};
+use crate::llm::{LlmSettings, LlmTimeouts, ProviderKind};
 
 /// The built-in task names of the reference AI backend.
 pub const BUILTIN_TASKS: [&str; 5] = [
@@ -163,7 +163,8 @@ impl Llm {
 
     /// Builds every provider that has a key (plus the offline one), the default task table, and
     /// the tasks of `COACHD_LLM_TASKS_FILE`. LLM_PROVIDER without a key falls back to offline.
-    pub fn from_settings(s: &Settings) -> Result<Self, String> {
+    pub fn from_settings(s: &impl AsRef<LlmSettings>) -> Result<Self, String> {
+        let s = s.as_ref();
         let t = s.llm_timeouts;
         let client = reqwest::Client::builder()
             // Nagle would hold small upstream writes; the first token should not wait 40 ms.

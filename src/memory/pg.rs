@@ -18,10 +18,9 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{
-    Memory, MemoryLimits, MemoryStore, NewMemory, Prepared, ScoredMemory, SetupError, StoreError,
-    StoreOutcome, check_query, prepare,
+    Memory, MemoryLimits, MemorySettings, MemoryStore, NewMemory, Prepared, ScoredMemory, SetupError,
+    StoreError, StoreOutcome, check_query, prepare,
 };
-use crate::config::MemorySettings;
 use crate::embed::{EmbedError, Embedder};
 
 /// Serialises the first-start set-up of concurrently starting instances.

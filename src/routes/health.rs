@@ -95,7 +95,7 @@ async fn check_redis(state: &AppState) -> ComponentReport {
 
 async fn check_llm(state: &AppState) -> ComponentReport {
     let s = &state.settings;
-    health::check_llm(&state.llm, s.llm_provider, s.health_timeout).await
+    health::check_llm(&state.llm, s.llm.llm_provider, s.health_timeout).await
 }
 
 fn component(report: ComponentReport) -> Response {

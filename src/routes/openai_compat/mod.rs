@@ -29,7 +29,7 @@ pub use request::{
     StopSpec, StreamOptions,
 };
 
-use crate::config::ProviderKind;
+use crate::llm::ProviderKind;
 use crate::llm::{FinishReason, LlmError, LlmEvent};
 use crate::routes::sse_response;
 use crate::state::AppState;

@@ -6,7 +6,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::OpenAiError;
-use crate::config::ProviderKind;
+use crate::llm::ProviderKind;
 use crate::llm::{EventStream, Message, ModelRef, Params, ResponseFormat};
 use crate::routes::api_v1::{check_messages, check_params};
 use crate::state::AppState;
