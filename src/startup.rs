@@ -19,6 +19,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::coach::notes::{InProcessNotesStore, NotesStore, PgNotesStore};
 use crate::config::Settings;
 use crate::context::rate_limit::{
     DisabledRateLimiter, InProcessRateLimiter, RateLimit, RateLimiter, RedisRateLimiter,
@@ -26,7 +27,10 @@ use crate::context::rate_limit::{
 use crate::context::{ContextCache, InProcessContextCache, RedisContextCache};
 use crate::error::Error;
 use crate::memory::{InProcessMemoryStore, MemoryLimits, MemoryStore, PgMemoryStore};
+use crate::persist::WriteBehind;
 use crate::redis::RedisConn;
+use crate::session::token::TokenKey;
+use crate::session::{ConnectionManager, Deps, Stats};
 use crate::state::AppState;
 use crate::{db, embed, redis, routes};
 
@@ -204,18 +208,37 @@ impl Application {
         let tasks = tokio_util::task::TaskTracker::new();
         let write_tasks = tokio_util::task::TaskTracker::new();
         let write_stop = CancellationToken::new();
-        let layer = build_sessions(
-            &settings,
-            llm.clone(),
-            personas.clone(),
+        // Session tasks and transports run on `tasks`; the write-behind workers run on
+        // `write_tasks` and stop on `write_stop`, which shutdown cancels only after every session
+        // task is done, so no finished turn is refused by a closed queue.
+        let rt = &settings.realtime;
+        let write_behind = WriteBehind::start(
+            rt.write_behind,
             context.clone(),
             memory.clone(),
-            db.as_ref(),
-            &shutdown,
-            &tasks,
             &write_tasks,
-            &write_stop,
+            write_stop.clone(),
         );
+        let notes: Arc<dyn NotesStore> = match &db {
+            Some(pool) => Arc::new(PgNotesStore::new(pool.clone())),
+            None => Arc::new(InProcessNotesStore::new(10_000)),
+        };
+        let deps = Deps {
+            llm: llm.clone(),
+            personas: personas.clone(),
+            context: context.clone(),
+            memory: memory.clone(),
+            notes: notes.clone(),
+            write_behind: write_behind.clone(),
+            limits: rt.sessions,
+            stats: Arc::new(Stats::default()),
+            shutdown: shutdown.clone(),
+        };
+        if rt.token_secret.is_none() {
+            tracing::info!("COACHD_SESSION_TOKEN_SECRET unset: session tokens are valid on this node only");
+        }
+        let session_tokens = TokenKey::new(rt.token_secret.as_ref(), rt.token_ttl);
+        let sessions = Arc::new(ConnectionManager::new(deps, tasks.clone()));
         let state = AppState {
             settings,
             db,
@@ -224,10 +247,10 @@ impl Application {
             rate_limiter,
             memory,
             embedder,
-            sessions: layer.sessions,
-            session_tokens: layer.tokens,
-            write_behind: layer.write_behind,
-            notes: layer.notes,
+            sessions,
+            session_tokens,
+            write_behind,
+            notes,
             tasks,
             llm,
             personas,
@@ -438,87 +461,5 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => tracing::info!("SIGINT received"),
         () = terminate => tracing::info!("SIGTERM received"),
-    }
-}
-
-/// What the realtime layer adds to the application: the session manager and its helpers.
-pub(crate) struct SessionLayer {
-    pub(crate) sessions: Arc<crate::session::ConnectionManager>,
-    pub(crate) write_behind: crate::persist::WriteBehind,
-    pub(crate) notes: Arc<dyn crate::coach::notes::NotesStore>,
-    pub(crate) tokens: crate::session::token::TokenKey,
-}
-
-/// Builds the session manager over the stores. Session tasks and transports run on `tasks`;
-/// the write-behind workers run on `write_tasks` and stop on `write_stop`, which shutdown cancels
-/// only after every session task is done, so no finished turn is refused by a closed queue.
-#[allow(clippy::too_many_arguments, reason = "one call site, at start-up")]
-pub(crate) fn build_sessions(
-    settings: &Settings,
-    llm: Arc<crate::llm::Llm>,
-    personas: Arc<crate::coach::Personas>,
-    context: Arc<dyn crate::context::ContextCache>,
-    memory: Arc<dyn crate::memory::MemoryStore>,
-    db: Option<&sqlx::PgPool>,
-    shutdown: &CancellationToken,
-    tasks: &tokio_util::task::TaskTracker,
-    write_tasks: &tokio_util::task::TaskTracker,
-    write_stop: &CancellationToken,
-) -> SessionLayer {
-    let rt = &settings.realtime;
-    let write_behind = crate::persist::WriteBehind::start(
-        crate::persist::WriteBehindConfig {
-            workers: rt.write_behind_workers,
-            queue_capacity: rt.write_behind_queue,
-            max_attempts: rt.write_behind_max_attempts,
-            retry_base: Duration::from_millis(100),
-            memory_max_bytes: settings.memory.max_text_bytes,
-        },
-        context.clone(),
-        memory.clone(),
-        write_tasks,
-        write_stop.clone(),
-    );
-    let notes: Arc<dyn crate::coach::notes::NotesStore> = match db {
-        Some(pool) => Arc::new(crate::coach::notes::PgNotesStore::new(pool.clone())),
-        None => Arc::new(crate::coach::notes::InProcessNotesStore::new(10_000)),
-    };
-    let limits = crate::session::SessionLimits {
-        max_sessions: rt.max_sessions,
-        idle_timeout: rt.idle_timeout,
-        log_events: rt.log_events,
-        client_queue: rt.client_queue,
-        max_queued_turns: rt.max_queued_turns,
-        max_text_chars: rt.max_text_chars,
-        max_actions: rt.max_actions,
-        notes_max_turns: rt.notes_max_turns,
-        ended_kept: rt.ended_kept,
-        prompt: crate::coach::prompt::PromptLimits {
-            context_messages: rt.prompt_context_messages,
-            memories: rt.prompt_memories,
-            min_similarity: rt.prompt_min_similarity,
-            fetch_timeout: rt.prompt_fetch_timeout,
-            query_max_bytes: settings.memory.max_text_bytes,
-        },
-    };
-    let deps = crate::session::Deps {
-        llm,
-        personas,
-        context,
-        memory,
-        notes: notes.clone(),
-        write_behind: write_behind.clone(),
-        limits,
-        stats: Arc::new(crate::session::Stats::default()),
-        shutdown: shutdown.clone(),
-    };
-    if rt.token_secret.is_none() {
-        tracing::info!("COACHD_SESSION_TOKEN_SECRET unset: session tokens are valid on this node only");
-    }
-    SessionLayer {
-        sessions: Arc::new(crate::session::ConnectionManager::new(deps, tasks.clone())),
-        write_behind,
-        notes,
-        tokens: crate::session::token::TokenKey::new(rt.token_secret.as_ref(), rt.token_ttl),
     }
 }

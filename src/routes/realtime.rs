@@ -169,7 +169,8 @@ fn attach_sse(
     until_turn_end: Option<u32>,
 ) -> Response {
     let rt = &state.settings.realtime;
-    let (mut transport, response) = SseTransport::new(rt.client_queue, rt.send_timeout, until_turn_end);
+    let (mut transport, response) =
+        SseTransport::new(rt.sessions.client_queue, rt.send_timeout, until_turn_end);
     let gauge = Gauge::enter(state.sessions.stats(), |s| &s.sse_connections);
     let opts = drive_options(state, rt.sse_heartbeat);
     state.tasks.spawn(async move {
@@ -494,7 +495,7 @@ async fn stats(State(state): State<AppState>, caller: Caller) -> Result<Json<Val
     let wb = &state.write_behind;
     Ok(Json(json!({
         "active_sessions": state.sessions.live_count(),
-        "max_sessions": state.settings.realtime.max_sessions,
+        "max_sessions": state.settings.realtime.sessions.max_sessions,
         "sessions": state.sessions.stats(),
         "write_behind": {
             "queue_depth": wb.depth(),
