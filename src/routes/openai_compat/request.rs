@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 use super::OpenAiError;
 use crate::llm::ProviderKind;
 use crate::llm::{EventStream, Message, ModelRef, Params, ResponseFormat};
-use crate::routes::api_v1::{check_messages, check_params};
+use crate::routes::validate::{check_messages, check_params};
 use crate::state::AppState;
 
 /// `POST /v1/chat/completions`, as OpenAI defines it. Unknown fields are ignored, as the SDKs
