@@ -1,6 +1,6 @@
 //! Who is calling: API keys (`X-API-Key`, compared in constant time) for backend-to-backend calls,
 //! Supabase JWTs (`Authorization: Bearer`, HS256) for end users, and the per-route rules that
-//! combine them, as axum extractors. Every failure answers the same generic 401 so a client cannot
+//! combine them (the axum extractors that apply them are in `routes::extract`). Every failure answers the same generic 401 so a client cannot
 //! tell a wrong key from an expired token; the reason is logged at debug, never the credential.
 //!
 //! Route families and their [`Policy`]:
@@ -10,9 +10,7 @@
 //! - `/ai/coach/*`, `/realtime/*`: an API key when any is configured; a JWT is optional and, when
 //!   sent, must be valid and pins the caller to its user ([`Caller`] itself).
 
-use axum::extract::FromRequestParts;
 use axum::http::HeaderMap;
-use axum::http::request::Parts;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -20,7 +18,6 @@ use subtle::ConstantTimeEq;
 
 use crate::config::Settings;
 use crate::error::Error;
-use crate::state::AppState;
 
 /// The header that carries an API key.
 pub const API_KEY_HEADER: &str = "x-api-key";
@@ -276,46 +273,15 @@ fn jwt_reason(kind: &jsonwebtoken::errors::ErrorKind) -> &'static str {
     }
 }
 
-/// The coach and realtime rule ([`Policy::KeyIfConfigured`]): put `caller: Caller` in a handler.
-impl FromRequestParts<AppState> for Caller {
-    type Rejection = Error;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        state
-            .auth
-            .authenticate_headers(&parts.headers, Policy::KeyIfConfigured)
-    }
-}
-
-/// The rule of `/api/v1` status and tasks ([`Policy::ApiKey`]).
+/// The rule of `/api/v1` status and tasks ([`Policy::ApiKey`]); its extractor is in
+/// `routes::extract`.
 #[derive(Debug, Clone)]
 pub struct ApiCaller(pub Caller);
 
-impl FromRequestParts<AppState> for ApiCaller {
-    type Rejection = Error;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        state
-            .auth
-            .authenticate_headers(&parts.headers, Policy::ApiKey)
-            .map(ApiCaller)
-    }
-}
-
-/// The rule of the `/api/v1/llm/*` routes ([`Policy::ApiKeyAndUser`]).
+/// The rule of the `/api/v1/llm/*` routes ([`Policy::ApiKeyAndUser`]); its extractor is in
+/// `routes::extract`.
 #[derive(Debug, Clone)]
 pub struct ApiUser(pub Caller);
-
-impl FromRequestParts<AppState> for ApiUser {
-    type Rejection = Error;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        state
-            .auth
-            .authenticate_headers(&parts.headers, Policy::ApiKeyAndUser)
-            .map(ApiUser)
-    }
-}
 
 #[cfg(test)]
 mod tests {

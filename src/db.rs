@@ -8,17 +8,38 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
 use crate::config::{ServiceUrl, Settings};
-use crate::startup::StartupError;
+
+/// Why PostgreSQL could not be set up; each message is one line meant for an operator.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// PostgreSQL could not be reached or the URL is unusable.
+    #[error("cannot connect to PostgreSQL at {url}: {reason}")]
+    Connect {
+        /// The URL with its password redacted.
+        url: String,
+        /// The driver's reason.
+        reason: String,
+    },
+    /// The server has no pgvector.
+    #[error(
+        "the PostgreSQL server has no pgvector extension (\"vector\" is not in pg_available_extensions); \
+         install pgvector 0.8+ on it, or run scripts/services for a development server that has it"
+    )]
+    NoPgvector,
+    /// A migration failed.
+    #[error("database migration failed: {0}")]
+    Migrate(String),
+}
 
 /// The migrations in `migrations/`, embedded at compile time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 /// Opens the pool and checks one connection, so a wrong URL fails start-up at once.
-pub async fn connect(url: &ServiceUrl, settings: &Settings) -> Result<PgPool, StartupError> {
+pub async fn connect(url: &ServiceUrl, settings: &Settings) -> Result<PgPool, DbError> {
     let options: PgConnectOptions = url
         .expose()
         .parse::<PgConnectOptions>()
-        .map_err(|e| StartupError::Database {
+        .map_err(|e| DbError::Connect {
             url: url.redacted(),
             reason: e.to_string(),
         })?
@@ -31,7 +52,7 @@ pub async fn connect(url: &ServiceUrl, settings: &Settings) -> Result<PgPool, St
         .acquire_timeout(settings.db_connect_timeout)
         .connect_with(options)
         .await
-        .map_err(|e| StartupError::Database {
+        .map_err(|e| DbError::Connect {
             url: url.redacted(),
             reason: e.to_string(),
         })
@@ -39,20 +60,20 @@ pub async fn connect(url: &ServiceUrl, settings: &Settings) -> Result<PgPool, St
 
 /// Applies every pending migration. Safe to run again, and from several instances at once
 /// (sqlx serialises them with an advisory lock). Returns how many were newly applied.
-pub async fn migrate(pool: &PgPool) -> Result<usize, StartupError> {
+pub async fn migrate(pool: &PgPool) -> Result<usize, DbError> {
     let available: bool =
         sqlx::query_scalar("select exists(select 1 from pg_available_extensions where name = 'vector')")
             .fetch_one(pool)
             .await
-            .map_err(|e| StartupError::Migrate(e.to_string()))?;
+            .map_err(|e| DbError::Migrate(e.to_string()))?;
     if !available {
-        return Err(StartupError::NoPgvector);
+        return Err(DbError::NoPgvector);
     }
     let before = applied_count(pool).await;
     MIGRATOR
         .run(pool)
         .await
-        .map_err(|e| StartupError::Migrate(e.to_string()))?;
+        .map_err(|e| DbError::Migrate(e.to_string()))?;
     Ok(applied_count(pool).await.saturating_sub(before))
 }
 

@@ -2,13 +2,12 @@
 //! its check took. Checks run concurrently and each is bounded by `COACHD_HEALTH_TIMEOUT_MS`.
 
 use std::future::Future;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fred::prelude::ClientLike;
 use serde::Serialize;
 
-use crate::config::ProviderKind;
-use crate::state::AppState;
+use crate::llm::{Llm, ProviderKind};
 
 /// Status of one component.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -43,23 +42,20 @@ impl ComponentReport {
     }
 }
 
-async fn timed<F, E>(state: &AppState, backend: &str, check: F) -> ComponentReport
+async fn timed<F, E>(timeout: Duration, backend: &str, check: F) -> ComponentReport
 where
     F: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
     let start = Instant::now();
-    let result = tokio::time::timeout(state.settings.health_timeout, check).await;
+    let result = tokio::time::timeout(timeout, check).await;
     let latency_ms = (start.elapsed().as_secs_f64() * 1_000_000.0).round() / 1_000.0;
     let (status, detail) = match result {
         Ok(Ok(())) => (Status::Up, None),
         Ok(Err(e)) => (Status::Down, Some(e.to_string())),
         Err(_) => (
             Status::Down,
-            Some(format!(
-                "no answer within {} ms",
-                state.settings.health_timeout.as_millis()
-            )),
+            Some(format!("no answer within {} ms", timeout.as_millis())),
         ),
     };
     ComponentReport {
@@ -80,11 +76,11 @@ fn embedded(what: &str) -> ComponentReport {
 }
 
 /// PostgreSQL: one round trip on a pooled connection.
-pub async fn check_db(state: &AppState) -> ComponentReport {
-    match &state.db {
+pub async fn check_db(db: Option<&sqlx::PgPool>, timeout: Duration) -> ComponentReport {
+    match db {
         None => embedded("DATABASE_URL"),
         Some(pool) => {
-            timed(state, "postgresql", async {
+            timed(timeout, "postgresql", async {
                 sqlx::query("select 1").execute(pool).await.map(|_| ())
             })
             .await
@@ -93,11 +89,11 @@ pub async fn check_db(state: &AppState) -> ComponentReport {
 }
 
 /// Redis: a PING through the pool.
-pub async fn check_redis(state: &AppState) -> ComponentReport {
-    match &state.redis {
+pub async fn check_redis(redis: Option<&fred::clients::Pool>, timeout: Duration) -> ComponentReport {
+    match redis {
         None => embedded("REDIS_URL"),
         Some(pool) => {
-            timed(state, "redis", async {
+            timed(timeout, "redis", async {
                 pool.next().ping::<String>(None).await.map(|_| ())
             })
             .await
@@ -106,17 +102,14 @@ pub async fn check_redis(state: &AppState) -> ComponentReport {
 }
 
 /// The default LLM provider: a models listing (cheap, generates nothing), or `embedded` when
-/// the offline provider answers because no key is configured.
-pub async fn check_llm(state: &AppState) -> ComponentReport {
-    let kind = state.llm.default_provider();
+/// the offline provider answers because no key is configured (`configured` is `LLM_PROVIDER`).
+pub async fn check_llm(llm: &Llm, configured: ProviderKind, timeout: Duration) -> ComponentReport {
+    let kind = llm.default_provider();
     if kind == ProviderKind::Offline {
-        let detail = if state.settings.llm_provider == ProviderKind::Offline {
+        let detail = if configured == ProviderKind::Offline {
             "LLM_PROVIDER=offline: the built-in offline provider answers".to_owned()
         } else {
-            format!(
-                "no API key for {}: the offline provider answers",
-                state.settings.llm_provider
-            )
+            format!("no API key for {configured}: the offline provider answers")
         };
         return ComponentReport {
             status: Status::Embedded,
@@ -125,5 +118,5 @@ pub async fn check_llm(state: &AppState) -> ComponentReport {
             detail: Some(detail),
         };
     }
-    timed(state, kind.as_str(), state.llm.check_default()).await
+    timed(timeout, kind.as_str(), llm.check_default()).await
 }

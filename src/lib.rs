@@ -5,24 +5,51 @@
 //! finished turns to Redis (context) and PostgreSQL + pgvector (memory) off the token path.
 //!
 //! # Layout
-//! - [`config`]: typed settings from the environment and `.env`, validated at start.
-//! - [`error`]: the one error type; HTTP status, JSON body, SSE event and WebSocket close code.
-//! - [`auth`]: API keys and end-user JWTs, as extractors with one rule per route family.
+//! - [`config`]: typed settings from the environment and `.env`, validated at start; one reader
+//!   per section builds the settings type its consumer takes.
+//! - [`secret`]: values that never reach a log ([`secret::Secret`], [`secret::ServiceUrl`]).
+//! - [`error`]: the one error type; HTTP status, JSON body, SSE event and WebSocket close code,
+//!   and the store errors' mapping into it.
+//! - [`auth`]: API keys and end-user JWTs, with one rule per route family.
 //! - [`telemetry`]: tracing set-up (text or JSON).
 //! - [`startup`]: builds state and router, binds, serves, shuts down gracefully.
 //! - [`state`]: the shared handles every handler gets.
 //! - [`db`], [`redis`]: connections to PostgreSQL (with migrations) and Redis.
 //! - [`llm`]: providers (OpenAI-compatible, Anthropic, offline), task routing, timeouts.
-//! - [`context`]: short-term session context and rate limits (Redis or in-process).
+//! - [`context`]: short-term session context and the rate limiter (Redis or in-process).
 //! - [`memory`]: long-term coach memory (PostgreSQL + pgvector or in-process); [`embed`]: embedders.
 //! - [`session`]: the ConnectionManager and one task per live session (turn order, cancel,
 //!   event log, replay); [`transport`]: the Transport trait and its WebSocket, SSE and HTTP adapters.
 //! - [`persist`]: write-behind of finished turns to the context cache and memory store.
 //! - [`coach`]: personas, prompt assembly, session notes.
-//! - [`context`]: short-term session context and rate limits (Redis or in-process).
-//! - [`memory`]: long-term coach memory (PostgreSQL + pgvector or in-process); [`embed`]: embedders.
-//! - [`health`]: dependency checks; [`routes`]: the HTTP handlers.
+//! - [`health`]: dependency checks; [`routes`]: the HTTP handlers, their extractors
+//!   (`routes::extract`), rate-limit enforcement (`routes::rate_limit`) and the shared request
+//!   validators (`routes::validate`).
 //! - `fake_upstream` (feature `fake-upstream`): the fake LLM server for tests and benchmarks.
+//!
+//! # Layers
+//! Imports point down; no two modules import each other (`tests/layers.rs` checks both). From the
+//! bottom:
+//! 1. `secret`, `redis`, `embed`, `error`: leaves every layer may use.
+//! 2. `context`, `memory`, `llm`: the stores and the LLM gateway, each owning its settings type.
+//! 3. `persist`, `coach`, `session`, `transport`: the realtime core.
+//! 4. `config`: reads the environment into the settings types of the layers below, so it sits
+//!    above them and none of them imports it.
+//! 5. `auth`, `db`, `health`, `telemetry`: take the settings or the handles they need.
+//! 6. The composition layer, `startup`, `state` and `routes`: the only modules that see
+//!    `AppState` or `StartupError`.
+//!
+//! # Follow one token
+//! To read the token path from the upstream socket to the client's, in order:
+//! 1. a provider file, e.g. `llm::openai`: the request, and the stream decoded into `LlmEvent`s;
+//! 2. `llm::sse`: the SSE line decoder every provider's stream goes through;
+//! 3. `llm::timeout`: the first-token, idle and total deadlines around that stream;
+//! 4. `llm::router`: retries and fallbacks before the first token, then the chosen stream;
+//! 5. `session::actor`: the session task that owns turn order and turns each delta into an event;
+//! 6. `session::log`: the event log that numbers events (`seq`), keeps them for replay and fans
+//!    them out to bounded per-subscriber queues;
+//! 7. `transport` (its `drive` loop): one connection's loop over its subscription and its client;
+//! 8. `transport::ws` and `transport::sse`: the adapters that write the event to the socket.
 
 pub mod auth;
 pub mod coach;
@@ -39,6 +66,7 @@ pub mod memory;
 pub mod persist;
 pub mod redis;
 pub mod routes;
+pub mod secret;
 pub mod session;
 pub mod startup;
 pub mod state;

@@ -5,13 +5,22 @@
 use fred::prelude::{Builder, ClientLike, Config, ReconnectPolicy};
 use fred::types::ConnectHandle;
 
-use crate::config::{ServiceUrl, Settings};
-use crate::startup::StartupError;
+use crate::secret::{Secret, ServiceUrl};
 
 /// Reconnect back-off: 100 ms doubling to 5 s, forever. Redis outages are usually short, and a
 /// node that gave up would need a restart to recover.
 const RECONNECT_MIN_MS: u32 = 100;
 const RECONNECT_MAX_MS: u32 = 5_000;
+
+/// The Redis URL or pool settings are unusable.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot use Redis at {url}: {reason}")]
+pub struct RedisSetupError {
+    /// The URL with its password redacted.
+    pub url: String,
+    /// fred's reason.
+    pub reason: String,
+}
 
 /// A connected (or connecting) pool and the task that drives its connections.
 #[derive(Debug)]
@@ -22,20 +31,25 @@ pub struct RedisConn {
     pub task: ConnectHandle,
 }
 
-/// Builds the pool from `REDIS_URL` (+ `REDIS_PASSWORD`) and starts connecting.
-pub fn connect(url: &ServiceUrl, settings: &Settings) -> Result<RedisConn, StartupError> {
-    let bad = |reason: String| StartupError::Redis {
+/// Builds the pool from `REDIS_URL` (+ `REDIS_PASSWORD`, used when the URL has none) with
+/// `pool_size` clients whose commands time out after `timeout`, and starts connecting.
+pub fn connect(
+    url: &ServiceUrl,
+    password: Option<&Secret>,
+    pool_size: usize,
+    timeout: std::time::Duration,
+) -> Result<RedisConn, RedisSetupError> {
+    let bad = |reason: String| RedisSetupError {
         url: url.redacted(),
         reason,
     };
     let mut config = Config::from_url(url.expose()).map_err(|e| bad(e.to_string()))?;
     if config.password.is_none() {
-        config.password = settings.redis_password.as_ref().map(|p| p.expose().to_owned());
+        config.password = password.map(|p| p.expose().to_owned());
     }
     // Keep retrying when Redis is down at start-up instead of failing: coachd must come up and
     // report Redis as down in /health/ready, not crash-loop.
     config.fail_fast = false;
-    let timeout = settings.redis_command_timeout;
     let pool = Builder::from_config(config)
         .set_policy(ReconnectPolicy::new_exponential(
             0,
@@ -54,7 +68,7 @@ pub fn connect(url: &ServiceUrl, settings: &Settings) -> Result<RedisConn, Start
         .with_performance_config(|p| {
             p.default_command_timeout = timeout;
         })
-        .build_pool(settings.redis_pool_size)
+        .build_pool(pool_size)
         .map_err(|e| bad(e.to_string()))?;
     let task = pool.connect();
     Ok(RedisConn { pool, task })

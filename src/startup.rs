@@ -1,6 +1,6 @@
 //! Builds the application (storage, state, router), binds the listener and serves until a stop
-//! signal, then shuts down gracefully: stop accepting, let in-flight requests finish within the
-//! grace period, close storage connections.
+//! signal, then shuts down gracefully: report not ready for the drain delay while still serving,
+//! stop accepting, let in-flight requests finish within the grace period, close storage connections.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,14 +19,18 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::coach::notes::{InProcessNotesStore, NotesStore, PgNotesStore};
 use crate::config::Settings;
 use crate::context::rate_limit::{
     DisabledRateLimiter, InProcessRateLimiter, RateLimit, RateLimiter, RedisRateLimiter,
 };
-use crate::context::{ContextCache, ContextLimits, InProcessContextCache, RedisContextCache};
+use crate::context::{ContextCache, InProcessContextCache, RedisContextCache};
 use crate::error::Error;
 use crate::memory::{InProcessMemoryStore, MemoryLimits, MemoryStore, PgMemoryStore};
+use crate::persist::WriteBehind;
 use crate::redis::RedisConn;
+use crate::session::token::TokenKey;
+use crate::session::{ConnectionManager, Deps, Stats};
 use crate::state::AppState;
 use crate::{db, embed, redis, routes};
 
@@ -39,48 +43,18 @@ pub enum StartupError {
     /// A setting is invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    /// PostgreSQL could not be reached or the URL is unusable.
-    #[error("cannot connect to PostgreSQL at {url}: {reason}")]
-    Database {
-        /// The URL with its password redacted.
-        url: String,
-        /// The driver's reason.
-        reason: String,
-    },
-    /// The server has no pgvector.
-    #[error(
-        "the PostgreSQL server has no pgvector extension (\"vector\" is not in pg_available_extensions); \
-         install pgvector 0.8+ on it, or run scripts/services for a development server that has it"
-    )]
-    NoPgvector,
-    /// A migration failed.
-    #[error("database migration failed: {0}")]
-    Migrate(String),
+    /// PostgreSQL could not be set up (connection, pgvector, migrations).
+    #[error(transparent)]
+    Database(#[from] crate::db::DbError),
     /// `coachd migrate` without `DATABASE_URL`.
     #[error("DATABASE_URL is not set: there is no database to migrate")]
     NoDatabase,
-    /// The Redis URL is unusable.
-    #[error("cannot use Redis at {url}: {reason}")]
-    Redis {
-        /// The URL with its password redacted.
-        url: String,
-        /// fred's reason.
-        reason: String,
-    },
-    /// The configured embedding dimension differs from the one the database was set up with.
-    #[error(
-        "COACHD_EMBEDDING_DIM is {configured} but the memory database holds {stored}-dimensional embeddings; \
-         set COACHD_EMBEDDING_DIM={stored} (with the embedding model that filled it) or use another database"
-    )]
-    EmbeddingDimension {
-        /// `COACHD_EMBEDDING_DIM`.
-        configured: usize,
-        /// The dimension recorded in the database.
-        stored: usize,
-    },
+    /// The Redis URL or pool settings are unusable.
+    #[error(transparent)]
+    Redis(#[from] crate::redis::RedisSetupError),
     /// The memory store could not be set up (dimension record, index).
-    #[error("cannot set up the memory store: {0}")]
-    Memory(String),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::SetupError),
     /// The embedder could not be built.
     #[error("cannot set up the embedder: {0}")]
     Embedder(String),
@@ -116,6 +90,9 @@ impl Application {
     /// `PORT=0` binds a free port; [`Application::port`] tells which.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let settings = Arc::new(settings);
+        for warning in &settings.warnings {
+            tracing::warn!("config: {warning}");
+        }
 
         let db = match &settings.database_url {
             Some(url) => {
@@ -131,7 +108,12 @@ impl Application {
         };
         let redis = match &settings.redis_url {
             Some(url) => {
-                let conn = redis::connect(url, &settings)?;
+                let conn = redis::connect(
+                    url,
+                    settings.redis_password.as_ref(),
+                    settings.redis_pool_size,
+                    settings.redis_command_timeout,
+                )?;
                 tracing::info!(url = %url, "storage: Redis (connecting in the background)");
                 Some(conn)
             }
@@ -141,7 +123,7 @@ impl Application {
             }
         };
 
-        let llm = crate::llm::Llm::from_settings(&settings).map_err(StartupError::Llm)?;
+        let llm = crate::llm::Llm::from_settings(&settings.llm).map_err(StartupError::Llm)?;
         tracing::info!(
             default_provider = %llm.default_provider(),
             tasks = llm.tasks().count(),
@@ -154,7 +136,8 @@ impl Application {
         let personas = crate::coach::Personas::from_file(settings.personas_file.as_deref())
             .map_err(StartupError::Personas)?;
 
-        let embedder = embed::from_settings(&settings).map_err(|e| StartupError::Embedder(e.to_string()))?;
+        let embedder = embed::from_settings(&settings.embedding, settings.llm.llm_timeouts.connect)
+            .map_err(|e| StartupError::Embedder(e.to_string()))?;
         tracing::info!(
             provider = %settings.embedding.provider,
             model = embedder.model(),
@@ -176,7 +159,7 @@ impl Application {
                 ))
             }
         };
-        let limits = ContextLimits::from_settings(&settings);
+        let limits = settings.context;
         let window = RateLimit {
             requests: settings.rate_limit_requests,
             window: settings.rate_limit_ttl,
@@ -225,18 +208,37 @@ impl Application {
         let tasks = tokio_util::task::TaskTracker::new();
         let write_tasks = tokio_util::task::TaskTracker::new();
         let write_stop = CancellationToken::new();
-        let layer = build_sessions(
-            &settings,
-            llm.clone(),
-            personas.clone(),
+        // Session tasks and transports run on `tasks`; the write-behind workers run on
+        // `write_tasks` and stop on `write_stop`, which shutdown cancels only after every session
+        // task is done, so no finished turn is refused by a closed queue.
+        let rt = &settings.realtime;
+        let write_behind = WriteBehind::start(
+            rt.write_behind,
             context.clone(),
             memory.clone(),
-            db.as_ref(),
-            &shutdown,
-            &tasks,
             &write_tasks,
-            &write_stop,
+            write_stop.clone(),
         );
+        let notes: Arc<dyn NotesStore> = match &db {
+            Some(pool) => Arc::new(PgNotesStore::new(pool.clone())),
+            None => Arc::new(InProcessNotesStore::new(10_000)),
+        };
+        let deps = Deps {
+            llm: llm.clone(),
+            personas: personas.clone(),
+            context: context.clone(),
+            memory: memory.clone(),
+            notes: notes.clone(),
+            write_behind: write_behind.clone(),
+            limits: rt.sessions,
+            stats: Arc::new(Stats::default()),
+            shutdown: shutdown.clone(),
+        };
+        if rt.token_secret.is_none() {
+            tracing::info!("COACHD_SESSION_TOKEN_SECRET unset: session tokens are valid on this node only");
+        }
+        let session_tokens = TokenKey::new(rt.token_secret.as_ref(), rt.token_ttl);
+        let sessions = Arc::new(ConnectionManager::new(deps, tasks.clone()));
         let state = AppState {
             settings,
             db,
@@ -245,14 +247,15 @@ impl Application {
             rate_limiter,
             memory,
             embedder,
-            sessions: layer.sessions,
-            session_tokens: layer.tokens,
-            write_behind: layer.write_behind,
-            notes: layer.notes,
+            sessions,
+            session_tokens,
+            write_behind,
+            notes,
             tasks,
             llm,
             personas,
             shutdown,
+            draining: CancellationToken::new(),
             auth: Arc::new(auth),
             started_at: Instant::now(),
         };
@@ -281,13 +284,16 @@ impl Application {
         &self.state
     }
 
-    /// A token that stops the server when cancelled (as a signal would).
+    /// A token that stops the server when cancelled, as a signal would: readiness answers 503
+    /// at once, the listener closes after the drain delay, then the ordered shutdown runs.
     pub fn shutdown_token(&self) -> CancellationToken {
-        self.state.shutdown.clone()
+        self.state.draining.clone()
     }
 
-    /// Serves until `stop` resolves or the shutdown token is cancelled, then drains in-flight
-    /// requests for at most the grace period and closes storage connections.
+    /// Serves until `stop` resolves or the shutdown token is cancelled; then answers 503 on
+    /// `/health/ready` while serving on for the drain delay (`COACHD_SHUTDOWN_DRAIN_DELAY_SECS`),
+    /// stops accepting, drains in-flight requests for at most the grace period and closes storage
+    /// connections.
     pub async fn run(self, stop: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let Application {
             listener,
@@ -298,7 +304,9 @@ impl Application {
             write_stop,
         } = self;
         let token = state.shutdown.clone();
+        let draining = state.draining.clone();
         let grace = state.settings.shutdown_grace;
+        let drain_delay = state.settings.shutdown_drain_delay;
         let app = build_router(state.clone());
 
         // TCP_NODELAY on every accepted socket: without it Nagle holds small SSE/WS frames ~40 ms.
@@ -307,18 +315,42 @@ impl Application {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY");
             }
         });
+        // The listener closes on `shutdown`, not on the stop signal: between the two lies the
+        // drain delay, when /health/ready already answers 503 and everything else is served.
         let server = axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
         let server = server.into_future();
         tokio::pin!(server);
         tracing::info!(%addr, "coachd listening");
 
-        let stop_token = token.clone();
-        let result = tokio::select! {
-            r = &mut server => r.map_err(anyhow::Error::from),
-            () = async move { stop.await; stop_token.cancel(); } => {
-                drain(&mut server, grace).await
+        let stop_token = draining.clone();
+        let ended = tokio::select! {
+            r = &mut server => Some(r.map_err(anyhow::Error::from)),
+            () = async move { stop.await; stop_token.cancel(); } => None,
+            () = draining.cancelled() => None,
+            () = token.cancelled() => None,
+        };
+        draining.cancel();
+        let result = match ended {
+            Some(r) => r,
+            None => {
+                let mut stopped = None;
+                if !token.is_cancelled() && !drain_delay.is_zero() {
+                    tracing::info!(
+                        drain_delay_secs = drain_delay.as_secs(),
+                        "stopping: /health/ready answers 503; serving on for the drain delay"
+                    );
+                    tokio::select! {
+                        r = &mut server => stopped = Some(r.map_err(anyhow::Error::from)),
+                        () = tokio::time::sleep(drain_delay) => {}
+                        () = token.cancelled() => {}
+                    }
+                }
+                token.cancel();
+                match stopped {
+                    Some(r) => r,
+                    None => drain(&mut server, grace).await,
+                }
             }
-            () = token.cancelled() => drain(&mut server, grace).await,
         };
         token.cancel();
 
@@ -429,87 +461,5 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => tracing::info!("SIGINT received"),
         () = terminate => tracing::info!("SIGTERM received"),
-    }
-}
-
-/// What the realtime layer adds to the application: the session manager and its helpers.
-pub(crate) struct SessionLayer {
-    pub(crate) sessions: Arc<crate::session::ConnectionManager>,
-    pub(crate) write_behind: crate::persist::WriteBehind,
-    pub(crate) notes: Arc<dyn crate::coach::notes::NotesStore>,
-    pub(crate) tokens: crate::session::token::TokenKey,
-}
-
-/// Builds the session manager over the stores. Session tasks and transports run on `tasks`;
-/// the write-behind workers run on `write_tasks` and stop on `write_stop`, which shutdown cancels
-/// only after every session task is done, so no finished turn is refused by a closed queue.
-#[allow(clippy::too_many_arguments, reason = "one call site, at start-up")]
-pub(crate) fn build_sessions(
-    settings: &Settings,
-    llm: Arc<crate::llm::Llm>,
-    personas: Arc<crate::coach::Personas>,
-    context: Arc<dyn crate::context::ContextCache>,
-    memory: Arc<dyn crate::memory::MemoryStore>,
-    db: Option<&sqlx::PgPool>,
-    shutdown: &CancellationToken,
-    tasks: &tokio_util::task::TaskTracker,
-    write_tasks: &tokio_util::task::TaskTracker,
-    write_stop: &CancellationToken,
-) -> SessionLayer {
-    let rt = &settings.realtime;
-    let write_behind = crate::persist::WriteBehind::start(
-        crate::persist::WriteBehindConfig {
-            workers: rt.write_behind_workers,
-            queue_capacity: rt.write_behind_queue,
-            max_attempts: rt.write_behind_max_attempts,
-            retry_base: Duration::from_millis(100),
-            memory_max_bytes: settings.memory.max_text_bytes,
-        },
-        context.clone(),
-        memory.clone(),
-        write_tasks,
-        write_stop.clone(),
-    );
-    let notes: Arc<dyn crate::coach::notes::NotesStore> = match db {
-        Some(pool) => Arc::new(crate::coach::notes::PgNotesStore::new(pool.clone())),
-        None => Arc::new(crate::coach::notes::InProcessNotesStore::new(10_000)),
-    };
-    let limits = crate::session::SessionLimits {
-        max_sessions: rt.max_sessions,
-        idle_timeout: rt.idle_timeout,
-        log_events: rt.log_events,
-        client_queue: rt.client_queue,
-        max_queued_turns: rt.max_queued_turns,
-        max_text_chars: rt.max_text_chars,
-        max_actions: rt.max_actions,
-        notes_max_turns: rt.notes_max_turns,
-        ended_kept: rt.ended_kept,
-        prompt: crate::coach::prompt::PromptLimits {
-            context_messages: rt.prompt_context_messages,
-            memories: rt.prompt_memories,
-            min_similarity: rt.prompt_min_similarity,
-            fetch_timeout: rt.prompt_fetch_timeout,
-            query_max_bytes: settings.memory.max_text_bytes,
-        },
-    };
-    let deps = crate::session::Deps {
-        llm,
-        personas,
-        context,
-        memory,
-        notes: notes.clone(),
-        write_behind: write_behind.clone(),
-        limits,
-        stats: Arc::new(crate::session::Stats::default()),
-        shutdown: shutdown.clone(),
-    };
-    if rt.token_secret.is_none() {
-        tracing::info!("COACHD_SESSION_TOKEN_SECRET unset: session tokens are valid on this node only");
-    }
-    SessionLayer {
-        sessions: Arc::new(crate::session::ConnectionManager::new(deps, tasks.clone())),
-        write_behind,
-        notes,
-        tokens: crate::session::token::TokenKey::new(rt.token_secret.as_ref(), rt.token_ttl),
     }
 }

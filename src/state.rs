@@ -42,8 +42,8 @@ pub struct AppState {
     pub write_behind: WriteBehind,
     /// Session notes.
     pub notes: Arc<dyn NotesStore>,
-    /// Tasks that outlive a request (SSE and WebSocket connections, session tasks); waited for
-    /// at shutdown.
+    /// Tasks that outlive a request: WebSocket and SSE connection tasks and session tasks; waited
+    /// for at shutdown.
     pub tasks: tokio_util::task::TaskTracker,
     /// The LLM gateway: providers and task routing.
     pub llm: Arc<Llm>,
@@ -51,7 +51,11 @@ pub struct AppState {
     pub auth: Arc<crate::auth::Authenticator>,
     /// Coach personas.
     pub personas: Arc<crate::coach::Personas>,
-    /// Cancelled when the server begins to shut down; long-lived streams watch it.
+    /// Cancelled when a stop is asked for (a signal, `Application::shutdown_token`):
+    /// from then on `/health/ready` answers 503, while the server serves on for the drain delay.
+    pub draining: CancellationToken,
+    /// Cancelled when the server stops accepting (after the drain delay); long-lived streams
+    /// watch it and end.
     pub shutdown: CancellationToken,
     /// When the process started serving.
     pub started_at: Instant,

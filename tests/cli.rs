@@ -136,6 +136,7 @@ fn serves_with_no_external_service_and_stops_cleanly_on_sigterm() {
         ("PORT", &port.to_string()),
         ("COACHD_HOST", "127.0.0.1"),
         ("COACHD_LOG_FORMAT", "json"),
+        ("COACHD_SHUTDOWN_DRAIN_DELAY_SECS", "1"),
     ])
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
@@ -191,6 +192,10 @@ fn serves_with_no_external_service_and_stops_cleanly_on_sigterm() {
         "says which storage it uses: {logs}"
     );
     assert!(logs.contains("SIGTERM received"), "{logs}");
+    assert!(
+        logs.contains("serving on for the drain delay"),
+        "the stop drains before the listener closes: {logs}"
+    );
 }
 
 #[test]

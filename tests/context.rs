@@ -58,9 +58,20 @@ fn reference_limits() -> ContextLimits {
     limits(100, Duration::from_secs(3_600), Duration::from_secs(86_400))
 }
 
+/// The pool the settings describe, as start-up builds it.
+fn connect(settings: &Settings) -> coachd::redis::RedisConn {
+    coachd::redis::connect(
+        settings.redis_url.as_ref().unwrap(),
+        settings.redis_password.as_ref(),
+        settings.redis_pool_size,
+        settings.redis_command_timeout,
+    )
+    .unwrap()
+}
+
 async fn redis_pool() -> coachd::redis::RedisConn {
     let settings = Settings::for_tests(&[("REDIS_URL", &common::redis_url())]).unwrap();
-    let conn = coachd::redis::connect(settings.redis_url.as_ref().unwrap(), &settings).unwrap();
+    let conn = connect(&settings);
     fred::interfaces::ClientLike::wait_for_connect(&conn.pool)
         .await
         .unwrap();
@@ -469,7 +480,7 @@ async fn a_redis_outage_is_reported_as_unavailable() {
         ("COACHD_REDIS_COMMAND_TIMEOUT_MS", "200"),
     ])
     .unwrap();
-    let conn = coachd::redis::connect(settings.redis_url.as_ref().unwrap(), &settings).unwrap();
+    let conn = connect(&settings);
     let cache = RedisContextCache::new(conn.pool.clone(), "x:", reference_limits());
     let err = cache
         .append_message("s1", "u1", "c1", msg("user", "hi"))

@@ -143,15 +143,45 @@ async fn unknown_routes_and_methods_get_json_errors() {
 }
 
 #[tokio::test]
-async fn ready_reports_shutting_down_once_draining() {
-    let app = spawn_app_with(Services::Embedded, &[]).await;
-    // The flag flips before the listener closes, so a load balancer stops routing here first.
-    app.state.shutdown.cancel();
-    let (status, body) = match app.client.get(app.url("/health/ready")).send().await {
-        Ok(resp) => json(resp).await,
-        // The listener may already be closed; that is also a "not ready".
-        Err(_) => (503, serde_json::json!({"status": "shutting_down"})),
-    };
-    assert_eq!((status, body["status"].as_str()), (503, Some("shutting_down")));
+async fn ready_answers_503_through_the_drain_delay_then_the_listener_closes() {
+    let app = spawn_app_with(Services::Embedded, &[("COACHD_SHUTDOWN_DRAIN_DELAY_SECS", "2")]).await;
+    let (status, _) = json(app.get("/health/ready").await).await;
+    assert_eq!(status, 200, "ready before the stop");
+
+    // A stop signal: readiness goes 503 at once, so a load balancer stops routing here, while
+    // the server keeps serving for the drain delay. Each answer below is a real HTTP response:
+    // a refused connection would fail the test.
+    let started = std::time::Instant::now();
+    app.shutdown.cancel();
+    let resp = app
+        .client
+        .get(app.url("/health/ready"))
+        .send()
+        .await
+        .expect("the listener is still open while draining");
+    let (status, body) = json(resp).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (503, Some("shutting_down")),
+        "{body}"
+    );
+    let resp = app
+        .client
+        .get(app.url("/health/live"))
+        .send()
+        .await
+        .expect("other routes are still served while draining");
+    assert_eq!(resp.status(), 200);
+
+    // After the delay the listener closes and the server stops.
     app.task.await.unwrap().unwrap();
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(2),
+        "the server served for the whole drain delay"
+    );
+    let refused = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/health/live", app.port))
+        .send()
+        .await;
+    assert!(refused.is_err(), "no longer accepting once stopped");
 }

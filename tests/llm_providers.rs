@@ -9,8 +9,8 @@ use std::time::Duration;
 use base64::Engine;
 use bytes::Bytes;
 use coachd::Settings;
-use coachd::config::ProviderKind;
 use coachd::fake_upstream::{FakeUpstream, Fault, Flavor, Script};
+use coachd::llm::ProviderKind;
 use coachd::llm::{
     ChatRequest, Completion, FinishReason, Llm, LlmError, LlmEvent, Message, Params, Routed, collect,
 };

@@ -9,8 +9,8 @@ mod common;
 use std::time::Duration;
 
 use coachd::Settings;
-use coachd::config::ProviderKind;
 use coachd::fake_upstream::{FakeUpstream, Fault, Script};
+use coachd::llm::ProviderKind;
 use coachd::llm::error::TimeoutPhase;
 use coachd::llm::{Llm, LlmError, LlmEvent, Message, Params, collect};
 use futures::StreamExt;

@@ -7,8 +7,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use coachd::Settings;
-use coachd::config::ProviderKind;
 use coachd::fake_upstream::{FakeUpstream, Fault, Script};
+use coachd::llm::ProviderKind;
 use coachd::llm::error::TimeoutPhase;
 use coachd::llm::timeout::with_timeouts;
 use coachd::llm::{ChatRequest, LlmError, LlmEvent, Message, Params, Routed, collect};
@@ -40,8 +40,8 @@ fn request() -> ChatRequest {
 async fn timed_call(kind: ProviderKind, s: &Settings) -> (usize, Result<(), LlmError>) {
     let llm = coachd::llm::Llm::from_settings(s).unwrap();
     let provider = llm.provider(kind).unwrap().clone();
-    let deadline = tokio::time::Instant::now() + s.llm_timeouts.total;
-    let mut stream = with_timeouts(kind, s.llm_timeouts, deadline, async move {
+    let deadline = tokio::time::Instant::now() + s.llm.llm_timeouts.total;
+    let mut stream = with_timeouts(kind, s.llm.llm_timeouts, deadline, async move {
         provider.stream(request()).await
     });
     let mut deltas = 0;
@@ -169,8 +169,8 @@ async fn within_every_timeout_the_stream_completes() {
     );
     let llm = coachd::llm::Llm::from_settings(&s).unwrap();
     let p = llm.provider(ProviderKind::Openai).unwrap().clone();
-    let deadline = tokio::time::Instant::now() + s.llm_timeouts.total;
-    let stream = with_timeouts(ProviderKind::Openai, s.llm_timeouts, deadline, async move {
+    let deadline = tokio::time::Instant::now() + s.llm.llm_timeouts.total;
+    let stream = with_timeouts(ProviderKind::Openai, s.llm.llm_timeouts, deadline, async move {
         p.stream(request()).await
     });
     let routed = Routed {

@@ -9,8 +9,9 @@ mod common;
 use std::sync::Arc;
 
 use coachd::Settings;
-use coachd::config::MemorySettings;
 use coachd::embed::{Embedder, OfflineEmbedder};
+use coachd::memory::MemorySettings;
+use coachd::memory::SetupError;
 use coachd::memory::{InProcessMemoryStore, MemoryLimits, MemoryStore, NewMemory, PgMemoryStore, StoreError};
 use coachd::startup::StartupError;
 use pgvector::Vector;
@@ -634,10 +635,10 @@ async fn a_different_dimension_fails_start_up_naming_both() {
     assert!(
         matches!(
             err,
-            StartupError::EmbeddingDimension {
+            StartupError::Memory(SetupError::EmbeddingDimension {
                 configured: 8,
                 stored: 384
-            }
+            })
         ),
         "{err:?}"
     );

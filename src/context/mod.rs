@@ -15,7 +15,6 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Settings;
 pub use crate::error::StoreError;
 pub use in_process::InProcessContextCache;
 pub use redis::RedisContextCache;
@@ -127,17 +126,6 @@ pub struct ContextLimits {
     pub user_session_ttl: Duration,
     /// `COACHD_CONTEXT_MAX_MESSAGES`: longest list.
     pub max_messages: usize,
-}
-
-impl ContextLimits {
-    /// The limits from the settings.
-    pub fn from_settings(settings: &Settings) -> Self {
-        Self {
-            session_ttl: settings.session_context_ttl,
-            user_session_ttl: settings.user_session_ttl,
-            max_messages: settings.context_max_messages,
-        }
-    }
 }
 
 /// The reference service's key patterns, without the deployment prefix.

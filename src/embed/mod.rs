@@ -13,10 +13,53 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::config::{EmbeddingProvider, Settings};
+use url::Url;
+
+use crate::secret::Secret;
 
 pub use offline::OfflineEmbedder;
 pub use openai::OpenAiEmbedder;
+
+/// Which embedder turns memory text into vectors (`COACHD_EMBEDDING_PROVIDER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddingProvider {
+    /// Deterministic feature hashing in process; no network.
+    Offline,
+    /// An OpenAI-compatible `/embeddings` endpoint.
+    Openai,
+}
+
+impl fmt::Display for EmbeddingProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EmbeddingProvider::Offline => "offline",
+            EmbeddingProvider::Openai => "openai",
+        })
+    }
+}
+
+/// Settings of the embedder (`COACHD_EMBEDDING_*`).
+#[derive(Debug, Clone)]
+pub struct EmbeddingSettings {
+    /// `COACHD_EMBEDDING_PROVIDER`: chosen explicitly, never from the presence of a key, because
+    /// the dimension of stored vectors is fixed per database.
+    pub provider: EmbeddingProvider,
+    /// `COACHD_EMBEDDING_MODEL` (OpenAI-compatible provider only).
+    pub model: String,
+    /// `COACHD_EMBEDDING_DIM`: length of every vector; checked against the database at start-up.
+    pub dimension: usize,
+    /// `COACHD_EMBEDDING_BASE_URL`.
+    pub base_url: Url,
+    /// `COACHD_EMBEDDING_API_KEY`, else `OPENAI_API_KEY`.
+    pub api_key: Option<Secret>,
+    /// `COACHD_EMBEDDING_SEND_DIMENSIONS`: send `dimensions` in requests.
+    pub send_dimensions: bool,
+    /// `COACHD_EMBEDDING_BATCH_SIZE`: most texts in one request.
+    pub batch_size: usize,
+    /// `COACHD_EMBEDDING_TIMEOUT_MS`: limit of one request.
+    pub timeout: Duration,
+}
 
 /// Turns texts into vectors of a fixed dimension.
 #[async_trait]
@@ -79,9 +122,12 @@ impl EmbedError {
     }
 }
 
-/// The embedder selected by `COACHD_EMBEDDING_PROVIDER`.
-pub fn from_settings(settings: &Settings) -> Result<Arc<dyn Embedder>, EmbedError> {
-    let e = &settings.embedding;
+/// The embedder selected by `COACHD_EMBEDDING_PROVIDER`; a remote one connects within
+/// `connect_timeout` (the LLM connect timeout).
+pub fn from_settings(
+    e: &EmbeddingSettings,
+    connect_timeout: Duration,
+) -> Result<Arc<dyn Embedder>, EmbedError> {
     Ok(match e.provider {
         EmbeddingProvider::Offline => Arc::new(OfflineEmbedder::new(e.dimension)),
         EmbeddingProvider::Openai => Arc::new(OpenAiEmbedder::new(openai::OpenAiConfig {
@@ -92,7 +138,7 @@ pub fn from_settings(settings: &Settings) -> Result<Arc<dyn Embedder>, EmbedErro
             send_dimensions: e.send_dimensions,
             batch_size: e.batch_size,
             timeout: e.timeout,
-            connect_timeout: settings.llm_timeouts.connect,
+            connect_timeout,
         })?),
     })
 }

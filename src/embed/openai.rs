@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 
 use super::{EmbedError, Embedder};
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// How much of an unparseable error body is kept in the message.
 const MAX_ERROR_BODY_CHARS: usize = 300;

@@ -13,7 +13,8 @@ use super::error::{from_reqwest, retry_after};
 use super::openai::sanitize;
 use super::sse;
 use super::{ChatRequest, EventStream, FinishReason, LlmError, LlmEvent, Provider, Role, Usage};
-use crate::config::{ProviderKind, ProviderSettings, Secret};
+use crate::llm::{ProviderKind, ProviderSettings};
+use crate::secret::Secret;
 
 /// The API version coachd speaks.
 pub const API_VERSION: &str = "2023-06-01";

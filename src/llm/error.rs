@@ -4,8 +4,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::config::ProviderKind;
 use crate::error::Error;
+use crate::llm::ProviderKind;
 
 /// Which of the four upstream timeouts fired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,8 @@ use std::time::Duration;
 use reqwest::header::HeaderMap;
 
 use super::openai::OpenAiCompatible;
-use crate::config::{ProviderKind, ProviderSettings, Secret};
+use crate::llm::{ProviderKind, ProviderSettings};
+use crate::secret::Secret;
 
 /// Builds the Groq provider.
 pub fn provider(

@@ -13,6 +13,7 @@ pub mod offline;
 pub mod openai;
 pub mod openrouter;
 pub mod router;
+pub mod settings;
 pub mod sse;
 pub mod timeout;
 
@@ -23,8 +24,7 @@ use serde::{Deserialize, Serialize};
 
 pub use error::LlmError;
 pub use router::{Llm, ModelRef, Routed, TaskSpec};
-
-use crate::config::ProviderKind;
+pub use settings::{LlmSettings, LlmTimeouts, ProviderKind, ProviderSettings};
 
 /// Who said a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use super::{
     ChatRequest, EventStream, FinishReason, LlmError, LlmEvent, Provider, ResponseFormat, Role, Usage,
 };
-use crate::config::ProviderKind;
+use crate::llm::ProviderKind;
 
 /// The model name the offline provider reports.
 pub const MODEL: &str = "coachd-offline-1";

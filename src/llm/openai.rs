@@ -14,7 +14,8 @@ use super::sse;
 use super::{
     ChatRequest, EventStream, FinishReason, LlmError, LlmEvent, Provider, ResponseFormat, Role, Usage,
 };
-use crate::config::{ProviderKind, ProviderSettings, Secret};
+use crate::llm::{ProviderKind, ProviderSettings};
+use crate::secret::Secret;
 
 /// Longest provider error message kept (they can quote whole prompts).
 const MAX_ERROR_MESSAGE: usize = 500;

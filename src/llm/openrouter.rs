@@ -8,7 +8,8 @@ use std::time::Duration;
 use reqwest::header::{HeaderMap, HeaderValue};
 
 use super::openai::OpenAiCompatible;
-use crate::config::{ProviderKind, ProviderSettings, Secret};
+use crate::llm::{ProviderKind, ProviderSettings};
+use crate::secret::Secret;
 
 /// Builds the OpenRouter provider.
 pub fn provider(

@@ -9,7 +9,7 @@ use tokio::time::{Instant, timeout_at};
 
 use super::error::TimeoutPhase;
 use super::{EventStream, LlmError, LlmEvent};
-use crate::config::{LlmTimeouts, ProviderKind};
+use crate::llm::{LlmTimeouts, ProviderKind};
 
 /// Runs `start` (which sends the request and waits for headers) and then its stream under the
 /// first-token, idle and total timeouts. The connect timeout is the HTTP client's own. The total

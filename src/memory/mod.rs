@@ -15,10 +15,45 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::config::MemorySettings;
 pub use crate::error::StoreError;
 pub use in_process::InProcessMemoryStore;
 pub use pg::PgMemoryStore;
+
+/// Limits and tuning of the coach memory store (`COACHD_MEMORY_*`).
+#[derive(Debug, Clone)]
+pub struct MemorySettings {
+    /// `COACHD_MEMORY_MAX_TEXT_BYTES`: longest memory text and search query.
+    pub max_text_bytes: usize,
+    /// `COACHD_MEMORY_LIST_MAX`: largest page of a list and largest `limit` of a search.
+    pub list_max: usize,
+    /// `COACHD_MEMORY_EF_SEARCH`: `hnsw.ef_search`, the candidate list of one HNSW scan.
+    pub ef_search: u32,
+    /// `COACHD_MEMORY_MAX_SCAN_TUPLES`: `hnsw.max_scan_tuples`, how far an iterative scan goes
+    /// before the exact per-user scan takes over.
+    pub max_scan_tuples: u32,
+    /// `COACHD_MEMORY_EMBEDDED_MAX`: most memories the in-process store holds; the oldest go first.
+    pub embedded_max: usize,
+}
+
+/// Why the memory store could not be set up at start-up; each message is one line meant for an
+/// operator.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The configured embedding dimension differs from the one the database was set up with.
+    #[error(
+        "COACHD_EMBEDDING_DIM is {configured} but the memory database holds {stored}-dimensional embeddings; \
+         set COACHD_EMBEDDING_DIM={stored} (with the embedding model that filled it) or use another database"
+    )]
+    EmbeddingDimension {
+        /// `COACHD_EMBEDDING_DIM`.
+        configured: usize,
+        /// The dimension recorded in the database.
+        stored: usize,
+    },
+    /// The store could not be set up (dimension record, index).
+    #[error("cannot set up the memory store: {0}")]
+    Memory(String),
+}
 
 /// Longest user id, coach id or memory type accepted (bytes).
 pub const MAX_ID_BYTES: usize = 256;

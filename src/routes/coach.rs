@@ -9,7 +9,8 @@ use serde::Deserialize;
 use axum::http::HeaderMap;
 use axum::response::Response;
 
-use super::realtime::{check_id, id_string, live, run_turn};
+use super::realtime::{live, run_turn};
+use super::validate::Id;
 use super::{JsonBody, wants_sse};
 use crate::auth::Caller;
 use crate::coach::notes::{self, StoredNotes};
@@ -30,10 +31,8 @@ pub fn router() -> Router<AppState> {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NotesBody {
-    #[serde(deserialize_with = "id_string")]
-    user_id: String,
-    #[serde(deserialize_with = "id_string")]
-    coach_id: String,
+    user_id: Id,
+    coach_id: Id,
     transcript: String,
     #[serde(default)]
     session_id: Option<String>,
@@ -57,8 +56,6 @@ async fn create_notes(
     caller: Caller,
     JsonBody(body): JsonBody<NotesBody>,
 ) -> Result<Json<StoredNotes>, Error> {
-    check_id("user_id", &body.user_id)?;
-    check_id("coach_id", &body.coach_id)?;
     caller.authorize_user(&body.user_id)?;
     let transcript = body.transcript.trim();
     if transcript.is_empty() {
@@ -88,10 +85,8 @@ async fn create_notes(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RespondBody {
-    #[serde(deserialize_with = "id_string")]
-    user_id: String,
-    #[serde(deserialize_with = "id_string")]
-    coach_id: String,
+    user_id: Id,
+    coach_id: Id,
     text: String,
     #[serde(default)]
     session_id: Option<String>,
@@ -120,8 +115,6 @@ async fn respond(
     headers: HeaderMap,
     JsonBody(body): JsonBody<RespondBody>,
 ) -> Result<Response, Error> {
-    check_id("user_id", &body.user_id)?;
-    check_id("coach_id", &body.coach_id)?;
     caller.authorize_user(&body.user_id)?;
     let sse = wants_sse(&headers);
     let (session, one_turn) = match &body.session_id {

@@ -68,8 +68,8 @@ async fn live() -> Json<serde_json::Value> {
     (status = 503, description = "A configured dependency is down, or the server is shutting down", body = serde_json::Value),
 ))]
 async fn ready(State(state): State<AppState>) -> Response {
-    let (db, redis) = tokio::join!(health::check_db(&state), health::check_redis(&state));
-    let draining = state.shutdown.is_cancelled();
+    let (db, redis) = tokio::join!(check_db(&state), check_redis(&state));
+    let draining = state.draining.is_cancelled() || state.shutdown.is_cancelled();
     let down = db.is_down() || redis.is_down() || draining;
     let status = if draining {
         "shutting_down"
@@ -85,6 +85,19 @@ async fn ready(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+async fn check_db(state: &AppState) -> ComponentReport {
+    health::check_db(state.db.as_ref(), state.settings.health_timeout).await
+}
+
+async fn check_redis(state: &AppState) -> ComponentReport {
+    health::check_redis(state.redis.as_ref(), state.settings.health_timeout).await
+}
+
+async fn check_llm(state: &AppState) -> ComponentReport {
+    let s = &state.settings;
+    health::check_llm(&state.llm, s.llm.llm_provider, s.health_timeout).await
+}
+
 fn component(report: ComponentReport) -> Response {
     (status_for(report.is_down()), Json(report)).into_response()
 }
@@ -95,7 +108,7 @@ fn component(report: ComponentReport) -> Response {
     (status = 503, description = "Down", body = ComponentReport),
 ))]
 async fn db(State(state): State<AppState>) -> Response {
-    component(health::check_db(&state).await)
+    component(check_db(&state).await)
 }
 
 /// Redis.
@@ -104,7 +117,7 @@ async fn db(State(state): State<AppState>) -> Response {
     (status = 503, description = "Down", body = ComponentReport),
 ))]
 async fn redis(State(state): State<AppState>) -> Response {
-    component(health::check_redis(&state).await)
+    component(check_redis(&state).await)
 }
 
 /// The default LLM provider (lists models; generates nothing).
@@ -113,7 +126,7 @@ async fn redis(State(state): State<AppState>) -> Response {
     (status = 503, description = "Down", body = ComponentReport),
 ))]
 async fn llm(State(state): State<AppState>) -> Response {
-    component(health::check_llm(&state).await)
+    component(check_llm(&state).await)
 }
 
 /// Every component.
@@ -122,11 +135,7 @@ async fn llm(State(state): State<AppState>) -> Response {
     (status = 503, description = "A configured component is down", body = serde_json::Value),
 ))]
 async fn all(State(state): State<AppState>) -> Response {
-    let (db, redis, llm) = tokio::join!(
-        health::check_db(&state),
-        health::check_redis(&state),
-        health::check_llm(&state)
-    );
+    let (db, redis, llm) = tokio::join!(check_db(&state), check_redis(&state), check_llm(&state));
     let down = db.is_down() || redis.is_down() || llm.is_down();
     (
         status_for(down),

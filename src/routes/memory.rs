@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use super::rate_limit::{RateHeaders, enforce};
+use super::validate::Id;
 use crate::auth::Caller;
-use crate::context::rate_limit::{RateHeaders, enforce};
 use crate::error::Error;
 #[allow(unused_imports, reason = "named by the OpenAPI annotations")]
 use crate::error::ErrorBody;
@@ -27,8 +28,6 @@ pub const USER_ROUTE: &str = "/ai/coach/memory/{user_id}";
 
 /// Page size when the client gives none.
 const DEFAULT_LIMIT: usize = 20;
-/// Longest user or coach id in a path.
-const MAX_PATH_ID: usize = 128;
 
 /// The memory router.
 pub fn router() -> Router<AppState> {
@@ -200,8 +199,10 @@ async fn delete_one(
     path: Result<Path<(String, String, String)>, PathRejection>,
 ) -> Result<(RateHeaders, Json<Value>), Error> {
     let Path((user_id, coach_id, memory_id)) = path.map_err(path_error)?;
-    check_id("user_id", &user_id)?;
-    check_id("coach_id", &coach_id)?;
+    let (user_id, coach_id) = (
+        Id::from_path("user_id", user_id)?,
+        Id::from_path("coach_id", coach_id)?,
+    );
     caller.authorize_user(&user_id)?;
     let id = Uuid::parse_str(&memory_id)
         .map_err(|_| Error::bad_request("invalid_path", "memory_id must be a UUID"))?;
@@ -234,40 +235,23 @@ async fn erase_user(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<(RateHeaders, Json<Value>), Error> {
     let Path(user_id) = path.map_err(path_error)?;
-    check_id("user_id", &user_id)?;
+    let user_id = Id::from_path("user_id", user_id)?;
     caller.authorize_user(&user_id)?;
     let headers = enforce(&state, &user_id, USER_ROUTE).await?;
     let deleted = state.memory.erase_user(&user_id).await?;
     Ok((headers, Json(json!({ "user_id": user_id, "deleted": deleted }))))
 }
 
-fn pair(path: Result<Path<(String, String)>, PathRejection>) -> Result<(String, String), Error> {
+fn pair(path: Result<Path<(String, String)>, PathRejection>) -> Result<(Id, Id), Error> {
     let Path((user_id, coach_id)) = path.map_err(path_error)?;
-    check_id("user_id", &user_id)?;
-    check_id("coach_id", &coach_id)?;
-    Ok((user_id, coach_id))
+    Ok((
+        Id::from_path("user_id", user_id)?,
+        Id::from_path("coach_id", coach_id)?,
+    ))
 }
 
 fn path_error(e: PathRejection) -> Error {
     Error::bad_request("invalid_path", e.body_text())
-}
-
-/// Ids are integers, UUIDs or similar tokens: letters, digits, `-`, `_`, `.`, `@`. Anything else
-/// (`:` above all, the separator of Redis keys) is refused before it reaches a store.
-fn check_id(name: &str, id: &str) -> Result<(), Error> {
-    let ok = !id.is_empty()
-        && id.len() <= MAX_PATH_ID
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::bad_request(
-            "invalid_path",
-            format!("{name} must be 1 to {MAX_PATH_ID} letters, digits, '-', '_', '.' or '@'"),
-        ))
-    }
 }
 
 /// The OpenAPI description of these routes (merged in `routes::docs`).

@@ -5,11 +5,14 @@
 pub mod api_v1;
 pub mod coach;
 pub mod docs;
+pub mod extract;
 pub mod health;
 pub mod memory;
 pub mod openai_compat;
 pub mod personas;
+pub mod rate_limit;
 pub mod realtime;
+pub mod validate;
 
 use std::time::Duration;
 

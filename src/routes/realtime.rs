@@ -9,9 +9,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::validate::Id;
 use super::{JsonBody, QueryParams, wants_sse};
 use crate::auth::Caller;
 use crate::error::Error;
@@ -39,36 +40,11 @@ pub fn router() -> Router<AppState> {
         .route("/realtime/stats", get(stats))
 }
 
-/// Longest user or coach id accepted.
-pub const MAX_ID_CHARS: usize = 128;
-
-/// Accepts an id as a JSON string or integer (the reference services use both).
-pub fn id_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    match Value::deserialize(d)? {
-        Value::String(s) => Ok(s),
-        Value::Number(n) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
-        _ => Err(serde::de::Error::custom("expected a string or an integer id")),
-    }
-}
-
-/// Checks an id's shape.
-pub fn check_id(field: &str, id: &str) -> Result<(), Error> {
-    if id.trim().is_empty() || id.chars().count() > MAX_ID_CHARS || id.chars().any(char::is_control) {
-        return Err(Error::bad_request(
-            "invalid_field",
-            format!("{field} must be 1 to {MAX_ID_CHARS} printable characters"),
-        ));
-    }
-    Ok(())
-}
-
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateBody {
-    #[serde(deserialize_with = "id_string")]
-    user_id: String,
-    #[serde(deserialize_with = "id_string")]
-    coach_id: String,
+    user_id: Id,
+    coach_id: Id,
     #[serde(default)]
     transport: Option<String>,
 }
@@ -91,8 +67,6 @@ async fn create(
     caller: Caller,
     JsonBody(body): JsonBody<CreateBody>,
 ) -> Result<Response, Error> {
-    check_id("user_id", &body.user_id)?;
-    check_id("coach_id", &body.coach_id)?;
     caller.authorize_user(&body.user_id)?;
     let name = body.transport.as_deref().unwrap_or("http");
     let Some(transport) = TransportKind::parse(name) else {
@@ -500,7 +474,7 @@ async fn stats(State(state): State<AppState>, caller: Caller) -> Result<Json<Val
     let wb = &state.write_behind;
     Ok(Json(json!({
         "active_sessions": state.sessions.live_count(),
-        "max_sessions": state.settings.realtime.max_sessions,
+        "max_sessions": state.settings.realtime.sessions.max_sessions,
         "sessions": state.sessions.stats(),
         "write_behind": {
             "queue_depth": wb.depth(),

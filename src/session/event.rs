@@ -248,7 +248,7 @@ pub enum ErrorCause<'a> {
     /// The provider failed during a turn.
     Provider(LlmError),
     /// The provider's stream ended without a finish reason (from this provider, when known).
-    Incomplete(Option<crate::config::ProviderKind>),
+    Incomplete(Option<crate::llm::ProviderKind>),
     /// The end-of-session notes could not be made.
     Notes(&'a Error),
     /// The session ended before a queued message was answered.
@@ -624,7 +624,7 @@ mod tests {
     #[test]
     fn a_provider_error_event_keeps_its_typed_cause_off_the_wire() {
         let cause = LlmError::Timeout {
-            provider: crate::config::ProviderKind::Offline,
+            provider: crate::llm::ProviderKind::Offline,
             phase: crate::llm::error::TimeoutPhase::FirstToken,
             after: std::time::Duration::from_secs(1),
         };

@@ -134,8 +134,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::config::ProviderKind;
     use crate::llm::LlmError;
+    use crate::llm::ProviderKind;
     use crate::llm::error::TimeoutPhase;
     use crate::session::event::ErrorCause;
 

@@ -288,19 +288,25 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-/// A live session of the in-process app (kept alive by the returned app), its first `session`
-/// event logged: what the transports' unit tests drive.
 #[cfg(test)]
-pub(crate) async fn test_session() -> (crate::startup::Application, SessionHandle) {
-    let settings = crate::config::Settings::for_tests(&[]).unwrap();
-    let app = crate::startup::Application::build(settings).await.unwrap();
-    let session = app
-        .state()
-        .sessions
-        .create("u", "c", TransportKind::WebSocket)
-        .unwrap();
-    while session.log.bounds().0 == 0 {
-        tokio::task::yield_now().await;
+mod tests {
+    //! What the adapters' unit tests share: a live session of the whole in-process app (test
+    //! code may reach up to the composition layer; the library code of this module does not).
+    use super::{SessionHandle, TransportKind};
+
+    /// A live session of the in-process app (kept alive by the returned app), its first `session`
+    /// event logged: what the transports' unit tests drive.
+    pub(crate) async fn test_session() -> (crate::startup::Application, SessionHandle) {
+        let settings = crate::config::Settings::for_tests(&[]).unwrap();
+        let app = crate::startup::Application::build(settings).await.unwrap();
+        let session = app
+            .state()
+            .sessions
+            .create("u", "c", TransportKind::WebSocket)
+            .unwrap();
+        while session.log.bounds().0 == 0 {
+            tokio::task::yield_now().await;
+        }
+        (app, session)
     }
-    (app, session)
 }

@@ -155,7 +155,7 @@ mod tests {
 
     use super::*;
     use crate::session::manager::Gauge;
-    use crate::transport::test_session;
+    use crate::transport::tests::test_session;
 
     const HEARTBEAT: Duration = Duration::from_secs(15);
 
@@ -242,7 +242,7 @@ mod tests {
         let gauge = Gauge::enter(&stats, |s| &s.sse_connections);
         let sub = session.subscribe(None);
         // The app's own token: the session task sees it too.
-        let shutdown = app.shutdown_token();
+        let shutdown = app.state().shutdown.clone();
         let events = events(session, sub, options(&shutdown, &stats), gauge);
         tokio::pin!(events);
         shutdown.cancel();

@@ -179,7 +179,8 @@ mod tests {
     use super::*;
     use crate::session::Stats;
     use crate::session::event::EventBody;
-    use crate::transport::{DriveOptions, drive, test_session as session};
+    use crate::transport::tests::test_session as session;
+    use crate::transport::{DriveOptions, drive};
 
     /// A socket whose other end is the test: frames the server sends arrive on `to_client`,
     /// frames the test sends come in on `from_client`.

@@ -112,6 +112,8 @@ pub async fn spawn_app_with(services: Services, overrides: &[(&str, &str)]) -> T
     let mut vars: Vec<(String, String)> = vec![
         ("COACHD_REDIS_KEY_PREFIX".into(), prefix.clone()),
         ("COACHD_SHUTDOWN_GRACE_SECS".into(), "5".into()),
+        // Tests stop at once; the one about draining sets its own delay.
+        ("COACHD_SHUTDOWN_DRAIN_DELAY_SECS".into(), "0".into()),
     ];
     let mut database_url = None;
     if services == Services::Real {

@@ -16,7 +16,7 @@ pub use tasks::{BUILTIN_TASKS, ModelRef, TaskSpec, default_tasks, load_tasks_fil
 
 use super::offline::Offline;
 use super::{Completion, LlmError, Message, Params, Provider, anthropic, collect, groq, openai, openrouter};
-use crate::config::{LlmTimeouts, ProviderKind, Settings};
+use crate::llm::{LlmSettings, LlmTimeouts, ProviderKind};
 
 /// The LLM gateway: configured providers, the task table, timeouts and retry policy.
 #[derive(Debug, Clone)]
@@ -48,7 +48,8 @@ impl Llm {
 
     /// Builds every provider that has a key (plus the offline one), the default task table, and
     /// the tasks of `COACHD_LLM_TASKS_FILE`. LLM_PROVIDER without a key falls back to offline.
-    pub fn from_settings(s: &Settings) -> Result<Self, String> {
+    pub fn from_settings(s: &impl AsRef<LlmSettings>) -> Result<Self, String> {
+        let s = s.as_ref();
         let t = s.llm_timeouts;
         let client = reqwest::Client::builder()
             // Nagle would hold small upstream writes; the first token should not wait 40 ms.

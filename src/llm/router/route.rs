@@ -8,7 +8,7 @@ use futures::StreamExt;
 use rand::Rng;
 
 use super::{Llm, ModelRef};
-use crate::config::ProviderKind;
+use crate::llm::ProviderKind;
 use crate::llm::error::{Attempt, TimeoutPhase};
 use crate::llm::timeout::with_timeouts;
 use crate::llm::{ChatRequest, EventStream, LlmError, LlmEvent, Message, Params, ResponseFormat};

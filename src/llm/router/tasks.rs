@@ -6,8 +6,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ProviderKind;
 use crate::llm::Params;
+use crate::llm::ProviderKind;
 
 /// The built-in task names of the reference AI backend.
 pub const BUILTIN_TASKS: [&str; 5] = [

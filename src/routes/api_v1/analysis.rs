@@ -9,11 +9,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 
-use super::check::check_text;
 use crate::auth::ApiUser;
 use crate::config::{Settings, is_label};
 use crate::error::{Error, ErrorBody};
 use crate::routes::JsonBody;
+use crate::routes::validate::check_text;
 use crate::state::AppState;
 
 /// Checks a request's label set (or entity types): 1 to the configured maximum, each a valid

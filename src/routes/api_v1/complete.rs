@@ -9,12 +9,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 
-use super::check::{check_messages, check_params, check_text};
 use super::relay::{Format, Relay};
 use crate::auth::{ApiUser, Caller};
-use crate::config::ProviderKind;
 use crate::error::{Error, ErrorBody};
+use crate::llm::ProviderKind;
 use crate::llm::{FinishReason, LlmError, LlmEvent, Message, Params, Routed, Usage, collect};
+use crate::routes::validate::{Id, check_messages, check_params, check_text};
 use crate::routes::{JsonBody, sse_response};
 use crate::state::AppState;
 
@@ -45,7 +45,7 @@ pub struct CompleteRequest {
     /// The end user this completion is for, recorded with its token usage. A JWT caller may only
     /// name themselves (403 otherwise); it defaults to the JWT's user.
     #[serde(default)]
-    pub user_id: Option<String>,
+    pub user_id: Option<Id>,
 }
 
 /// A validated LLM request.
@@ -71,7 +71,10 @@ impl LlmInput {
         if let Some(user_id) = &req.user_id {
             caller.authorize_user(user_id)?;
         }
-        let user_id = req.user_id.or_else(|| caller.user_id().map(str::to_owned));
+        let user_id = req
+            .user_id
+            .map(Id::into_string)
+            .or_else(|| caller.user_id().map(str::to_owned));
         if state.llm.task(&req.task).is_none() {
             return Err(unknown_task(state, &req.task));
         }
@@ -223,7 +226,7 @@ pub(super) async fn stream(
     };
     Ok(sse_response(
         Relay::new(stream, format),
-        state.settings.sse_keep_alive,
+        state.settings.realtime.sse_heartbeat,
     ))
 }
 

@@ -7,7 +7,6 @@
 //! `relay.rs` the SSE relay of a routed stream; this file the router and the OpenAPI description.
 
 mod analysis;
-mod check;
 mod complete;
 pub(crate) mod relay;
 mod status;
@@ -20,7 +19,6 @@ pub use analysis::{
     ClassifyIntentRequest, ClassifyIntentResponse, Entity, ExtractEntitiesRequest, ExtractEntitiesResponse,
     locate,
 };
-pub(crate) use check::{check_messages, check_params};
 pub use complete::{CompleteRequest, CompletionResponse, UsageInfo};
 pub use status::{AuthModes, ModelInfo, StatusResponse, StorageModes, TaskInfo, TasksResponse};
 

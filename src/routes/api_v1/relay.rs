@@ -96,8 +96,8 @@ impl<F: Format> Stream for Relay<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ProviderKind;
     use crate::llm::FinishReason;
+    use crate::llm::ProviderKind;
 
     /// Names each event it formats, so the test reads the relayed order.
     struct Names {

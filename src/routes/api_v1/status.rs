@@ -60,7 +60,7 @@ pub struct AuthModes {
     )
 )]
 pub(super) async fn status(State(state): State<AppState>, _caller: ApiCaller) -> Json<StatusResponse> {
-    let providers = crate::config::ProviderKind::ALL
+    let providers = crate::llm::ProviderKind::ALL
         .into_iter()
         .filter(|k| state.llm.provider(*k).is_some())
         .map(|k| k.to_string())

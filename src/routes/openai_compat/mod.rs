@@ -28,7 +28,7 @@ pub use request::{
     StopSpec, StreamOptions,
 };
 
-use crate::config::ProviderKind;
+use crate::llm::ProviderKind;
 use crate::llm::{FinishReason, LlmError, LlmEvent};
 use crate::routes::api_v1::relay::{Format, Relay};
 use crate::routes::sse_response;
@@ -253,7 +253,7 @@ async fn chat_completions(
     };
     Ok(sse_response(
         Relay::new(routed.stream, format),
-        state.settings.sse_keep_alive,
+        state.settings.realtime.sse_heartbeat,
     ))
 }
 

@@ -6,9 +6,9 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::OpenAiError;
-use crate::config::ProviderKind;
+use crate::llm::ProviderKind;
 use crate::llm::{LlmError, Message, ModelRef, Params, ResponseFormat, Routed};
-use crate::routes::api_v1::{check_messages, check_params};
+use crate::routes::validate::{check_messages, check_params};
 use crate::state::AppState;
 
 /// `POST /v1/chat/completions`, as OpenAI defines it. Unknown fields are ignored, as the SDKs

@@ -14,7 +14,6 @@ use tokio_util::task::TaskTracker;
 use crate::coach::Personas;
 use crate::coach::notes::InProcessNotesStore;
 use crate::coach::prompt::PromptLimits;
-use crate::config::{LlmTimeouts, ProviderKind};
 use crate::context::{ContextCache, ContextLimits, in_process::InProcessContextCache};
 use crate::embed::offline::OfflineEmbedder;
 use crate::llm::router::RetryPolicy;
@@ -22,6 +21,7 @@ use crate::llm::{
     ChatRequest, EventStream, FinishReason, Llm, LlmError, LlmEvent, ModelRef, Params, Provider, TaskSpec,
     Usage,
 };
+use crate::llm::{LlmTimeouts, ProviderKind};
 use crate::memory::{MemoryLimits, MemoryStore, in_process::InProcessMemoryStore};
 use crate::persist::{WriteBehind, WriteBehindConfig};
 use crate::session::event::{EndedBy, TransportKind};

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::Actor;
 use crate::coach::prompt::{self, TurnScope};
-use crate::config::ProviderKind;
+use crate::llm::ProviderKind;
 use crate::llm::{EventStream, LlmError, LlmEvent, Message, Params, Routed, Usage};
 use crate::persist::TurnRecord;
 use crate::session::event::{ErrorCause, EventBody, FinishReason, extract_actions};

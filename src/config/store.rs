@@ -1,0 +1,60 @@
+//! The storage sections: the embedder, the coach memory store and the context cache, each read
+//! into its consumer's own settings type.
+
+use super::ConfigError;
+use super::source::{DAY_SECS, Reader, Source, invalid};
+use crate::context::ContextLimits;
+use crate::embed::{EmbeddingProvider, EmbeddingSettings};
+use crate::memory::MemorySettings;
+
+/// `COACHD_EMBEDDING_*` (the key falls back to `OPENAI_API_KEY`).
+pub(super) fn embedding<S: Source>(r: &Reader<'_, S>) -> Result<EmbeddingSettings, ConfigError> {
+    Ok(EmbeddingSettings {
+        provider: match r
+            .string("COACHD_EMBEDDING_PROVIDER", "offline")
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "offline" => EmbeddingProvider::Offline,
+            "openai" => EmbeddingProvider::Openai,
+            other => {
+                return Err(invalid(
+                    "COACHD_EMBEDDING_PROVIDER",
+                    "offline or openai",
+                    Some(other.to_owned()),
+                ));
+            }
+        },
+        model: r.string("COACHD_EMBEDDING_MODEL", "text-embedding-3-small"),
+        // HNSW indexes `vector` columns of at most 2000 dimensions.
+        dimension: r.int("COACHD_EMBEDDING_DIM", 384, 1, 2_000)?,
+        base_url: r.base_url("COACHD_EMBEDDING_BASE_URL", "https://api.openai.com/v1")?,
+        api_key: r
+            .secret("COACHD_EMBEDDING_API_KEY")
+            .or_else(|| r.secret("OPENAI_API_KEY")),
+        send_dimensions: r.boolean("COACHD_EMBEDDING_SEND_DIMENSIONS", true)?,
+        batch_size: r.int("COACHD_EMBEDDING_BATCH_SIZE", 128, 1, 2_048)?,
+        timeout: r.millis("COACHD_EMBEDDING_TIMEOUT_MS", 30_000, 1, 600_000)?,
+    })
+}
+
+/// `COACHD_MEMORY_*`.
+pub(super) fn memory<S: Source>(r: &Reader<'_, S>) -> Result<MemorySettings, ConfigError> {
+    Ok(MemorySettings {
+        max_text_bytes: r.int("COACHD_MEMORY_MAX_TEXT_BYTES", 16_384, 1, 1 << 20)?,
+        list_max: r.int("COACHD_MEMORY_LIST_MAX", 100, 1, 10_000)?,
+        ef_search: r.int("COACHD_MEMORY_EF_SEARCH", 40, 1, 1_000)?,
+        max_scan_tuples: r.int("COACHD_MEMORY_MAX_SCAN_TUPLES", 20_000, 1, 100_000_000)?,
+        embedded_max: r.int("COACHD_MEMORY_EMBEDDED_MAX", 100_000, 1, 100_000_000)?,
+    })
+}
+
+/// `SESSION_CONTEXT_TTL`, `USER_SESSION_TTL`, `COACHD_CONTEXT_MAX_MESSAGES`.
+pub(super) fn context<S: Source>(r: &Reader<'_, S>) -> Result<ContextLimits, ConfigError> {
+    Ok(ContextLimits {
+        session_ttl: r.seconds("SESSION_CONTEXT_TTL", 3_600, 1, 365 * DAY_SECS)?,
+        user_session_ttl: r.seconds("USER_SESSION_TTL", DAY_SECS, 1, 365 * DAY_SECS)?,
+        // A cap on each context list, so no session grows a key without bound.
+        max_messages: r.int("COACHD_CONTEXT_MAX_MESSAGES", 100, 1, 100_000)?,
+    })
+}

@@ -1,0 +1,192 @@
+//! The settings reader's tests: defaults, error messages, secrets, renamed variables.
+
+use super::*;
+use crate::embed::EmbeddingProvider;
+use crate::llm::ProviderKind;
+
+fn load(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    let map: HashMap<&str, &str> = pairs.iter().copied().collect();
+    Settings::from_source(&map)
+}
+
+#[test]
+fn defaults_match_the_reference_services() {
+    let s = load(&[]).unwrap();
+    assert_eq!(s.port, 8000);
+    assert_eq!(s.context.session_ttl, Duration::from_secs(3600));
+    assert_eq!(s.context.user_session_ttl, Duration::from_secs(86_400));
+    assert_eq!(s.rate_limit_ttl, Duration::from_secs(60));
+    assert_eq!(s.rate_limit_requests, 60);
+    assert!(s.rate_limit_enabled);
+    assert_eq!(s.llm.llm_provider, ProviderKind::Openai);
+    assert!(s.database_url.is_none() && s.redis_url.is_none());
+    assert_eq!(s.context.max_messages, 100);
+    assert_eq!(s.embedding.provider, EmbeddingProvider::Offline);
+    assert_eq!(s.embedding.dimension, 384);
+    assert_eq!(s.embedding.base_url.as_str(), "https://api.openai.com/v1");
+}
+
+#[test]
+fn the_embedding_provider_is_never_switched_by_a_key() {
+    let s = load(&[("OPENAI_API_KEY", "sk-x")]).unwrap();
+    assert_eq!(s.embedding.provider, EmbeddingProvider::Offline);
+    assert_eq!(s.embedding.api_key.as_ref().map(Secret::expose), Some("sk-x"));
+    let s = load(&[("OPENAI_API_KEY", "sk-x"), ("COACHD_EMBEDDING_API_KEY", "sk-e")]).unwrap();
+    assert_eq!(s.embedding.api_key.as_ref().map(Secret::expose), Some("sk-e"));
+
+    let e = load(&[("COACHD_EMBEDDING_PROVIDER", "cohere")]).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "invalid COACHD_EMBEDDING_PROVIDER: expected offline or openai (got \"cohere\")"
+    );
+    let e = load(&[("COACHD_EMBEDDING_DIM", "3072")]).unwrap_err();
+    assert_eq!(e.var, "COACHD_EMBEDDING_DIM");
+    assert!(e.to_string().contains("from 1 to 2000"));
+}
+
+#[test]
+fn errors_name_the_variable_and_the_expected_form() {
+    let e = load(&[("PORT", "abc")]).unwrap_err();
+    assert_eq!(e.var, "PORT");
+    assert_eq!(
+        e.to_string(),
+        "invalid PORT: expected an integer from 0 to 65535 (got \"abc\")"
+    );
+
+    let e = load(&[("RATE_LIMIT_REQUESTS", "-1")]).unwrap_err();
+    assert_eq!(e.var, "RATE_LIMIT_REQUESTS");
+    assert!(e.to_string().contains("an integer from 1 to"));
+
+    let e = load(&[("RATE_LIMIT_ENABLED", "maybe")]).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "invalid RATE_LIMIT_ENABLED: expected true or false (got \"maybe\")"
+    );
+
+    let e = load(&[("LLM_PROVIDER", "cohere")]).unwrap_err();
+    assert_eq!(e.var, "LLM_PROVIDER");
+}
+
+#[test]
+fn url_errors_never_echo_the_value() {
+    let e = load(&[("DATABASE_URL", "not a url with s3cret")]).unwrap_err();
+    assert_eq!(e.var, "DATABASE_URL");
+    assert!(!e.to_string().contains("s3cret"));
+    let e = load(&[("REDIS_URL", "http://u:s3cret@localhost")]).unwrap_err();
+    assert_eq!(e.var, "REDIS_URL");
+    assert!(!e.to_string().contains("s3cret"));
+}
+
+#[test]
+fn sqlalchemy_urls_are_accepted_and_passwords_redacted() {
+    let s = load(&[(
+        "DATABASE_URL",
+        "postgresql+asyncpg://postgres:hunter2@localhost:5432/10xcoach",
+    )])
+    .unwrap();
+    let url = s.database_url.unwrap();
+    assert_eq!(
+        url.expose(),
+        "postgresql://postgres:hunter2@localhost:5432/10xcoach"
+    );
+    assert_eq!(
+        url.redacted(),
+        "postgresql://postgres:***@localhost:5432/10xcoach"
+    );
+    assert!(!format!("{url:?}").contains("hunter2"));
+}
+
+#[test]
+fn blank_values_mean_unset() {
+    let s = load(&[("REDIS_PASSWORD", "   "), ("PORT", "")]).unwrap();
+    assert!(s.redis_password.is_none());
+    assert_eq!(s.port, 8000);
+}
+
+#[test]
+fn api_keys_combine_both_variables_and_are_never_echoed() {
+    let s = load(&[
+        ("XENIOS_BACKEND_API_KEY", "backend-key"),
+        ("COACHD_API_KEYS", " key-one, ,key-two "),
+    ])
+    .unwrap();
+    let keys: Vec<&str> = s.api_keys.iter().map(Secret::expose).collect();
+    assert_eq!(keys, ["backend-key", "key-one", "key-two"]);
+    assert!(load(&[]).unwrap().api_keys.is_empty());
+    let e = load(&[("COACHD_API_KEYS", "ok-key,bad key\u{7f}")]).unwrap_err();
+    assert_eq!(e.var, "COACHD_API_KEYS");
+    assert!(!e.to_string().contains("ok-key"));
+}
+
+#[test]
+fn labels_are_validated() {
+    let s = load(&[]).unwrap();
+    assert_eq!(s.intent_labels.len(), DEFAULT_INTENT_LABELS.len());
+    assert_eq!(s.jwt_audience, "authenticated");
+    let s = load(&[("COACHD_INTENT_LABELS", "a, b_c ,d-e")]).unwrap();
+    assert_eq!(s.intent_labels, ["a", "b_c", "d-e"]);
+    for bad in ["a,a", "a,,b", "has space", "ü"] {
+        let e = load(&[("COACHD_INTENT_LABELS", bad)]).unwrap_err();
+        assert_eq!(e.var, "COACHD_INTENT_LABELS", "{bad}");
+    }
+    assert!(load(&[("COACHD_ENTITY_TYPES", "x,x")]).is_err());
+}
+
+#[test]
+fn the_old_sse_keep_alive_name_still_sets_the_heartbeat_with_a_warning() {
+    let s = load(&[]).unwrap();
+    assert_eq!(s.realtime.sse_heartbeat, Duration::from_secs(15));
+    assert!(s.warnings.is_empty());
+
+    let s = load(&[("COACHD_SSE_KEEP_ALIVE_SECS", "7")]).unwrap();
+    assert_eq!(s.realtime.sse_heartbeat, Duration::from_secs(7));
+    assert_eq!(s.warnings.len(), 1);
+    assert!(
+        s.warnings[0].contains("COACHD_SSE_KEEP_ALIVE_SECS")
+            && s.warnings[0].contains("COACHD_SSE_HEARTBEAT_SECS"),
+        "the warning names the new variable: {:?}",
+        s.warnings
+    );
+
+    let s = load(&[
+        ("COACHD_SSE_KEEP_ALIVE_SECS", "7"),
+        ("COACHD_SSE_HEARTBEAT_SECS", "3"),
+    ])
+    .unwrap();
+    assert_eq!(
+        s.realtime.sse_heartbeat,
+        Duration::from_secs(3),
+        "the new name wins"
+    );
+    assert!(s.warnings[0].contains("ignored"), "{:?}", s.warnings);
+
+    let e = load(&[("COACHD_SSE_KEEP_ALIVE_SECS", "0")]).unwrap_err();
+    assert_eq!(
+        e.var, "COACHD_SSE_KEEP_ALIVE_SECS",
+        "an old value is checked under its own name"
+    );
+}
+
+#[test]
+fn secrets_are_hidden_from_debug() {
+    let s = load(&[
+        ("OPENAI_API_KEY", "sk-live-abcdef"),
+        ("SUPABASE_JWT_SECRET", "jwt-secret-xyz"),
+        ("XENIOS_BACKEND_API_KEY", "backend-key-123"),
+        ("COACHD_API_KEYS", "extra-key-789"),
+        ("REDIS_PASSWORD", "redis-pass-456"),
+        ("REDIS_URL", "redis://:urlpass789@localhost:6379/0"),
+    ])
+    .unwrap();
+    let dump = format!("{s:?}");
+    for secret in [
+        "sk-live-abcdef",
+        "jwt-secret-xyz",
+        "backend-key-123",
+        "extra-key-789",
+        "redis-pass-456",
+        "urlpass789",
+    ] {
+        assert!(!dump.contains(secret), "{secret} leaked into Debug output");
+    }
+}

@@ -1,0 +1,115 @@
+//! First-start and every-start set-up of the pgvector store: the dimension record, the
+//! dimension check constraint and the HNSW index, under an advisory lock.
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+
+use super::{MAX_INDEXED_DIMENSION, PgMemoryStore, Sql, typed_embedding};
+use crate::embed::Embedder;
+use crate::memory::{MemoryLimits, MemorySettings, SetupError};
+
+/// Serialises the first-start set-up of concurrently starting instances.
+const SETUP_LOCK: &str = "coachd.coach_memory.setup";
+
+impl PgMemoryStore {
+    /// Checks the database against the embedder's dimension and returns the store. On the first
+    /// start it records the dimension and model and creates the HNSW index and the dimension
+    /// check; later starts with another dimension fail with [`SetupError::EmbeddingDimension`].
+    /// Safe when several instances start at once (an advisory lock serialises them).
+    pub async fn prepare(
+        pool: PgPool,
+        embedder: Arc<dyn Embedder>,
+        settings: &MemorySettings,
+    ) -> Result<Self, SetupError> {
+        let dimension = embedder.dimension();
+        if !(1..=MAX_INDEXED_DIMENSION).contains(&dimension) {
+            return Err(SetupError::Memory(format!(
+                "embedding dimension {dimension} is outside 1..={MAX_INDEXED_DIMENSION}, the range an HNSW index takes"
+            )));
+        }
+        let failed = |e: sqlx::Error| SetupError::Memory(e.to_string());
+        let mut tx = pool.begin().await.map_err(failed)?;
+        sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(SETUP_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(failed)?;
+        let recorded: Option<(i32, String)> =
+            sqlx::query_as("select embedding_dim, embedding_model from coach_memory_settings")
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(failed)?;
+        match recorded {
+            Some((stored, model)) => {
+                let stored = usize::try_from(stored).unwrap_or(0);
+                if stored != dimension {
+                    return Err(SetupError::EmbeddingDimension {
+                        configured: dimension,
+                        stored,
+                    });
+                }
+                if model != embedder.model() {
+                    // Same length, other model: the vectors are not comparable. Not fatal, since
+                    // an operator may switch deliberately and re-embed, but worth shouting about.
+                    tracing::warn!(
+                        stored_model = %model,
+                        configured_model = %embedder.model(),
+                        "the memory database was filled by another embedding model: similarity scores \
+                         between old and new memories are meaningless until they are re-embedded"
+                    );
+                }
+            }
+            None => {
+                sqlx::query(
+                    "insert into coach_memory_settings (embedding_dim, embedding_model) values ($1, $2)",
+                )
+                .bind(i32::try_from(dimension).unwrap_or(i32::MAX))
+                .bind(embedder.model())
+                .execute(&mut *tx)
+                .await
+                .map_err(failed)?;
+                // DDL with the dimension formatted in: see typed_embedding for why that is safe.
+                let check = format!(
+                    "alter table coach_memory add constraint coach_memory_embedding_dim \
+                     check (vector_dims(embedding) = {dimension})"
+                );
+                sqlx::query(&check).execute(&mut *tx).await.map_err(failed)?;
+            }
+        }
+        // Checked at every start, in case the index was dropped. Looked up first because even
+        // CREATE INDEX IF NOT EXISTS takes a lock that blocks writers of running instances.
+        let indexed: bool =
+            sqlx::query_scalar("select to_regclass('coach_memory_embedding_hnsw') is not null")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(failed)?;
+        if !indexed {
+            // Default HNSW parameters (m = 16, ef_construction = 64); changing them later needs a
+            // REINDEX anyway. Over existing rows this build blocks start-up: see BENCHMARKS.md.
+            tracing::info!(dimension, "building the HNSW index of coach_memory");
+            let index = format!(
+                "create index if not exists coach_memory_embedding_hnsw on coach_memory \
+                 using hnsw ({} vector_cosine_ops)",
+                typed_embedding(dimension)
+            );
+            sqlx::query(&index).execute(&mut *tx).await.map_err(failed)?;
+        }
+        tx.commit().await.map_err(failed)?;
+
+        Ok(Self {
+            pool,
+            embedder,
+            limits: MemoryLimits::from(settings),
+            // Integers from the settings, never text from outside: safe to format into SQL.
+            begin_search_sql: format!(
+                "begin; set local hnsw.iterative_scan = strict_order; \
+                 set local hnsw.ef_search = {}; set local hnsw.max_scan_tuples = {}",
+                settings.ef_search, settings.max_scan_tuples
+            ),
+            dimension,
+            sql: Arc::new(Sql::new(dimension)),
+            stats: Arc::default(),
+        })
+    }
+}
