@@ -1,6 +1,7 @@
-//! The `stores` section: the coachd paths again with coachd on real Redis and PostgreSQL +
+//! The `stores` section: the session paths again with coachd on real Redis and PostgreSQL +
 //! pgvector (a scratch database, created and dropped here, and a fresh Redis key prefix), when
-//! `DATABASE_URL` and `REDIS_URL` are set.
+//! `DATABASE_URL` and `REDIS_URL` are set. Only the session paths: the stateless routes touch no
+//! store.
 
 use crate::BoxError;
 use crate::coachd::{Placement, start_coachd};
@@ -32,7 +33,8 @@ pub async fn run(fake: &mut FakeProcess, placement: Placement, levels: &[Level])
             coachd: &coachd,
             litellm: None,
         };
-        run_levels(fake, servers, &levels, &PathKind::COACHD).await
+        let paths = [PathKind::Direct, PathKind::SessionSse, PathKind::WebSocket];
+        run_levels(fake, servers, &levels, &paths).await
     }
     .await;
     // The scratch database goes whatever the run returned.
