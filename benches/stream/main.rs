@@ -110,6 +110,11 @@ async fn main() -> Result<(), BoxError> {
 
     let placement = Placement::choose();
     println!("\nplacement: {}", placement.describe());
+    // Other work on the machine shows up in every figure; say how much there was.
+    if let Ok(load) = std::fs::read_to_string("/proc/loadavg") {
+        let load: Vec<&str> = load.split_whitespace().take(3).collect();
+        println!("load average at start (1, 5, 15 min): {}", load.join(" "));
+    }
     let mut fake = FakeProcess::start()?;
     if section("latency") {
         let coachd = start_coachd(fake.base_url(), placement, &[]).await?;
