@@ -152,6 +152,8 @@ pub async fn start_coachd(
         )
         .env("COACHD_MAX_SESSIONS", "20000")
         .env("RATE_LIMIT_ENABLED", "false")
+        // Nothing balances load onto this process: stop at once instead of draining readiness.
+        .env("COACHD_SHUTDOWN_DRAIN_DELAY_SECS", "0")
         .envs(extra_env.iter().map(|(k, v)| (*k, v.as_str())))
         .current_dir(std::env::temp_dir())
         .stdout(child_log())
