@@ -2,6 +2,7 @@
 //! (Groq, OpenRouter, and self-hosted servers such as Ollama, vLLM, llama.cpp or LM Studio
 //! through `COACHD_OPENAI_BASE_URL`). Always asks for usage in streams.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -271,7 +272,7 @@ pub fn decode_stream(provider: ProviderKind, response: reqwest::Response) -> Eve
                 done = true;
                 break;
             }
-            let chunk: Chunk = match serde_json::from_str(data) {
+            let chunk: Chunk<'_> = match serde_json::from_str(data) {
                 Ok(c) => c,
                 Err(e) => {
                     yield Err(LlmError::Protocol { provider, message: format!("bad chunk: {e}") });
@@ -293,7 +294,7 @@ pub fn decode_stream(provider: ProviderKind, response: reqwest::Response) -> Eve
             for choice in chunk.choices {
                 if let Some(text) = choice.delta.and_then(|d| d.content) {
                     if !text.is_empty() {
-                        yield Ok(LlmEvent::Delta(text));
+                        yield Ok(LlmEvent::Delta(text.into_owned()));
                     }
                 }
                 if let Some(reason) = choice.finish_reason {
@@ -320,10 +321,12 @@ pub fn decode_stream(provider: ProviderKind, response: reqwest::Response) -> Eve
     })
 }
 
+// Text and finish reason are borrowed from the event where they need no unescaping: a chunk is
+// parsed per token, and only the text itself is copied out.
 #[derive(Debug, Deserialize)]
-struct Chunk {
-    #[serde(default)]
-    choices: Vec<Choice>,
+struct Chunk<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<Choice<'a>>,
     #[serde(default)]
     usage: Option<WireUsage>,
     #[serde(default)]
@@ -333,17 +336,17 @@ struct Chunk {
 }
 
 #[derive(Debug, Deserialize)]
-struct Choice {
-    #[serde(default)]
-    delta: Option<Delta>,
-    #[serde(default)]
-    finish_reason: Option<String>,
+struct Choice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<Delta<'a>>,
+    #[serde(default, borrow)]
+    finish_reason: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Deserialize)]
-struct Delta {
-    #[serde(default)]
-    content: Option<String>,
+struct Delta<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Deserialize)]
