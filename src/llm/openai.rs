@@ -326,13 +326,53 @@ pub fn decode_stream(provider: ProviderKind, response: reqwest::Response) -> Eve
 #[derive(Debug, Deserialize)]
 struct Chunk<'a> {
     #[serde(default, borrow)]
-    choices: Vec<Choice<'a>>,
+    choices: Choices<'a>,
     #[serde(default)]
     usage: Option<WireUsage>,
     #[serde(default)]
     x_groq: Option<GroqExtra>,
     #[serde(default)]
     error: Option<WireError>,
+}
+
+/// The choices of a chunk. There is one (coachd never asks for `n`), so it is kept inline: no
+/// allocation per token for the list.
+#[derive(Debug, Default)]
+struct Choices<'a> {
+    first: Option<Choice<'a>>,
+    more: Vec<Choice<'a>>,
+}
+
+impl<'a> IntoIterator for Choices<'a> {
+    type Item = Choice<'a>;
+    type IntoIter = std::iter::Chain<std::option::IntoIter<Choice<'a>>, std::vec::IntoIter<Choice<'a>>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.first.into_iter().chain(self.more)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Choices<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct List<'a>(std::marker::PhantomData<Choices<'a>>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for List<'a> {
+            type Value = Choices<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of choices")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Choices<'a>, A::Error> {
+                let mut choices = Choices {
+                    first: seq.next_element()?,
+                    more: Vec::new(),
+                };
+                while let Some(choice) = seq.next_element()? {
+                    choices.more.push(choice);
+                }
+                Ok(choices)
+            }
+        }
+        deserializer.deserialize_seq(List(std::marker::PhantomData))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -374,6 +414,25 @@ struct WireError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_choice_of_a_chunk_is_read_in_order() {
+        let texts = |json: &str| -> Vec<String> {
+            let chunk: Chunk<'_> = serde_json::from_str(json).unwrap();
+            chunk
+                .choices
+                .into_iter()
+                .filter_map(|c| c.delta.and_then(|d| d.content).map(Cow::into_owned))
+                .collect()
+        };
+        assert_eq!(texts(r#"{"choices":[]}"#), Vec::<String>::new());
+        assert_eq!(texts(r#"{"usage":null}"#), Vec::<String>::new());
+        assert_eq!(
+            texts(r#"{"choices":[{"delta":{"content":"a"}},{"delta":{}},{"delta":{"content":"b\"c"}}]}"#),
+            ["a", "b\"c"]
+        );
+        assert!(serde_json::from_str::<Chunk<'_>>(r#"{"choices":{}}"#).is_err());
+    }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
