@@ -8,7 +8,9 @@
 //! valgrind --tool=callgrind --callgrind-out-file=cg.N target/release/deps/decode-<hash> relay N
 //! ```
 //!
-//! for N = 1000 and N = 21000; (total(21000) − total(1000)) / 20000 is the cost of one token.
+//! for N = 1000 and N = 21000; (total(21000) − total(1000)) / 20000 is the cost of one token, in
+//! instructions (callgrind's total) and in allocations (the `calls=` to `__rust_alloc` and
+//! `__rust_realloc` in the callgrind file).
 //! The stage (`sse`, `decode`, `timeouts`, `relay`) says how far down the path the tokens go;
 //! `body` only builds the input, to subtract.
 
