@@ -2,6 +2,7 @@
 //! prompt apart, and the event sequence message_start → content_block_* → message_delta →
 //! message_stop (with `ping` and `error` events in between).
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -224,14 +225,14 @@ pub fn decode_stream(response: reqwest::Response) -> EventStream {
             if event.data.trim().is_empty() {
                 continue;
             }
-            let wire: WireEvent = match serde_json::from_str(&event.data) {
+            let wire: WireEvent<'_> = match serde_json::from_str(&event.data) {
                 Ok(w) => w,
                 Err(e) => {
                     yield Err(LlmError::Protocol { provider, message: format!("bad event {:?}: {e}", event.event) });
                     return;
                 }
             };
-            match wire.kind.as_str() {
+            match &*wire.kind {
                 "message_start" => {
                     if let Some(u) = wire.message.and_then(|m| m.usage) {
                         usage.prompt_tokens = u.input_tokens.unwrap_or(0);
@@ -241,7 +242,7 @@ pub fn decode_stream(response: reqwest::Response) -> EventStream {
                 "content_block_delta" => {
                     if let Some(text) = wire.delta.and_then(|d| d.text) {
                         if !text.is_empty() {
-                            yield Ok(LlmEvent::Delta(text));
+                            yield Ok(LlmEvent::Delta(text.into_owned()));
                         }
                     }
                 }
@@ -275,14 +276,16 @@ pub fn decode_stream(response: reqwest::Response) -> EventStream {
     })
 }
 
+// The type, text and stop reason are borrowed from the event where they need no unescaping: an
+// event is parsed per token, and only the text itself is copied out.
 #[derive(Debug, Deserialize)]
-struct WireEvent {
-    #[serde(rename = "type")]
-    kind: String,
+struct WireEvent<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
     #[serde(default)]
     message: Option<WireMessage>,
-    #[serde(default)]
-    delta: Option<WireDelta>,
+    #[serde(default, borrow)]
+    delta: Option<WireDelta<'a>>,
     #[serde(default)]
     usage: Option<WireUsage>,
     #[serde(default)]
@@ -296,11 +299,11 @@ struct WireMessage {
 }
 
 #[derive(Debug, Deserialize)]
-struct WireDelta {
-    #[serde(default)]
-    text: Option<String>,
-    #[serde(default)]
-    stop_reason: Option<String>,
+struct WireDelta<'a> {
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    stop_reason: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Deserialize)]

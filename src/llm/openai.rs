@@ -2,6 +2,7 @@
 //! (Groq, OpenRouter, and self-hosted servers such as Ollama, vLLM, llama.cpp or LM Studio
 //! through `COACHD_OPENAI_BASE_URL`). Always asks for usage in streams.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -272,7 +273,7 @@ pub fn decode_stream(provider: ProviderKind, response: reqwest::Response) -> Eve
                 done = true;
                 break;
             }
-            let chunk: Chunk = match serde_json::from_str(data) {
+            let chunk: Chunk<'_> = match serde_json::from_str(data) {
                 Ok(c) => c,
                 Err(e) => {
                     yield Err(LlmError::Protocol { provider, message: format!("bad chunk: {e}") });
@@ -294,7 +295,7 @@ pub fn decode_stream(provider: ProviderKind, response: reqwest::Response) -> Eve
             for choice in chunk.choices {
                 if let Some(text) = choice.delta.and_then(|d| d.content) {
                     if !text.is_empty() {
-                        yield Ok(LlmEvent::Delta(text));
+                        yield Ok(LlmEvent::Delta(text.into_owned()));
                     }
                 }
                 if let Some(reason) = choice.finish_reason {
@@ -321,10 +322,12 @@ pub fn decode_stream(provider: ProviderKind, response: reqwest::Response) -> Eve
     })
 }
 
+// Text and finish reason are borrowed from the event where they need no unescaping: a chunk is
+// parsed per token, and only the text itself is copied out.
 #[derive(Debug, Deserialize)]
-struct Chunk {
-    #[serde(default)]
-    choices: Vec<Choice>,
+struct Chunk<'a> {
+    #[serde(default, borrow)]
+    choices: Choices<'a>,
     #[serde(default)]
     usage: Option<WireUsage>,
     #[serde(default)]
@@ -333,18 +336,58 @@ struct Chunk {
     error: Option<WireError>,
 }
 
-#[derive(Debug, Deserialize)]
-struct Choice {
-    #[serde(default)]
-    delta: Option<Delta>,
-    #[serde(default)]
-    finish_reason: Option<String>,
+/// The choices of a chunk. There is one (coachd never asks for `n`), so it is kept inline: no
+/// allocation per token for the list.
+#[derive(Debug, Default)]
+struct Choices<'a> {
+    first: Option<Choice<'a>>,
+    more: Vec<Choice<'a>>,
+}
+
+impl<'a> IntoIterator for Choices<'a> {
+    type Item = Choice<'a>;
+    type IntoIter = std::iter::Chain<std::option::IntoIter<Choice<'a>>, std::vec::IntoIter<Choice<'a>>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.first.into_iter().chain(self.more)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Choices<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct List<'a>(std::marker::PhantomData<Choices<'a>>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for List<'a> {
+            type Value = Choices<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of choices")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Choices<'a>, A::Error> {
+                let mut choices = Choices {
+                    first: seq.next_element()?,
+                    more: Vec::new(),
+                };
+                while let Some(choice) = seq.next_element()? {
+                    choices.more.push(choice);
+                }
+                Ok(choices)
+            }
+        }
+        deserializer.deserialize_seq(List(std::marker::PhantomData))
+    }
 }
 
 #[derive(Debug, Deserialize)]
-struct Delta {
-    #[serde(default)]
-    content: Option<String>,
+struct Choice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<Delta<'a>>,
+    #[serde(default, borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Delta<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -372,6 +415,25 @@ struct WireError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_choice_of_a_chunk_is_read_in_order() {
+        let texts = |json: &str| -> Vec<String> {
+            let chunk: Chunk<'_> = serde_json::from_str(json).unwrap();
+            chunk
+                .choices
+                .into_iter()
+                .filter_map(|c| c.delta.and_then(|d| d.content).map(Cow::into_owned))
+                .collect()
+        };
+        assert_eq!(texts(r#"{"choices":[]}"#), Vec::<String>::new());
+        assert_eq!(texts(r#"{"usage":null}"#), Vec::<String>::new());
+        assert_eq!(
+            texts(r#"{"choices":[{"delta":{"content":"a"}},{"delta":{}},{"delta":{"content":"b\"c"}}]}"#),
+            ["a", "b\"c"]
+        );
+        assert!(serde_json::from_str::<Chunk<'_>>(r#"{"choices":{}}"#).is_err());
+    }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

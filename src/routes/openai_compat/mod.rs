@@ -95,8 +95,6 @@ fn usage_json(usage: Option<crate::llm::Usage>) -> Value {
 /// The chunks of one streamed completion: the role chunk, one per text, the finish chunk, with
 /// `include_usage` a usage chunk, then `[DONE]`; or an error chunk, and nothing more.
 struct Chunks {
-    id: String,
-    created: u64,
     /// `provider/model` of the model that serves.
     model: String,
     provider: ProviderKind,
@@ -104,6 +102,12 @@ struct Chunks {
     usage: Option<crate::llm::Usage>,
     finished: bool,
     end: End,
+    id: String,
+    created: u64,
+    /// What follows `choices` in every chunk: the keys after it, in serde_json's (sorted) order.
+    tail: String,
+    /// The chunk being written, reused: one chunk per token is the hot path of this route.
+    buf: String,
 }
 
 /// How far the end of a streamed completion got.
@@ -114,20 +118,55 @@ enum End {
 }
 
 impl Chunks {
-    fn chunk(&self, delta: Value, finish: Option<&str>) -> Event {
-        let mut c = json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": null,
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-        });
-        if self.include_usage {
+    fn new(id: String, created: u64, model: String, provider: ProviderKind, include_usage: bool) -> Self {
+        // The same bytes `json!(..).to_string()` wrote for the whole chunk (serde_json sorts keys);
+        // only the delta and the finish reason change from chunk to chunk.
+        let mut tail = format!(
+            r#","created":{created},"id":{},"model":{},"object":"chat.completion.chunk","system_fingerprint":null"#,
+            Value::from(id.as_str()),
+            Value::from(model.as_str()),
+        );
+        if include_usage {
             // As OpenAI does: every chunk carries `usage: null` except the last one.
-            c["usage"] = Value::Null;
+            tail.push_str(r#","usage":null"#);
         }
-        Event::default().data(c.to_string())
+        tail.push('}');
+        Chunks {
+            model,
+            provider,
+            include_usage,
+            usage: None,
+            finished: false,
+            end: End::Pending,
+            id,
+            created,
+            tail,
+            buf: String::with_capacity(256),
+        }
+    }
+
+    /// One chunk whose delta is `{"content": text}` (`None`: `{}`, `Some(role)`: the role chunk).
+    fn chunk(&mut self, delta: Delta<'_>, finish: Option<&str>) -> Event {
+        let buf = &mut self.buf;
+        buf.clear();
+        buf.push_str(r#"{"choices":[{"delta":"#);
+        match delta {
+            Delta::Role => buf.push_str(r#"{"content":"","role":"assistant"}"#),
+            Delta::Text(text) => {
+                buf.push_str(r#"{"content":"#);
+                push_json_str(buf, text);
+                buf.push('}');
+            }
+            Delta::Empty => buf.push_str("{}"),
+        }
+        buf.push_str(r#","finish_reason":"#);
+        match finish {
+            Some(reason) => push_json_str(buf, reason),
+            None => buf.push_str("null"),
+        }
+        buf.push_str(r#","index":0,"logprobs":null}]"#);
+        buf.push_str(&self.tail);
+        Event::default().data(buf.as_str())
     }
 
     fn usage(&self, usage: Option<crate::llm::Usage>) -> Event {
@@ -144,21 +183,64 @@ impl Chunks {
     }
 }
 
+/// The delta of one chunk.
+enum Delta<'a> {
+    /// The first chunk: the role, and empty content.
+    Role,
+    /// A piece of text.
+    Text(&'a str),
+    /// Nothing (the finish chunk).
+    Empty,
+}
+
+/// Appends `s` as a JSON string, escaped exactly as serde_json escapes it.
+fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape: &str = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        // Every byte escaped here is ASCII, so `i` is a character boundary.
+        out.push_str(&s[start..i]);
+        if escape.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        } else {
+            out.push_str(escape);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
 impl Format for Chunks {
     fn start(&mut self) -> Event {
-        self.chunk(json!({"role": "assistant", "content": ""}), None)
+        self.chunk(Delta::Role, None)
     }
 
     fn event(&mut self, event: LlmEvent) -> Option<Event> {
         match event {
-            LlmEvent::Delta(text) => Some(self.chunk(json!({"content": text}), None)),
+            LlmEvent::Delta(text) => Some(self.chunk(Delta::Text(&text), None)),
             LlmEvent::Usage(u) => {
                 self.usage = Some(u);
                 None
             }
             LlmEvent::Finish(reason) => {
                 self.finished = true;
-                Some(self.chunk(json!({}), Some(openai_finish(&reason))))
+                Some(self.chunk(Delta::Empty, Some(openai_finish(&reason))))
             }
         }
     }
@@ -241,16 +323,8 @@ async fn chat_completions(
         return Ok(Json(body).into_response());
     }
 
-    let format = Chunks {
-        id,
-        created,
-        model: format!("{}/{}", routed.provider, routed.model),
-        provider: routed.provider,
-        include_usage,
-        usage: None,
-        finished: false,
-        end: End::Pending,
-    };
+    let model = format!("{}/{}", routed.provider, routed.model);
+    let format = Chunks::new(id, created, model, routed.provider, include_usage);
     Ok(sse_response(
         Relay::new(routed.stream, format),
         state.settings.realtime.sse_heartbeat,
@@ -346,4 +420,79 @@ async fn get_model(
         .find(|m| m.id == id)
         .map(Json)
         .ok_or_else(|| OpenAiError::model_not_found(&id))
+}
+
+/// The streamed `/v1/chat/completions` response of a routed stream, as the route builds it: for
+/// the decode micro-benchmark (benches/decode.rs), which measures the relay without a server.
+#[cfg(feature = "fake-upstream")]
+#[doc(hidden)]
+pub fn stream_response(stream: crate::llm::EventStream, include_usage: bool) -> Response {
+    let format = Chunks::new(
+        "chatcmpl-bench".to_owned(),
+        unix_now(),
+        "openai/bench".to_owned(),
+        ProviderKind::Openai,
+        include_usage,
+    );
+    sse_response(Relay::new(stream, format), std::time::Duration::from_secs(15))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `data:` of an event as axum writes it.
+    fn data(event: Event) -> String {
+        use axum::response::IntoResponse;
+        let body =
+            axum::response::sse::Sse::new(futures::stream::iter([Ok::<_, std::convert::Infallible>(event)]))
+                .into_response()
+                .into_body();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let bytes = rt.block_on(axum::body::to_bytes(body, usize::MAX)).unwrap();
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
+        text.strip_prefix("data: ").unwrap().trim_end().to_owned()
+    }
+
+    #[test]
+    fn chunks_are_the_bytes_json_wrote() {
+        for include_usage in [false, true] {
+            let mut c = Chunks::new(
+                "chatcmpl-1".to_owned(),
+                1_700_000_000,
+                "openai/gpt \"4\"".to_owned(),
+                ProviderKind::Openai,
+                include_usage,
+            );
+            let expected = |delta: Value, finish: Option<&str>| {
+                let mut v = json!({
+                    "id": "chatcmpl-1",
+                    "object": "chat.completion.chunk",
+                    "created": 1_700_000_000u64,
+                    "model": "openai/gpt \"4\"",
+                    "system_fingerprint": null,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+                });
+                if include_usage {
+                    v["usage"] = Value::Null;
+                }
+                v.to_string()
+            };
+            assert_eq!(
+                data(c.start()),
+                expected(json!({"role": "assistant", "content": ""}), None)
+            );
+            for text in [
+                "Hello",
+                " café 👋",
+                "a\"b\\c\nd\re\tf\u{8}\u{c}\u{1}\u{1f}\u{7f}g",
+                "",
+            ] {
+                let got = c.event(LlmEvent::Delta(text.to_owned())).map(data);
+                assert_eq!(got, Some(expected(json!({"content": text}), None)), "{text:?}");
+            }
+            let got = c.event(LlmEvent::Finish(FinishReason::Length)).map(data);
+            assert_eq!(got, Some(expected(json!({}), Some("length"))));
+        }
+    }
 }
