@@ -200,11 +200,8 @@ async fn run<T: Transport>(
         tokio::select! {
             event = sub.live.recv() => match event {
                 Some(event) => {
-                    if let Err(why) = transport.send(&event).await {
+                    if let Err(why) = deliver(transport, sub, &event).await {
                         return why;
-                    }
-                    if transport.done_after(&event) {
-                        return Detach::Done;
                     }
                 }
                 None if sub.lagged.load(Ordering::SeqCst) => return Detach::SlowClient,
@@ -260,6 +257,20 @@ async fn run<T: Transport>(
             () = &mut shutdown => return drain_for_shutdown(sub, transport).await,
         }
     }
+}
+
+/// Delivers a live event that just arrived. `Err` ends the connection (`Detach::Done` when the
+/// transport is finished after it). Public for the publish micro-benchmark (`benches/publish.rs`).
+pub async fn deliver<T: Transport>(
+    transport: &mut T,
+    _sub: &mut Subscription,
+    event: &Published,
+) -> Result<(), Detach> {
+    transport.send(event).await?;
+    if transport.done_after(event) {
+        return Err(Detach::Done);
+    }
+    Ok(())
 }
 
 /// At shutdown, delivers what the session still publishes (its `error` and final `session`
