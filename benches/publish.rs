@@ -3,9 +3,12 @@
 //! WebSocket transport and tungstenite onto an in-memory socket that counts its writes.
 //!
 //! Deterministic on a shared machine: run it under valgrind and difference two token counts.
-//! `scripts`-free, see /work/coord/perfsess.md for the commands:
-//! `PUBLISH_TOKENS=20000 valgrind --tool=callgrind target/release/deps/publish-*` (instructions)
-//! and `valgrind --tool=dhat` (allocations). It prints socket writes per token itself.
+//! `cargo bench --bench publish --no-run`, then `PUBLISH_TOKENS=N valgrind --tool=callgrind` (or
+//! `--tool=dhat` for allocations) on the built binary, for two N; it prints socket writes itself.
+//! `PUBLISH_SUBSCRIBERS` (default 2) and `PUBLISH_BURST` (tokens queued per wakeup, default 1).
+
+// A benchmark, not a server path: it stops at the first surprise.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io;
 use std::pin::Pin;
@@ -136,10 +139,10 @@ fn main() {
                 while other.live.try_recv().is_ok() {}
             }
             // As the drive loop: one event wakes it, the delivery step takes it from there.
-            let first = sub.live.recv().await.unwrap();
-            deliver(&mut transport, &mut sub, &first).await.unwrap();
+            let first = sub.live.recv().await.expect("a live event");
+            deliver(&mut transport, &mut sub, &first).await.expect("delivered");
             while let Ok(event) = sub.live.try_recv() {
-                deliver(&mut transport, &mut sub, &event).await.unwrap();
+                deliver(&mut transport, &mut sub, &event).await.expect("delivered");
             }
         }
         let writes = writes.load(Ordering::Relaxed);
