@@ -538,7 +538,25 @@ impl Published {
         // enum is always an object with at least its `type`; fall back to an error frame
         // regardless. serde_json writes no raw newline (they are escaped in strings), so
         // `data:` is one line.
-        let written = serde_json::to_writer(&mut buf, &body).is_ok() && buf.len() > brace + 2;
+        let written = match &body {
+            // The token path, written by hand: the same bytes as the derived serialisation
+            // (literal keys need no escaping; only the text does).
+            EventBody::Token {
+                turn_number,
+                text,
+                index,
+            } => {
+                buf.extend_from_slice(br#"{"type":"token","turn_number":"#);
+                push_u64(&mut buf, u64::from(*turn_number));
+                buf.extend_from_slice(br#","text":"#);
+                let text_ok = serde_json::to_writer(&mut buf, text.as_str()).is_ok();
+                buf.extend_from_slice(br#","index":"#);
+                push_u64(&mut buf, u64::from(*index));
+                buf.push(b'}');
+                text_ok
+            }
+            _ => serde_json::to_writer(&mut buf, &body).is_ok() && buf.len() > brace + 2,
+        };
         match buf.get_mut(brace) {
             Some(open @ b'{') if written => *open = b',',
             _ => {
@@ -675,6 +693,11 @@ mod tests {
                 turn_number: 1,
                 text: " wo\"rd\\ \t é".into(),
                 index: 41,
+            },
+            EventBody::Token {
+                turn_number: u32::MAX,
+                text: String::new(),
+                index: 0,
             },
             EventBody::TurnEnd {
                 turn_number: 1,
