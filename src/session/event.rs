@@ -429,6 +429,18 @@ impl EventBody {
         })
     }
 
+    /// About how many bytes its JSON takes, to size the buffer once (escapes may add some).
+    fn size_hint(&self) -> usize {
+        match self {
+            EventBody::Token { text, .. } => 64 + text.len(),
+            EventBody::TurnStart { user_text, .. } => 96 + user_text.len(),
+            EventBody::TurnEnd {
+                reply_text, actions, ..
+            } => 320 + reply_text.len() + actions.iter().map(|a| a.len() + 3).sum::<usize>(),
+            _ => 320,
+        }
+    }
+
     /// The event's type name, as on the wire (SSE `event:` field).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -457,6 +469,31 @@ pub struct ServerEvent {
     pub body: EventBody,
 }
 
+/// The `id:`, `event:` and `data:` framing of an SSE event and its blank line, at most.
+const SSE_OVERHEAD: usize = 64;
+
+/// A session's event envelope as JSON text, made once per session: `{"session_id":"…","seq":`
+/// (the seq and the body follow).
+pub fn envelope(session_id: &str) -> String {
+    let id = serde_json::to_string(session_id).unwrap_or_else(|_| "\"\"".to_owned());
+    format!(r#"{{"session_id":{id},"seq":"#)
+}
+
+/// Appends `n` in decimal, as serde_json writes it, without the formatting machinery.
+fn push_u64(buf: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[i..]);
+}
+
 /// A published event: its typed body, and its bytes serialised once at publish into one shared
 /// buffer. Every connection and the replay log hold an `Arc` of it; a WebSocket frame or an SSE
 /// frame is a refcounted clone of those bytes, never a copy or a fresh encoding.
@@ -475,32 +512,67 @@ pub struct Published {
 impl Published {
     /// Serialises an event.
     pub fn new(session_id: &str, seq: u64, body: EventBody) -> Self {
-        let event = ServerEvent {
-            session_id: session_id.to_owned(),
-            seq,
-            body,
-        };
-        let kind = event.body.kind();
-        let mut buf = format!("id: {seq}\nevent: {kind}\ndata: ").into_bytes();
+        Self::with_envelope(&envelope(session_id), seq, body)
+    }
+
+    /// Serialises an event of the session whose [`envelope`] is given (made once per session).
+    ///
+    /// The bytes are those of [`ServerEvent`] (`session_id`, `seq`, then the body's `type` and
+    /// fields), written in one pass into one buffer sized up front: the envelope, then the
+    /// derived serialisation of the body, whose opening `{` becomes the `,` after `seq`. This
+    /// is what `#[serde(flatten)]` produces, without its slower path through serde's buffered
+    /// map serialiser.
+    pub fn with_envelope(envelope: &str, seq: u64, body: EventBody) -> Self {
+        let kind = body.kind();
+        let mut buf = Vec::with_capacity(SSE_OVERHEAD + envelope.len() + body.size_hint());
+        buf.extend_from_slice(b"id: ");
+        push_u64(&mut buf, seq);
+        buf.extend_from_slice(b"\nevent: ");
+        buf.extend_from_slice(kind.as_bytes());
+        buf.extend_from_slice(b"\ndata: ");
         let start = buf.len();
-        // Serialising these plain structs cannot fail; fall back to an error frame regardless.
-        // serde_json writes no raw newline (they are escaped in strings), so `data:` is one line.
-        if serde_json::to_writer(&mut buf, &event).is_err() {
-            buf.truncate(start);
-            buf.extend_from_slice(format!(r#"{{"type":"error","session_id":"{session_id}","seq":{seq},"code":"internal","message":"unserialisable event","retryable":false}}"#).as_bytes());
+        buf.extend_from_slice(envelope.as_bytes());
+        push_u64(&mut buf, seq);
+        let brace = buf.len();
+        // Serialising these plain structs cannot fail, and the body of an internally tagged
+        // enum is always an object with at least its `type`; fall back to an error frame
+        // regardless. serde_json writes no raw newline (they are escaped in strings), so
+        // `data:` is one line.
+        let written = match &body {
+            // The token path, written by hand: the same bytes as the derived serialisation
+            // (literal keys need no escaping; only the text does).
+            EventBody::Token {
+                turn_number,
+                text,
+                index,
+            } => {
+                buf.extend_from_slice(br#"{"type":"token","turn_number":"#);
+                push_u64(&mut buf, u64::from(*turn_number));
+                buf.extend_from_slice(br#","text":"#);
+                let text_ok = serde_json::to_writer(&mut buf, text.as_str()).is_ok();
+                buf.extend_from_slice(br#","index":"#);
+                push_u64(&mut buf, u64::from(*index));
+                buf.push(b'}');
+                text_ok
+            }
+            _ => serde_json::to_writer(&mut buf, &body).is_ok() && buf.len() > brace + 2,
+        };
+        match buf.get_mut(brace) {
+            Some(open @ b'{') if written => *open = b',',
+            _ => {
+                buf.truncate(brace);
+                buf.extend_from_slice(
+                    br#","type":"error","code":"internal","message":"unserialisable event","retryable":false}"#,
+                );
+            }
         }
         let end = buf.len();
         buf.extend_from_slice(b"\n\n");
         let sse = Bytes::from(buf);
-        // Valid UTF-8: it is a String's bytes followed by JSON, checked once here.
+        // Valid UTF-8: ASCII framing around JSON text, checked once here.
         let json =
             Utf8Bytes::try_from(sse.slice(start..end)).unwrap_or_else(|_| Utf8Bytes::from_static("{}"));
-        Published {
-            seq,
-            body: event.body,
-            sse,
-            json,
-        }
+        Published { seq, body, sse, json }
     }
 
     /// Its type name.
@@ -589,6 +661,114 @@ mod tests {
         assert_eq!(p.turn_number(), Some(1));
         let frame = format!("id: 3\nevent: token\ndata: {}\n\n", p.json.as_str());
         assert_eq!(p.sse, frame.as_bytes());
+    }
+
+    /// Every kind of event, with strings that need escaping and optional fields both ways.
+    fn every_kind_of_event() -> Vec<EventBody> {
+        let persona = PersonaInfo {
+            id: "p".into(),
+            name: "Ana \"the coach\"".into(),
+            domain: "sales".into(),
+        };
+        vec![
+            EventBody::Session {
+                user_id: "u".into(),
+                coach_id: "c".into(),
+                persona,
+                status: SessionStatus::Active,
+                turn_count: 2,
+                created_at: "2026-12-01T21:00:00Z".into(),
+            },
+            EventBody::TurnStart {
+                turn_number: 1,
+                user_text: "line\nbreak \u{1F600} \u{7}".into(),
+                client_id: Some("m-1".into()),
+            },
+            EventBody::TurnStart {
+                turn_number: 2,
+                user_text: String::new(),
+                client_id: None,
+            },
+            EventBody::Token {
+                turn_number: 1,
+                text: " wo\"rd\\ \t é".into(),
+                index: 41,
+            },
+            EventBody::Token {
+                turn_number: u32::MAX,
+                text: String::new(),
+                index: 0,
+            },
+            EventBody::TurnEnd {
+                turn_number: 1,
+                reply_text: "- Call\n- Write".into(),
+                actions: vec!["Call".into(), "Write".into()],
+                usage: Some(Usage {
+                    prompt_tokens: 10,
+                    completion_tokens: 4,
+                }),
+                finish_reason: FinishReason::Other("guardrail".into()),
+                interrupted: false,
+                provider: Some("offline".into()),
+                model: Some("m".into()),
+            },
+            EventBody::TurnEnd {
+                turn_number: 2,
+                reply_text: String::new(),
+                actions: Vec::new(),
+                usage: None,
+                finish_reason: FinishReason::Cancelled,
+                interrupted: true,
+                provider: None,
+                model: None,
+            },
+            EventBody::error(ErrorCause::SlowClient, None),
+            EventBody::error(ErrorCause::TurnDropped, Some(3)),
+            EventBody::Notes {
+                notes: Notes {
+                    summary: "s".into(),
+                    key_points: vec!["k".into()],
+                    action_items: Vec::new(),
+                },
+            },
+            EventBody::Resync {
+                reason: "gone".into(),
+                state: SessionState {
+                    status: SessionStatus::Ended,
+                    turn_count: 1,
+                    current_turn: Some(PartialTurn {
+                        turn_number: 2,
+                        user_text: "u".into(),
+                        partial_text: "p".into(),
+                    }),
+                    oldest_seq: 5,
+                    last_seq: 9,
+                },
+            },
+            EventBody::Pong { nonce: None },
+            EventBody::Pong {
+                nonce: Some("n".into()),
+            },
+        ]
+    }
+
+    #[test]
+    fn published_bytes_are_exactly_the_server_event_serialisation() {
+        for (i, body) in every_kind_of_event().into_iter().enumerate() {
+            let seq = [0, 7, 10, 99_999, u64::MAX][i % 5];
+            let session_id = "0193d0a4-6c1e-7b3a-\"9f52\"";
+            let expected = serde_json::to_string(&ServerEvent {
+                session_id: session_id.into(),
+                seq,
+                body: body.clone(),
+            })
+            .unwrap();
+            let kind = body.kind();
+            let p = Published::new(session_id, seq, body);
+            assert_eq!(p.json.as_str(), expected);
+            let frame = format!("id: {seq}\nevent: {kind}\ndata: {expected}\n\n");
+            assert_eq!(p.sse, frame.as_bytes());
+        }
     }
 
     #[test]

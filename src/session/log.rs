@@ -12,12 +12,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::mpsc;
 
-use super::event::{EventBody, Published};
+use super::event::{EventBody, Published, envelope};
 
 /// Shared by the session task (publishing) and the transports (subscribing).
 #[derive(Debug)]
 pub struct EventLog {
     session_id: String,
+    /// `{"session_id":"…","seq":`, serialised once for every event of the session.
+    envelope: String,
     capacity: usize,
     inner: Mutex<Inner>,
 }
@@ -56,6 +58,7 @@ impl EventLog {
     pub fn new(session_id: &str, capacity: usize) -> Self {
         EventLog {
             session_id: session_id.to_owned(),
+            envelope: envelope(session_id),
             capacity: capacity.max(1),
             inner: Mutex::new(Inner {
                 last_seq: 0,
@@ -76,7 +79,7 @@ impl EventLog {
         let mut inner = self.lock();
         inner.last_seq += 1;
         let seq = inner.last_seq;
-        let event = Arc::new(Published::new(&self.session_id, seq, body));
+        let event = Arc::new(Published::with_envelope(&self.envelope, seq, body));
         if inner.ring.len() == self.capacity {
             inner.ring.pop_front();
         }

@@ -73,6 +73,17 @@ pub trait Transport: Send {
     /// resolve. Must be cancel-safe: the drive loop drops it whenever an event goes out first.
     fn recv(&mut self) -> impl Future<Output = Inbound> + Send;
 
+    /// Queues one event to go out with the next [`Transport::flush`], so events that are already
+    /// waiting leave in one write. Transports that cannot batch deliver it at once.
+    fn feed(&mut self, event: &Published) -> impl Future<Output = Result<(), Detach>> + Send {
+        self.send(event)
+    }
+
+    /// Pushes out what [`Transport::feed`] queued. `Err` detaches the connection.
+    fn flush(&mut self) -> impl Future<Output = Result<(), Detach>> + Send {
+        std::future::ready(Ok(()))
+    }
+
     /// A keepalive (a WebSocket ping).
     fn heartbeat(&mut self) -> impl Future<Output = Result<(), Detach>> + Send;
 
@@ -200,11 +211,8 @@ async fn run<T: Transport>(
         tokio::select! {
             event = sub.live.recv() => match event {
                 Some(event) => {
-                    if let Err(why) = transport.send(&event).await {
+                    if let Err(why) = deliver(transport, sub, &event).await {
                         return why;
-                    }
-                    if transport.done_after(&event) {
-                        return Detach::Done;
                     }
                 }
                 None if sub.lagged.load(Ordering::SeqCst) => return Detach::SlowClient,
@@ -262,16 +270,43 @@ async fn run<T: Transport>(
     }
 }
 
+/// Most events one delivery writes before its flush: a bound on how long the connection's other
+/// duties (client frames, heartbeats) wait behind a long backlog.
+const MAX_BATCH: usize = 64;
+
+/// Delivers a live event that just arrived, with every event already queued behind it (up to
+/// [`MAX_BATCH`]), then flushes once: one socket write and one wakeup of the client for all of
+/// them, and nothing ever waits for more to come. `Err` ends the connection (`Detach::Done`
+/// when the transport is finished after one of them). Public for the publish micro-benchmark
+/// (`benches/publish.rs`).
+pub async fn deliver<T: Transport>(
+    transport: &mut T,
+    sub: &mut Subscription,
+    event: &Published,
+) -> Result<(), Detach> {
+    transport.feed(event).await?;
+    let mut done = transport.done_after(event);
+    let mut fed = 1;
+    while !done && fed < MAX_BATCH {
+        // Empty, or closed (the next `recv` tells a slow client from an ended session).
+        let Ok(next) = sub.live.try_recv() else {
+            break;
+        };
+        transport.feed(&next).await?;
+        done = transport.done_after(&next);
+        fed += 1;
+    }
+    transport.flush().await?;
+    if done { Err(Detach::Done) } else { Ok(()) }
+}
+
 /// At shutdown, delivers what the session still publishes (its `error` and final `session`
 /// events) until it closes its log, for at most [`SHUTDOWN_DRAIN`]; then the connection closes
 /// as shutting down (1001), so a client learns the server went away only after the last event.
 async fn drain_for_shutdown<T: Transport>(sub: &mut Subscription, transport: &mut T) -> Detach {
     let drain = async {
         while let Some(event) = sub.live.recv().await {
-            transport.send(&event).await?;
-            if transport.done_after(&event) {
-                return Err(Detach::Done);
-            }
+            deliver(transport, sub, &event).await?;
         }
         Ok(())
     };

@@ -3,6 +3,7 @@
 //! Generic over the socket's `Sink` + `Stream`, so the tests below drive it, and the drive loop,
 //! over channels.
 
+use std::future::Future;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
@@ -40,6 +41,8 @@ pub struct WsTransport<S> {
     send_timeout: Duration,
     pong_timeout: Duration,
     awaiting_pong: Option<Instant>,
+    /// Set by the first `feed` after a flush: a batch and its flush share one send timeout.
+    batch_deadline: Option<Instant>,
 }
 
 impl<S> WsTransport<S> {
@@ -50,6 +53,7 @@ impl<S> WsTransport<S> {
             send_timeout,
             pong_timeout,
             awaiting_pong: None,
+            batch_deadline: None,
         }
     }
 }
@@ -60,12 +64,24 @@ where
     E: std::fmt::Display + Send,
 {
     async fn write(&mut self, message: Message) -> Result<(), Detach> {
-        match tokio::time::timeout(self.send_timeout, self.socket.send(message)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(Detach::ClientGone),
-            // The socket would not take a frame in time: the client is not reading.
-            Err(_) => Err(Detach::SlowClient),
-        }
+        within(Instant::now() + self.send_timeout, self.socket.send(message)).await
+    }
+
+    /// When the frames fed since the last flush must be out: one send timeout from the first.
+    fn batch_deadline(&mut self) -> Instant {
+        *self
+            .batch_deadline
+            .get_or_insert_with(|| Instant::now() + self.send_timeout)
+    }
+}
+
+/// A socket operation bounded by a deadline.
+async fn within<E>(deadline: Instant, op: impl Future<Output = Result<(), E>>) -> Result<(), Detach> {
+    match tokio::time::timeout_at(deadline, op).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Detach::ClientGone),
+        // The socket would not take a frame in time: the client is not reading.
+        Err(_) => Err(Detach::SlowClient),
     }
 }
 
@@ -98,6 +114,20 @@ where
     async fn send(&mut self, event: &Published) -> Result<(), Detach> {
         // A refcounted clone of the bytes made at publish.
         self.write(Message::Text(event.json.clone())).await
+    }
+
+    async fn feed(&mut self, event: &Published) -> Result<(), Detach> {
+        // Into the socket's write buffer; the bytes leave at `flush`.
+        let frame = Message::Text(event.json.clone());
+        let deadline = self.batch_deadline();
+        within(deadline, self.socket.feed(frame)).await
+    }
+
+    async fn flush(&mut self) -> Result<(), Detach> {
+        let deadline = self.batch_deadline();
+        let flushed = within(deadline, self.socket.flush()).await;
+        self.batch_deadline = None;
+        flushed
     }
 
     async fn recv(&mut self) -> Inbound {
@@ -160,7 +190,11 @@ where
             reason: Utf8Bytes::from(reason),
         };
         // Best effort: a client that is gone or stuck cannot be told.
-        let _ = tokio::time::timeout(self.send_timeout, self.socket.send(Message::Close(Some(frame)))).await;
+        let _ = within(
+            Instant::now() + self.send_timeout,
+            self.socket.send(Message::Close(Some(frame))),
+        )
+        .await;
     }
 }
 
@@ -172,6 +206,7 @@ mod tests {
 
     use std::pin::Pin;
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
     use std::task::{Context, Poll};
 
     use futures::channel::mpsc;
@@ -187,6 +222,8 @@ mod tests {
     struct ChannelSocket {
         to_client: mpsc::Sender<Message>,
         from_client: mpsc::UnboundedReceiver<Message>,
+        /// Completed flushes: each is one socket write on a real connection.
+        flushes: Arc<AtomicUsize>,
     }
 
     impl Sink<Message> for ChannelSocket {
@@ -201,7 +238,11 @@ mod tests {
         }
 
         fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-            Pin::new(&mut self.to_client).poll_flush(cx)
+            let flushed = Pin::new(&mut self.to_client).poll_flush(cx);
+            if flushed.is_ready() {
+                self.flushes.fetch_add(1, AtomicOrdering::SeqCst);
+            }
+            flushed
         }
 
         fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -221,6 +262,7 @@ mod tests {
     struct Client {
         rx: mpsc::Receiver<Message>,
         tx: mpsc::UnboundedSender<Message>,
+        flushes: Arc<AtomicUsize>,
     }
 
     impl Client {
@@ -263,13 +305,15 @@ mod tests {
     fn connection(buffer: usize) -> (WsTransport<ChannelSocket>, Client) {
         let (to_client, rx) = mpsc::channel(buffer);
         let (tx, from_client) = mpsc::unbounded();
+        let flushes = Arc::new(AtomicUsize::new(0));
         let socket = ChannelSocket {
             to_client,
             from_client,
+            flushes: flushes.clone(),
         };
         (
             WsTransport::new(socket, SEND_TIMEOUT, PONG_TIMEOUT),
-            Client { rx, tx },
+            Client { rx, tx, flushes },
         )
     }
 
@@ -334,6 +378,31 @@ mod tests {
         };
         tokio::join!(run, talk);
         assert_eq!(stats.slow_clients.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_already_queued_go_out_in_order_with_one_flush() {
+        let (_app, session) = session().await;
+        let (mut transport, mut client) = connection(16);
+        let stats = Arc::new(Stats::default());
+        let sub = session.subscribe(None);
+        // Queued before the connection runs, as when the publisher outpaces its wakeup.
+        for i in 0..3 {
+            session.log.publish(token(i));
+        }
+        let run = drive(session, sub, &mut transport, options(&stats));
+        let talk = async {
+            for i in 0..3 {
+                assert_eq!(client.event().await["text"], format!("t{i}"));
+            }
+            assert_eq!(
+                client.flushes.load(AtomicOrdering::SeqCst),
+                1,
+                "one write for the three"
+            );
+            drop(client);
+        };
+        tokio::join!(run, talk);
     }
 
     #[tokio::test(start_paused = true)]
