@@ -63,7 +63,7 @@ fn response(chunks: Vec<Bytes>) -> reqwest::Response {
 
 /// Runs `tokens` tokens through the path up to `stage`; returns how many items (or bytes) came out.
 async fn run(stage: &str, chunks: Vec<Bytes>) -> usize {
-    use coachd::config::{LlmTimeouts, ProviderKind};
+    use coachd::llm::{LlmTimeouts, ProviderKind};
     let provider = ProviderKind::Openai;
     match stage {
         // Only the setup (building and dropping the body), to subtract from the others.
