@@ -241,6 +241,15 @@ struct StreamFormat {
     ended: bool,
 }
 
+/// The data of a `token` event, `{"text":…}`: a borrowed struct, not a `json!` tree per token.
+fn token_data(text: &str) -> String {
+    #[derive(Serialize)]
+    struct Token<'a> {
+        text: &'a str,
+    }
+    serde_json::to_string(&Token { text }).unwrap_or_else(|_| r#"{"text":""}"#.to_owned())
+}
+
 impl Format for StreamFormat {
     fn start(&mut self) -> Event {
         let data = json!({"task": self.task, "provider": self.provider.as_str(), "model": self.model});
@@ -249,11 +258,7 @@ impl Format for StreamFormat {
 
     fn event(&mut self, event: LlmEvent) -> Option<Event> {
         match event {
-            LlmEvent::Delta(text) => Some(
-                Event::default()
-                    .event("token")
-                    .data(json!({"text": text}).to_string()),
-            ),
+            LlmEvent::Delta(text) => Some(Event::default().event("token").data(token_data(&text))),
             LlmEvent::Usage(u) => {
                 self.usage = Some(u);
                 None

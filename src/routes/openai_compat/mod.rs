@@ -107,7 +107,7 @@ struct Chunks {
     /// What follows `choices` in every chunk: the keys after it, in serde_json's (sorted) order.
     tail: String,
     /// The chunk being written, reused: one chunk per token is the hot path of this route.
-    buf: String,
+    buf: Vec<u8>,
 }
 
 /// How far the end of a streamed completion got.
@@ -141,7 +141,7 @@ impl Chunks {
             id,
             created,
             tail,
-            buf: String::with_capacity(256),
+            buf: Vec::with_capacity(256),
         }
     }
 
@@ -149,24 +149,29 @@ impl Chunks {
     fn chunk(&mut self, delta: Delta<'_>, finish: Option<&str>) -> Event {
         let buf = &mut self.buf;
         buf.clear();
-        buf.push_str(r#"{"choices":[{"delta":"#);
+        buf.extend_from_slice(br#"{"choices":[{"delta":"#);
+        // Writing a `&str` into a Vec cannot fail; serde_json escapes it as it always did.
+        let mut escaped = true;
         match delta {
-            Delta::Role => buf.push_str(r#"{"content":"","role":"assistant"}"#),
+            Delta::Role => buf.extend_from_slice(br#"{"content":"","role":"assistant"}"#),
             Delta::Text(text) => {
-                buf.push_str(r#"{"content":"#);
-                push_json_str(buf, text);
-                buf.push('}');
+                buf.extend_from_slice(br#"{"content":"#);
+                escaped &= serde_json::to_writer(&mut *buf, text).is_ok();
+                buf.push(b'}');
             }
-            Delta::Empty => buf.push_str("{}"),
+            Delta::Empty => buf.extend_from_slice(b"{}"),
         }
-        buf.push_str(r#","finish_reason":"#);
+        buf.extend_from_slice(br#","finish_reason":"#);
         match finish {
-            Some(reason) => push_json_str(buf, reason),
-            None => buf.push_str("null"),
+            Some(reason) => escaped &= serde_json::to_writer(&mut *buf, reason).is_ok(),
+            None => buf.extend_from_slice(b"null"),
         }
-        buf.push_str(r#","index":0,"logprobs":null}]"#);
-        buf.push_str(&self.tail);
-        Event::default().data(buf.as_str())
+        buf.extend_from_slice(br#","index":0,"logprobs":null}]"#);
+        buf.extend_from_slice(self.tail.as_bytes());
+        match std::str::from_utf8(buf) {
+            Ok(json) if escaped => Event::default().data(json),
+            _ => Event::default().data(r#"{"choices":[]}"#),
+        }
     }
 
     fn usage(&self, usage: Option<crate::llm::Usage>) -> Event {
@@ -191,39 +196,6 @@ enum Delta<'a> {
     Text(&'a str),
     /// Nothing (the finish chunk).
     Empty,
-}
-
-/// Appends `s` as a JSON string, escaped exactly as serde_json escapes it.
-fn push_json_str(out: &mut String, s: &str) {
-    out.push('"');
-    let bytes = s.as_bytes();
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let escape: &str = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0x08 => "\\b",
-            0x0c => "\\f",
-            0x00..=0x1f => "",
-            _ => continue,
-        };
-        // Every byte escaped here is ASCII, so `i` is a character boundary.
-        out.push_str(&s[start..i]);
-        if escape.is_empty() {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.push_str("\\u00");
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0xf)]));
-        } else {
-            out.push_str(escape);
-        }
-        start = i + 1;
-    }
-    out.push_str(&s[start..]);
-    out.push('"');
 }
 
 impl Format for Chunks {
