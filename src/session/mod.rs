@@ -7,6 +7,8 @@ pub mod event;
 pub mod latency;
 pub mod log;
 pub mod manager;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod token;
 
 pub use event::{ClientFrame, EventBody, ServerEvent, TurnMode};

@@ -325,23 +325,15 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 
 #[cfg(test)]
 mod tests {
-    //! What the adapters' unit tests share: a live session of the whole in-process app (test
-    //! code may reach up to the composition layer; the library code of this module does not).
+    //! What the adapters' unit tests share: a live session of the session layer's own test
+    //! harness (scripted provider, in-process stores), kept alive by the returned harness.
     use super::{SessionHandle, TransportKind};
+    use crate::session::testing::{Harness, Setup, harness};
 
-    /// A live session of the in-process app (kept alive by the returned app), its first `session`
-    /// event logged: what the transports' unit tests drive.
-    pub(crate) async fn test_session() -> (crate::startup::Application, SessionHandle) {
-        let settings = crate::config::Settings::for_tests(&[]).unwrap();
-        let app = crate::startup::Application::build(settings).await.unwrap();
-        let session = app
-            .state()
-            .sessions
-            .create("u", "c", TransportKind::WebSocket)
-            .unwrap();
-        while session.log.bounds().0 == 0 {
-            tokio::task::yield_now().await;
-        }
-        (app, session)
+    /// A live session, its first `session` event logged: what the transports' unit tests drive.
+    pub(crate) async fn test_session() -> (Harness, SessionHandle) {
+        let h = harness(Setup::default());
+        let session = h.live(TransportKind::WebSocket).await;
+        (h, session)
     }
 }

@@ -242,7 +242,7 @@ mod tests {
         let gauge = Gauge::enter(&stats, |s| &s.sse_connections);
         let sub = session.subscribe(None);
         // The app's own token: the session task sees it too.
-        let shutdown = app.state().shutdown.clone();
+        let shutdown = app.shutdown.clone();
         let events = events(session, sub, options(&shutdown, &stats), gauge);
         tokio::pin!(events);
         shutdown.cancel();
