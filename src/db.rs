@@ -34,6 +34,14 @@ pub enum DbError {
 /// The migrations in `migrations/`, embedded at compile time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
+/// coachd's migrations, run next to the job engine's (apalis-postgres records its own in the same
+/// `_sqlx_migrations`), so each side ignores the entries it does not know.
+fn coachd_migrator() -> Migrator {
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.set_ignore_missing(true);
+    migrator
+}
+
 /// Opens the pool and checks one connection, so a wrong URL fails start-up at once.
 pub async fn connect(url: &ServiceUrl, settings: &Settings) -> Result<PgPool, DbError> {
     let options: PgConnectOptions = url
@@ -58,7 +66,7 @@ pub async fn connect(url: &ServiceUrl, settings: &Settings) -> Result<PgPool, Db
         })
 }
 
-/// Applies every pending migration. Safe to run again, and from several instances at once
+/// Applies every pending migration: coachd's and the job engine's (schema `apalis`). Safe to run again, and from several instances at once
 /// (sqlx serialises them with an advisory lock). Returns how many were newly applied.
 pub async fn migrate(pool: &PgPool) -> Result<usize, DbError> {
     let available: bool =
@@ -70,8 +78,11 @@ pub async fn migrate(pool: &PgPool) -> Result<usize, DbError> {
         return Err(DbError::NoPgvector);
     }
     let before = applied_count(pool).await;
-    MIGRATOR
+    coachd_migrator()
         .run(pool)
+        .await
+        .map_err(|e| DbError::Migrate(e.to_string()))?;
+    crate::jobs::pg::PgJobBackend::setup(pool)
         .await
         .map_err(|e| DbError::Migrate(e.to_string()))?;
     Ok(applied_count(pool).await.saturating_sub(before))

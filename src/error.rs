@@ -28,6 +28,15 @@ pub enum Error {
     /// The resource does not exist (or is not visible to the caller).
     #[error("{0} not found")]
     NotFound(String),
+    /// The resource is in a state that does not allow the request (a job that is not finished,
+    /// already final, ...).
+    #[error("{message}")]
+    Conflict {
+        /// Stable code, e.g. `job_not_finished`.
+        code: &'static str,
+        /// Description, safe to show.
+        message: String,
+    },
     /// The request body is larger than the configured limit.
     #[error("request body exceeds {limit} bytes")]
     PayloadTooLarge {
@@ -108,6 +117,7 @@ impl Error {
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::Forbidden => StatusCode::FORBIDDEN,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Conflict { .. } => StatusCode::CONFLICT,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -122,7 +132,9 @@ impl Error {
     /// The stable code sent to clients.
     pub fn code(&self) -> &str {
         match self {
-            Error::BadRequest { code, .. } | Error::Upstream { code, .. } => code,
+            Error::BadRequest { code, .. } | Error::Upstream { code, .. } | Error::Conflict { code, .. } => {
+                code
+            }
             Error::SessionEnded => "session_ended",
             Error::QueueFull { .. } => "turn_queue_full",
             Error::Unauthorized => "unauthorized",

@@ -22,6 +22,8 @@
 //!   event log, replay); [`transport`]: the Transport trait and its WebSocket, SSE and HTTP adapters.
 //! - [`persist`]: write-behind of finished turns to the context cache and memory store.
 //! - [`coach`]: personas, prompt assembly, session notes.
+//! - [`jobs`]: async jobs (analysis, chains) on apalis: PostgreSQL or in-memory queues, workers
+//!   in-process or as `coachd worker`, job records with progress events and uploads.
 //! - [`health`]: dependency checks; [`routes`]: the HTTP handlers, their extractors
 //!   (`routes::extract`), rate-limit enforcement (`routes::rate_limit`) and the shared request
 //!   validators (`routes::validate`).
@@ -32,7 +34,7 @@
 //! bottom:
 //! 1. `secret`, `redis`, `embed`, `error`: leaves every layer may use.
 //! 2. `context`, `memory`, `llm`: the stores and the LLM gateway, each owning its settings type.
-//! 3. `persist`, `coach`, `session`, `transport`: the realtime core.
+//! 3. `persist`, `coach`, `session`, `transport`: the realtime core; `jobs` on top of `coach`.
 //! 4. `config`: reads the environment into the settings types of the layers below, so it sits
 //!    above them and none of them imports it.
 //! 5. `auth`, `db`, `health`, `telemetry`: take the settings or the handles they need.
@@ -61,6 +63,7 @@ pub mod error;
 #[cfg(feature = "fake-upstream")]
 pub mod fake_upstream;
 pub mod health;
+pub mod jobs;
 pub mod llm;
 pub mod memory;
 pub mod persist;

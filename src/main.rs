@@ -1,5 +1,7 @@
-//! The `coachd` binary: `coachd serve` (default) runs the server, `coachd migrate` applies the
-//! database migrations and exits. All the work is in the library.
+//! The `coachd` binary: `coachd serve` (default) runs the server (with job workers unless
+//! `COACHD_JOBS_WORKERS=false`), `coachd worker [--queues q1,q2]` runs job workers only (and the
+//! health routes), `coachd migrate` applies the database migrations and exits. All the work is in
+//! the library.
 
 use std::process::ExitCode;
 
@@ -13,12 +15,21 @@ use coachd::{db, telemetry};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const USAGE: &str = "usage: coachd [serve | migrate | help | version]\n\n  serve    run the server (default)\n  migrate  apply database migrations to DATABASE_URL and exit\n\nSettings come from the environment and a .env file; see .env.example.";
+const USAGE: &str = "usage: coachd [serve | worker [--queues q1,q2] | migrate | help | version]\n\n  serve    run the server (default), with job workers unless COACHD_JOBS_WORKERS=false\n  worker   run job workers only (queues: extraction, transcription, llm; default all or\n           COACHD_JOBS_QUEUES), serving the health routes on PORT\n  migrate  apply database migrations to DATABASE_URL and exit\n\nSettings come from the environment and a .env file; see .env.example.";
 
 fn main() -> ExitCode {
-    let command = std::env::args().nth(1).unwrap_or_else(|| "serve".to_owned());
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let command = args.first().cloned().unwrap_or_else(|| "serve".to_owned());
+    let mut queues = None;
     match command.as_str() {
-        "serve" | "migrate" => {}
+        "serve" | "migrate" if args.len() <= 1 => {}
+        "worker" => match worker_queues(&args[1..]) {
+            Ok(q) => queues = q,
+            Err(e) => {
+                eprintln!("coachd: {e}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -38,7 +49,16 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let settings = match Settings::from_env() {
-        Ok(s) => s,
+        Ok(mut s) => {
+            if command == "worker" {
+                s.jobs.run_workers = true;
+                s.jobs.serve_api = false;
+                if let Some(q) = queues {
+                    s.jobs.queues = q;
+                }
+            }
+            s
+        }
         Err(e) => {
             eprintln!("coachd: {e}");
             return ExitCode::from(2);
@@ -67,6 +87,18 @@ fn main() -> ExitCode {
             eprintln!("coachd: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The queues of `coachd worker --queues a,b` (or `--queues=a,b`); `None` without the flag.
+fn worker_queues(args: &[String]) -> Result<Option<Vec<coachd::jobs::Queue>>, String> {
+    match args {
+        [] => Ok(None),
+        [flag, list] if flag == "--queues" => coachd::config::parse_queues(list).map(Some),
+        [flag] if flag.starts_with("--queues=") => {
+            coachd::config::parse_queues(&flag["--queues=".len()..]).map(Some)
+        }
+        _ => Err(format!("unexpected arguments to worker: {}", args.join(" "))),
     }
 }
 

@@ -26,6 +26,11 @@ use crate::context::rate_limit::{
 };
 use crate::context::{ContextCache, InProcessContextCache, RedisContextCache};
 use crate::error::Error;
+use crate::jobs::analyze::AnalyzeDeps;
+use crate::jobs::engine::Engine;
+use crate::jobs::in_process::InProcessJobBackend;
+use crate::jobs::pg::PgJobBackend;
+use crate::jobs::{JobBackend, Runner, Workers};
 use crate::memory::{InProcessMemoryStore, MemoryLimits, MemoryStore, PgMemoryStore};
 use crate::persist::WriteBehind;
 use crate::redis::RedisConn;
@@ -83,6 +88,7 @@ pub struct Application {
     redis: Option<RedisConn>,
     write_tasks: tokio_util::task::TaskTracker,
     write_stop: CancellationToken,
+    job_engine: Engine,
 }
 
 impl Application {
@@ -223,6 +229,30 @@ impl Application {
             Some(pool) => Arc::new(PgNotesStore::new(pool.clone())),
             None => Arc::new(InProcessNotesStore::new(10_000)),
         };
+        let (jobs, job_engine): (Arc<dyn JobBackend>, Engine) = match &db {
+            Some(pool) => {
+                let js = &settings.jobs;
+                let backend = PgJobBackend::new(pool.clone(), js.upload_dir.clone(), js.upload_ttl);
+                (Arc::new(backend), Engine::Postgres(pool.clone()))
+            }
+            None => {
+                let backend = InProcessJobBackend::new(settings.jobs.embedded_max, settings.jobs.upload_ttl);
+                (Arc::new(backend.clone()), Engine::InProcess(backend))
+            }
+        };
+        tracing::info!(backend = jobs.name(), "jobs: apalis engine");
+        let job_runner = Arc::new(Runner::new(
+            jobs.clone(),
+            settings.jobs.clone(),
+            AnalyzeDeps {
+                llm: llm.clone(),
+                memory: memory.clone(),
+                notes: notes.clone(),
+                personas: personas.clone(),
+                max_transcript_chars: settings.max_transcript_chars,
+                memory_max_bytes: settings.memory.max_text_bytes,
+            },
+        ));
         let deps = Deps {
             llm: llm.clone(),
             personas: personas.clone(),
@@ -251,6 +281,8 @@ impl Application {
             session_tokens,
             write_behind,
             notes,
+            jobs,
+            job_runner,
             tasks,
             llm,
             personas,
@@ -266,6 +298,7 @@ impl Application {
             redis,
             write_tasks,
             write_stop,
+            job_engine,
         })
     }
 
@@ -302,12 +335,18 @@ impl Application {
             redis,
             write_tasks,
             write_stop,
+            job_engine,
         } = self;
+        let workers = Workers::start(job_engine, state.job_runner.clone(), &state.settings.jobs);
         let token = state.shutdown.clone();
         let draining = state.draining.clone();
         let grace = state.settings.shutdown_grace;
         let drain_delay = state.settings.shutdown_drain_delay;
-        let app = build_router(state.clone());
+        let app = if state.settings.jobs.serve_api {
+            build_router(state.clone())
+        } else {
+            build_health_router(state.clone())
+        };
 
         // TCP_NODELAY on every accepted socket: without it Nagle holds small SSE/WS frames ~40 ms.
         let listener = listener.tap_io(|tcp| {
@@ -363,6 +402,8 @@ impl Application {
                 "session tasks still running after the grace period"
             );
         }
+        // Job workers stop taking jobs and finish their runs before storage closes.
+        workers.shutdown(grace).await;
         write_stop.cancel();
         write_tasks.close();
         if tokio::time::timeout(grace, write_tasks.wait()).await.is_err() {
@@ -413,6 +454,7 @@ pub fn build_router(state: AppState) -> Router {
     let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
     let max_body = state.settings.max_body_bytes;
     routes::router()
+        .merge(routes::jobs::router(state.settings.jobs.max_upload_bytes))
         .fallback(|| async { Error::NotFound("route".to_owned()) })
         .method_not_allowed_fallback(|| async {
             (
@@ -437,6 +479,13 @@ pub fn build_router(state: AppState) -> Router {
         }))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .with_state(state)
+}
+
+/// The router of `coachd worker`: the health routes only (for liveness and readiness probes).
+pub fn build_health_router(state: AppState) -> Router {
+    routes::health::router()
+        .fallback(|| async { Error::NotFound("route".to_owned()) })
         .with_state(state)
 }
 

@@ -11,6 +11,7 @@ use crate::config::Settings;
 use crate::context::ContextCache;
 use crate::context::rate_limit::RateLimiter;
 use crate::embed::Embedder;
+use crate::jobs::{JobBackend, Runner};
 use crate::llm::Llm;
 use crate::memory::MemoryStore;
 use crate::persist::WriteBehind;
@@ -42,6 +43,10 @@ pub struct AppState {
     pub write_behind: WriteBehind,
     /// Session notes.
     pub notes: Arc<dyn NotesStore>,
+    /// Job records and queues: PostgreSQL + apalis when `DATABASE_URL` is set, in-process otherwise.
+    pub jobs: Arc<dyn JobBackend>,
+    /// Runs jobs for this process's workers; the API uses it to stop a local run at once on cancel.
+    pub job_runner: Arc<Runner>,
     /// Tasks that outlive a request: WebSocket and SSE connection tasks and session tasks; waited
     /// for at shutdown.
     pub tasks: tokio_util::task::TaskTracker,

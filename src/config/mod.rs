@@ -1,11 +1,12 @@
 //! Typed settings read once at start-up from the environment (and a `.env` file), validated with
 //! messages that name the variable and the form it expects. Secrets are wrapped so `Debug` hides them.
 //!
-//! One reader per section builds the type its consumer takes (`llm`, `store`, `realtime`); the
+//! One reader per section builds the type its consumer takes (`llm`, `store`, `realtime`, `jobs`); the
 //! server, auth and API settings stay flat here. The reference services' names are kept as they
 //! are; everything coachd adds is `COACHD_`-prefixed.
 
 mod api;
+mod jobs;
 mod llm;
 mod realtime;
 mod source;
@@ -19,11 +20,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use api::{DEFAULT_ENTITY_TYPES, DEFAULT_INTENT_LABELS, is_label};
+pub use jobs::parse_queues;
 pub use realtime::RealtimeSettings;
 pub use source::{Env, Source};
 
 use crate::context::ContextLimits;
 use crate::embed::EmbeddingSettings;
+use crate::jobs::JobsSettings;
 use crate::llm::LlmSettings;
 use crate::memory::MemorySettings;
 pub use crate::secret::{Secret, ServiceUrl};
@@ -95,6 +98,8 @@ pub struct Settings {
     pub llm: LlmSettings,
     /// Live sessions and transports.
     pub realtime: RealtimeSettings,
+    /// Async jobs (`COACHD_JOBS_*`).
+    pub jobs: JobsSettings,
     /// `COACHD_MAX_TRANSCRIPT_CHARS`: longest transcript for notes.
     pub max_transcript_chars: usize,
     /// `COACHD_PERSONAS_FILE`: TOML file of extra or replacing coach personas.
@@ -216,6 +221,7 @@ impl Settings {
             memory,
             llm: llm::read(&r)?,
             realtime,
+            jobs: jobs::read(&r)?,
             max_transcript_chars: r.int("COACHD_MAX_TRANSCRIPT_CHARS", 200_000, 1, 10_000_000)?,
             personas_file: r.raw("COACHD_PERSONAS_FILE").map(PathBuf::from),
             supabase_jwt_secret: r.secret("SUPABASE_JWT_SECRET"),

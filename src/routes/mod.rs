@@ -7,6 +7,7 @@ pub mod coach;
 pub mod docs;
 pub mod extract;
 pub mod health;
+pub mod jobs;
 pub mod memory;
 pub mod openai_compat;
 pub mod personas;
@@ -28,7 +29,7 @@ use serde::de::DeserializeOwned;
 use crate::error::{Error, from_json_rejection};
 use crate::state::AppState;
 
-/// Every route of coachd.
+/// Every route of coachd but the job routes, which need the upload limit ([`jobs::router`]).
 pub fn router() -> Router<AppState> {
     Router::new()
         .merge(health::router())

@@ -1,0 +1,781 @@
+//! The job system against the real PostgreSQL (apalis-postgres queues) and the fake LLM upstream:
+//! `analyze` end to end with its memories recalled in a later coach turn, chains, idempotency,
+//! cancel of a queued and of a running job, retries on transient upstream errors, bad input,
+//! JWT isolation on every job route, SSE replay, a `coachd worker` process killed mid-job and the
+//! job finished by another, and the in-process engine of embedded mode.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use coachd::fake_upstream::{FakeUpstream, Fault, Script};
+use common::{Services, TestApp, spawn_app_with};
+use futures::StreamExt;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+
+const KEY: &str = "jobs-test-key";
+const SECRET: &str = "jobs-test-jwt-secret";
+
+const NOTES: &str = r#"{"summary": "The client plans to run a marathon in spring and worries about knee pain.", "key_points": ["marathon in spring", "knee pain"], "action_items": [{"task": "Book a physiotherapist", "owner": "client", "due": "next week", "priority": "high"}]}"#;
+const INSIGHTS: &str = r#"{"insights": [{"text": "The client is training for a spring marathon and fears knee pain will stop them.", "category": "goal"}]}"#;
+const TRANSCRIPT: &str = "Coach: What is on your mind this week?\nClient: I signed up for a marathon in spring. \
+    My knee hurts after long runs and I am worried it will stop me.\nCoach: Let us get a physiotherapist to look at it.";
+
+fn base_vars(fake: &FakeUpstream) -> Vec<(String, String)> {
+    [
+        ("LLM_PROVIDER", "openai"),
+        ("OPENAI_API_KEY", "upstream-key"),
+        ("OPENAI_MODEL", "gpt-4o-mini"),
+        ("COACHD_OPENAI_BASE_URL", fake.base_url().as_str()),
+        ("COACHD_LLM_MAX_RETRIES", "0"),
+        ("XENIOS_BACKEND_API_KEY", KEY),
+        ("COACHD_JOBS_ENABLE_NOOP", "true"),
+        ("COACHD_JOBS_POLL_MS", "20"),
+        ("COACHD_JOBS_POLL_MAX_MS", "100"),
+        ("COACHD_JOBS_RETRY_BASE_MS", "0"),
+        ("COACHD_JOBS_CANCEL_POLL_MS", "50"),
+        ("COACHD_JOBS_EVENTS_POLL_MS", "50"),
+        ("COACHD_PROMPT_MIN_SIMILARITY", "0"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+async fn app(fake: &FakeUpstream, services: Services, extra: &[(&str, &str)]) -> TestApp {
+    let mut vars = base_vars(fake);
+    for (k, v) in extra {
+        vars.retain(|(name, _)| name != k);
+        vars.push(((*k).to_owned(), (*v).to_owned()));
+    }
+    let pairs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    spawn_app_with(services, &pairs).await
+}
+
+fn jwt(sub: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = json!({"sub": sub, "aud": "authenticated", "exp": now + 600, "iat": now});
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+async fn send(app: &TestApp, req: reqwest::RequestBuilder, bearer: Option<&str>) -> (u16, Value) {
+    let mut req = req.header("x-api-key", KEY);
+    if let Some(t) = bearer {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    let _ = app;
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+async fn submit(app: &TestApp, body: Value) -> (u16, Value) {
+    send(app, app.client.post(app.url("/api/v1/jobs")).json(&body), None).await
+}
+
+async fn get_job(app: &TestApp, id: &str) -> Value {
+    let (status, body) = send(app, app.client.get(app.url(&format!("/api/v1/jobs/{id}"))), None).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// Polls a job until `done(job)` or 30 s pass.
+async fn wait_for(app: &TestApp, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let job = get_job(app, id).await;
+        if done(&job) {
+            return job;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "job never {what}: {job}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_status(app: &TestApp, id: &str, status: &str) -> Value {
+    wait_for(app, id, status, |j| j["status"] == status).await
+}
+
+fn id_of(body: &Value) -> String {
+    body["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id in {body}"))
+        .to_owned()
+}
+
+/// Reads a job's SSE stream to its end; returns (seq, data) of every `job` event.
+async fn read_events(app: &TestApp, id: &str, last_event_id: Option<u64>) -> Vec<(u64, Value)> {
+    let mut req = app
+        .client
+        .get(app.url(&format!("/api/v1/jobs/{id}/events")))
+        .header("x-api-key", KEY);
+    if let Some(n) = last_event_id {
+        req = req.header("last-event-id", n.to_string());
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut stream = eventsource_stream::Eventsource::eventsource(resp.bytes_stream());
+    let mut out = Vec::new();
+    let read = async {
+        while let Some(ev) = stream.next().await {
+            let ev = ev.unwrap();
+            assert_eq!(ev.event, "job");
+            out.push((ev.id.parse().unwrap(), serde_json::from_str(&ev.data).unwrap()));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("the event stream ends with the job's final status");
+    out
+}
+
+fn script_analysis(fake: &FakeUpstream) {
+    fake.enqueue("*", Script::text(NOTES));
+    fake.enqueue("*", Script::text(INSIGHTS));
+}
+
+#[tokio::test]
+async fn analyze_stores_notes_insights_and_memories_the_coach_recalls_in_a_later_turn() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let app = app(&fake, Services::Real, &[]).await;
+    script_analysis(&fake);
+
+    let (status, body) = submit(
+        &app,
+        json!({"kind": "analyze", "user_id": "u1", "coach_id": "fitness", "text": TRANSCRIPT}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["status"], "queued");
+    let id = id_of(&body);
+    let job = wait_status(&app, &id, "succeeded").await;
+    assert_eq!(job["attempts"], 1);
+    assert_eq!(job["progress"], 1.0);
+
+    let (status, result) = send(
+        &app,
+        app.client.get(app.url(&format!("/api/v1/jobs/{id}/result"))),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{result}");
+    let r = &result["result"];
+    assert!(r["notes"]["summary"].as_str().unwrap().contains("marathon"));
+    assert_eq!(r["notes"]["action_items"][0]["task"], "Book a physiotherapist");
+    assert_eq!(r["insights"].as_array().unwrap().len(), 1);
+    assert!(r["memories"]["stored"].as_u64().unwrap() >= 2, "{r}");
+    assert!(r["notes_id"].is_string());
+
+    // The memories are the coach's: transcript chunks and the insight.
+    let (status, memories) = send(&app, app.client.get(app.url("/ai/coach/memory/u1/fitness")), None).await;
+    assert_eq!(status, 200, "{memories}");
+    let types: Vec<&str> = memories["memories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["memory_type"].as_str().unwrap())
+        .collect();
+    assert!(
+        types.contains(&"transcript") && types.contains(&"insight"),
+        "{memories}"
+    );
+
+    // A later turn: the prompt the model gets carries what the job stored.
+    fake.enqueue("*", Script::text("Let us plan your knee care."));
+    let (status, reply) = send(
+        &app,
+        app.client.post(app.url("/ai/coach/respond")).json(&json!({
+            "user_id": "u1", "coach_id": "fitness", "text": "How should I train for my spring marathon with this knee?"
+        })),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    let chat = fake
+        .requests()
+        .into_iter()
+        .rfind(|r| r.path.ends_with("/chat/completions"))
+        .unwrap();
+    let prompt = chat.body.to_string();
+    assert!(
+        prompt.contains("spring marathon and fears knee pain"),
+        "the insight is recalled in the turn's prompt: {prompt}"
+    );
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_chain_runs_its_steps_on_each_others_output() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let app = app(&fake, Services::Real, &[]).await;
+    script_analysis(&fake);
+    let (status, body) = submit(
+        &app,
+        json!({"kind": "noop", "user_id": "u1", "coach_id": "fitness", "text": TRANSCRIPT, "then": ["analyze"],
+               "options": {"store_memories": false}}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["kind"], "chain");
+    let id = id_of(&body);
+    let job = wait_status(&app, &id, "succeeded").await;
+    let steps = job["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2, "{job}");
+    assert_eq!(steps[0]["kind"], "noop");
+    assert_eq!(steps[1]["kind"], "analyze");
+    assert!(
+        steps
+            .iter()
+            .all(|s| s["status"] == "succeeded" && s["parent_id"] == id.as_str())
+    );
+    let (_, result) = send(
+        &app,
+        app.client.get(app.url(&format!("/api/v1/jobs/{id}/result"))),
+        None,
+    )
+    .await;
+    let last = &result["result"]["steps"][1]["result"];
+    assert!(
+        last["notes"]["summary"].as_str().unwrap().contains("marathon"),
+        "{result}"
+    );
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_idempotency_key_returns_the_existing_job() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let app = app(&fake, Services::Real, &[("COACHD_JOBS_WORKERS", "false")]).await;
+    let body = json!({"kind": "noop", "user_id": "u1", "coach_id": "c", "idempotency_key": "upload-42"});
+    let (s1, first) = submit(&app, body.clone()).await;
+    let (s2, second) = submit(&app, body).await;
+    assert_eq!((s1, s2), (202, 200));
+    assert_eq!(first["id"], second["id"]);
+    assert_eq!(
+        (first["created"].clone(), second["created"].clone()),
+        (json!(true), json!(false))
+    );
+    // Another user's key is their own.
+    let (s3, third) = submit(
+        &app,
+        json!({"kind": "noop", "user_id": "u2", "coach_id": "c", "idempotency_key": "upload-42"}),
+    )
+    .await;
+    assert_eq!(s3, 202);
+    assert_ne!(third["id"], first["id"]);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_queued_and_a_running_job_can_be_cancelled() {
+    let fake = FakeUpstream::start().await.unwrap();
+    // Queued: no worker in this process takes it.
+    let idle = app(&fake, Services::Real, &[("COACHD_JOBS_WORKERS", "false")]).await;
+    let (_, body) = submit(&idle, json!({"kind": "noop", "user_id": "u1", "coach_id": "c"})).await;
+    let id = id_of(&body);
+    let (status, job) = send(
+        &idle,
+        idle.client.post(idle.url(&format!("/api/v1/jobs/{id}/cancel"))),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["status"], "cancelled");
+    let (status, again) = send(
+        &idle,
+        idle.client.post(idle.url(&format!("/api/v1/jobs/{id}/cancel"))),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, again["error"]["code"].as_str()),
+        (409, Some("job_finished"))
+    );
+    let (status, r) = send(
+        &idle,
+        idle.client.get(idle.url(&format!("/api/v1/jobs/{id}/result"))),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, r["error"]["code"].as_str()),
+        (409, Some("job_cancelled"))
+    );
+    idle.stop().await.unwrap();
+
+    // Running: a slow job stopped mid-way; it stays cancelled and never succeeds.
+    let app = app(&fake, Services::Real, &[]).await;
+    let (_, body) = submit(
+        &app,
+        json!({"kind": "noop", "user_id": "u1", "coach_id": "c", "options": {"sleep_ms": 20000, "steps": 40}}),
+    )
+    .await;
+    let id = id_of(&body);
+    wait_for(&app, &id, "made progress", |j| {
+        j["status"] == "running" && j["progress"].as_f64() > Some(0.0)
+    })
+    .await;
+    let (status, job) = send(
+        &app,
+        app.client.post(app.url(&format!("/api/v1/jobs/{id}/cancel"))),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, job["status"].as_str()),
+        (200, Some("cancelled")),
+        "{job}"
+    );
+    let events = read_events(&app, &id, None).await;
+    assert_eq!(events.last().unwrap().1["event"], "cancelled");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = get_job(&app, &id).await;
+    assert_eq!(after["status"], "cancelled");
+    let progress_after_cancel = after["progress"].clone();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(
+        get_job(&app, &id).await["progress"],
+        progress_after_cancel,
+        "the run stopped"
+    );
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn transient_upstream_errors_are_retried_and_permanent_ones_fail_with_their_error() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let app = app(
+        &fake,
+        Services::Real,
+        &[("COACHD_JOBS_MAX_ATTEMPTS_ANALYZE", "3")],
+    )
+    .await;
+    // Attempt 1: a 503; attempt 2: a 429 with retry-after; attempt 3 succeeds.
+    fake.enqueue("*", Script::status(503));
+    fake.enqueue(
+        "*",
+        Script::text("").with_fault(Fault::Status {
+            status: 429,
+            retry_after: Some(0),
+        }),
+    );
+    script_analysis(&fake);
+    let (_, body) = submit(
+        &app,
+        json!({"kind": "analyze", "user_id": "u1", "coach_id": "c", "text": TRANSCRIPT, "options": {"store_memories": false}}),
+    )
+    .await;
+    let id = id_of(&body);
+    let job = wait_status(&app, &id, "succeeded").await;
+    assert_eq!(job["attempts"], 3, "{job}");
+    let events = read_events(&app, &id, None).await;
+    let retries: Vec<&Value> = events
+        .iter()
+        .map(|(_, e)| e)
+        .filter(|e| e["event"] == "retrying")
+        .collect();
+    assert_eq!(retries.len(), 2, "{events:?}");
+    assert!(retries.iter().all(|e| e["error"]["retryable"] == true));
+
+    // Every attempt fails: the job fails with the last error, visible.
+    fake.set_default(Script::status(500));
+    let (_, body) = submit(
+        &app,
+        json!({"kind": "analyze", "user_id": "u1", "coach_id": "c", "text": "hello"}),
+    )
+    .await;
+    let id = id_of(&body);
+    let job = wait_status(&app, &id, "failed").await;
+    assert_eq!(job["attempts"], 3);
+    assert_eq!(job["error"]["retryable"], true, "{job}");
+    assert!(
+        job["error"]["message"].as_str().unwrap().contains("(500)"),
+        "{job}"
+    );
+    let (status, listed) = send(&app, app.client.get(app.url("/api/v1/jobs?status=failed")), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(listed["total"], 1, "{listed}");
+
+    // A permanent error is not retried.
+    fake.set_default(Script::text("this is not JSON"));
+    let (_, body) = submit(
+        &app,
+        json!({"kind": "analyze", "user_id": "u1", "coach_id": "c", "text": "hello"}),
+    )
+    .await;
+    let id = id_of(&body);
+    let job = wait_status(&app, &id, "failed").await;
+    assert_eq!(job["attempts"], 1, "{job}");
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_at_submit_with_a_typed_error() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let app = app(&fake, Services::Real, &[("COACHD_JOBS_MAX_UPLOAD_BYTES", "1024")]).await;
+    let cases = [
+        (
+            json!({"kind": "resize", "user_id": "u", "coach_id": "c"}),
+            400,
+            "unsupported_kind",
+        ),
+        (
+            json!({"kind": "chain", "user_id": "u", "coach_id": "c"}),
+            400,
+            "unsupported_kind",
+        ),
+        (
+            json!({"kind": "analyze", "user_id": "u", "coach_id": "c"}),
+            400,
+            "missing_input",
+        ),
+        (
+            json!({"kind": "analyze", "user_id": "u", "coach_id": "c", "text": "  "}),
+            400,
+            "empty_text",
+        ),
+        (
+            json!({"kind": "analyze", "user_id": "u", "coach_id": "c", "text": "x", "options": {"bogus": 1}}),
+            400,
+            "invalid_options",
+        ),
+        (
+            json!({"kind": "analyze", "user_id": "u", "coach_id": "c", "text": "x", "options": [1]}),
+            400,
+            "invalid_options",
+        ),
+        (
+            json!({"kind": "noop", "user_id": "u", "coach_id": "c", "then": ["chain"]}),
+            400,
+            "unsupported_kind",
+        ),
+        (json!({"kind": "noop", "coach_id": "c"}), 400, "missing_field"),
+        (
+            json!({"kind": "noop", "user_id": "u", "coach_id": "c", "url": "http://example.com/a.pdf"}),
+            400,
+            "invalid_field",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let (s, b) = submit(&app, body.clone()).await;
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body} → {b}"
+        );
+    }
+
+    let form = |file: reqwest::multipart::Part| {
+        reqwest::multipart::Form::new()
+            .text("kind", "analyze")
+            .text("user_id", "u")
+            .text("coach_id", "c")
+            .part("file", file)
+    };
+    let post = |form: reqwest::multipart::Form| app.client.post(app.url("/api/v1/jobs")).multipart(form);
+    let text = reqwest::multipart::Part::bytes(TRANSCRIPT.as_bytes().to_vec())
+        .file_name("call.txt")
+        .mime_str("text/plain")
+        .unwrap();
+    let (s, b) = send(&app, post(form(text)), None).await;
+    assert_eq!(s, 202, "a text file is accepted: {b}");
+    assert_eq!(b["upload"]["filename"], "call.txt");
+    assert_eq!(b["upload"]["size"], TRANSCRIPT.len());
+
+    let big = reqwest::multipart::Part::bytes(vec![b'a'; 2048]).file_name("big.txt");
+    let (s, b) = send(&app, post(form(big)), None).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (413, Some("payload_too_large")),
+        "{b}"
+    );
+
+    let pdf = reqwest::multipart::Part::bytes(b"%PDF-1.4".to_vec())
+        .file_name("a.pdf")
+        .mime_str("application/pdf")
+        .unwrap();
+    let (s, b) = send(&app, post(form(pdf)), None).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (400, Some("unsupported_type")),
+        "{b}"
+    );
+
+    let binary = reqwest::multipart::Part::bytes(vec![0xff, 0xfe, 0x00]).file_name("x.txt");
+    let (s, b) = send(&app, post(form(binary)), None).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (400, Some("invalid_text")),
+        "{b}"
+    );
+
+    // A multipart body cut before its closing boundary.
+    let truncated = "--XyZ\r\nContent-Disposition: form-data; name=\"kind\"\r\n\r\nanalyze\r\n--XyZ\r\n\
+                     Content-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\n\r\npartial cont";
+    let (s, b) = send(
+        &app,
+        app.client
+            .post(app.url("/api/v1/jobs"))
+            .header("content-type", "multipart/form-data; boundary=XyZ")
+            .body(truncated),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (400, Some("invalid_multipart")),
+        "{b}"
+    );
+
+    // Unknown ids answer 404, whatever their form.
+    for path in [
+        "/api/v1/jobs/not-a-uuid",
+        "/api/v1/jobs/0190f5a2-0000-7000-8000-000000000000",
+    ] {
+        let (s, _) = send(&app, app.client.get(app.url(path)), None).await;
+        assert_eq!(s, 404);
+    }
+    // The workers survived all of it.
+    let (_, body) = submit(&app, json!({"kind": "noop", "user_id": "u", "coach_id": "c"})).await;
+    wait_status(&app, &id_of(&body), "succeeded").await;
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_jwt_user_sees_and_acts_on_their_own_jobs_only() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let app = app(
+        &fake,
+        Services::Real,
+        &[("SUPABASE_JWT_SECRET", SECRET), ("COACHD_JOBS_WORKERS", "false")],
+    )
+    .await;
+    let (alice, bob) = (jwt("alice"), jwt("bob"));
+    let (s, body) = send(
+        &app,
+        app.client
+            .post(app.url("/api/v1/jobs"))
+            .json(&json!({"kind": "noop", "coach_id": "c"})),
+        Some(&alice),
+    )
+    .await;
+    assert_eq!(s, 202, "{body}");
+    assert_eq!(body["user_id"], "alice", "a JWT user's jobs are theirs");
+    let id = id_of(&body);
+
+    let (s, _) = send(
+        &app,
+        app.client
+            .post(app.url("/api/v1/jobs"))
+            .json(&json!({"kind": "noop", "user_id": "alice", "coach_id": "c"})),
+        Some(&bob),
+    )
+    .await;
+    assert_eq!(s, 403, "bob cannot submit for alice");
+
+    for (method, path) in [
+        ("GET", format!("/api/v1/jobs/{id}")),
+        ("GET", format!("/api/v1/jobs/{id}/result")),
+        ("GET", format!("/api/v1/jobs/{id}/events")),
+        ("POST", format!("/api/v1/jobs/{id}/cancel")),
+    ] {
+        let req = match method {
+            "GET" => app.client.get(app.url(&path)),
+            _ => app.client.post(app.url(&path)),
+        };
+        let (s, b) = send(&app, req, Some(&bob)).await;
+        assert_eq!(s, 404, "{method} {path} for another user: {b}");
+    }
+    let (s, list) = send(&app, app.client.get(app.url("/api/v1/jobs")), Some(&bob)).await;
+    assert_eq!((s, list["total"].as_u64()), (200, Some(0)));
+    let (s, _) = send(
+        &app,
+        app.client.get(app.url("/api/v1/jobs?user_id=alice")),
+        Some(&bob),
+    )
+    .await;
+    assert_eq!(s, 403);
+    let (s, _) = send(&app, app.client.get(app.url("/api/v1/jobs/stats")), Some(&bob)).await;
+    assert_eq!(s, 403, "stats cover every user: not for an end user");
+
+    let (s, list) = send(&app, app.client.get(app.url("/api/v1/jobs")), Some(&alice)).await;
+    assert_eq!((s, list["total"].as_u64()), (200, Some(1)));
+    let (s, job) = send(
+        &app,
+        app.client.get(app.url(&format!("/api/v1/jobs/{id}"))),
+        Some(&alice),
+    )
+    .await;
+    assert_eq!((s, job["id"].as_str()), (200, Some(id.as_str())));
+    let (s, job) = send(
+        &app,
+        app.client.post(app.url(&format!("/api/v1/jobs/{id}/cancel"))),
+        Some(&alice),
+    )
+    .await;
+    assert_eq!((s, job["status"].as_str()), (200, Some("cancelled")));
+
+    // Without the API key nothing answers.
+    let resp = app
+        .client
+        .get(app.url("/api/v1/jobs"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn job_events_replay_after_last_event_id_and_end_with_the_final_status() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let app = app(&fake, Services::Real, &[]).await;
+    let (_, body) = submit(
+        &app,
+        json!({"kind": "noop", "user_id": "u1", "coach_id": "c", "text": "hi", "options": {"sleep_ms": 600, "steps": 3}}),
+    )
+    .await;
+    let id = id_of(&body);
+    let all = read_events(&app, &id, None).await;
+    let seqs: Vec<u64> = all.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "seq from 1 without gaps"
+    );
+    let names: Vec<&str> = all.iter().map(|(_, e)| e["event"].as_str().unwrap()).collect();
+    assert_eq!(names.first(), Some(&"queued"));
+    assert_eq!(names[1], "started");
+    assert_eq!(names.iter().filter(|n| **n == "progress").count(), 3);
+    assert_eq!(names.last(), Some(&"succeeded"));
+    assert!(
+        all.iter()
+            .all(|(s, e)| e["seq"] == *s && e["job_id"] == id.as_str())
+    );
+
+    let replay = read_events(&app, &id, Some(2)).await;
+    assert_eq!(replay.first().map(|(s, _)| *s), Some(3));
+    assert_eq!(replay.len(), all.len() - 2);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn embedded_mode_runs_jobs_on_the_in_memory_engine() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let app = app(&fake, Services::Embedded, &[]).await;
+    let (s, body) = submit(
+        &app,
+        json!({"kind": "noop", "user_id": "u1", "coach_id": "c", "options": {"fail_attempts": 1}}),
+    )
+    .await;
+    assert_eq!(s, 202, "{body}");
+    let job = wait_status(&app, &id_of(&body), "succeeded").await;
+    assert_eq!(job["attempts"], 2, "retried once: {job}");
+    let (s, stats) = send(&app, app.client.get(app.url("/api/v1/jobs/stats")), None).await;
+    assert_eq!(s, 200);
+    assert_eq!(stats["backend"], "in-process");
+    let llm = stats["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["queue"] == "llm")
+        .unwrap();
+    assert_eq!(
+        (llm["succeeded"].as_u64(), llm["workers_alive"].as_u64()),
+        (Some(1), Some(1))
+    );
+    app.stop().await.unwrap();
+}
+
+/// A `coachd worker` process on the test's database.
+fn worker_process(database_url: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_coachd"))
+        .args(["worker", "--queues", "llm"])
+        .env_clear()
+        .env("DATABASE_URL", database_url)
+        .env("PORT", "0")
+        .env("COACHD_HOST", "127.0.0.1")
+        .env("COACHD_JOBS_POLL_MS", "20")
+        .env("COACHD_JOBS_POLL_MAX_MS", "100")
+        .env("COACHD_JOBS_HEARTBEAT_SECS", "1")
+        .env("COACHD_JOBS_ORPHAN_AFTER_SECS", "3")
+        .env("COACHD_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start coachd worker")
+}
+
+#[tokio::test]
+async fn a_job_whose_worker_process_is_killed_is_finished_by_another_worker() {
+    let fake = FakeUpstream::start().await.unwrap();
+    // The API node runs no worker; the work goes to `coachd worker` processes.
+    let app = app(
+        &fake,
+        Services::Real,
+        &[
+            ("COACHD_JOBS_WORKERS", "false"),
+            ("COACHD_JOBS_HEARTBEAT_SECS", "1"),
+            ("COACHD_JOBS_ORPHAN_AFTER_SECS", "3"),
+        ],
+    )
+    .await;
+    let db = app.database_url.clone().unwrap();
+    let mut first = worker_process(&db);
+    let (_, body) = submit(
+        &app,
+        json!({"kind": "noop", "user_id": "u1", "coach_id": "c", "text": "survivor", "options": {"sleep_ms": 3000, "steps": 6}}),
+    )
+    .await;
+    let id = id_of(&body);
+    wait_for(&app, &id, "ran on the first worker", |j| {
+        j["status"] == "running" && j["attempts"] == 1
+    })
+    .await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    let mut second = worker_process(&db);
+    let job = wait_status(&app, &id, "succeeded").await;
+    assert_eq!(job["attempts"], 2, "the second worker ran it again: {job}");
+    let (_, result) = send(
+        &app,
+        app.client.get(app.url(&format!("/api/v1/jobs/{id}/result"))),
+        None,
+    )
+    .await;
+    assert_eq!(result["result"]["text"], "survivor");
+    let (status, stats) = send(&app, app.client.get(app.url("/api/v1/jobs/stats")), None).await;
+    assert_eq!(status, 200, "{stats}");
+    let llm = stats["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["queue"] == "llm")
+        .unwrap();
+    assert_eq!(
+        llm["workers_alive"], 1,
+        "only the second worker's heartbeat is recent: {stats}"
+    );
+    second.kill().unwrap();
+    second.wait().unwrap();
+    app.stop().await.unwrap();
+}
