@@ -779,3 +779,74 @@ async fn a_job_whose_worker_process_is_killed_is_finished_by_another_worker() {
     second.wait().unwrap();
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_job_started_from_a_live_session_reports_job_events_to_its_clients() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let app = app(&fake, Services::Real, &[]).await;
+    let (s, created) = send(
+        &app,
+        app.client
+            .post(app.url("/realtime/sessions"))
+            .json(&json!({"user_id": "u1", "coach_id": "c", "transport": "sse"})),
+        None,
+    )
+    .await;
+    assert_eq!(s, 201, "{created}");
+    let session = common::realtime::Session {
+        id: created["session_id"].as_str().unwrap().to_owned(),
+        token: created["token"].as_str().unwrap().to_owned(),
+        body: created.clone(),
+    };
+
+    let (s, b) = submit(
+        &app,
+        json!({"kind": "noop", "user_id": "u2", "coach_id": "c", "session_id": session.id}),
+    )
+    .await;
+    assert_eq!((s, b["error"]["code"].as_str()), (400, Some("session_mismatch")));
+    let (s, _) = submit(
+        &app,
+        json!({"kind": "noop", "user_id": "u1", "coach_id": "c", "session_id": "nope"}),
+    )
+    .await;
+    assert_eq!(s, 404);
+
+    let (s, body) = submit(
+        &app,
+        json!({"kind": "noop", "user_id": "u1", "coach_id": "c", "session_id": session.id,
+               "options": {"sleep_ms": 300, "steps": 2}}),
+    )
+    .await;
+    assert_eq!(s, 202, "{body}");
+    let id = id_of(&body);
+    let resp = app
+        .client
+        .get(app.url(&format!(
+            "/realtime/sessions/{}/events?token={}&after_seq=0",
+            session.id, session.token
+        )))
+        .send()
+        .await
+        .unwrap();
+    // Every event is checked against proto/server.schema.json by the reader.
+    let mut reader = common::realtime::SseReader::new(resp);
+    let mut jobs = Vec::new();
+    while let Some(ev) = reader.next().await {
+        if ev.event == "job" {
+            assert_eq!(ev.data["job_id"], id.as_str());
+            let last = ev.data["status"] == "succeeded";
+            jobs.push(ev.data);
+            if last {
+                break;
+            }
+        }
+    }
+    let names: Vec<&str> = jobs.iter().map(|j| j["event"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["queued", "started", "progress", "progress", "succeeded"],
+        "{jobs:?}"
+    );
+    app.stop().await.unwrap();
+}

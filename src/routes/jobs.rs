@@ -21,10 +21,13 @@ use uuid::Uuid;
 use crate::auth::{ApiCaller, Caller};
 use crate::error::Error;
 use crate::jobs::analyze::AnalyzeOptions;
-use crate::jobs::{Job, JobFilter, JobInput, JobKind, JobStatus, NewJob, Upload};
+use crate::jobs::{Job, JobEvent, JobFilter, JobInput, JobKind, JobStatus, NewJob, Upload};
 use crate::routes::validate::Id;
 use crate::routes::{JsonBody, QueryParams, sse_response};
+use crate::session::SessionHandle;
+use crate::session::event::{EventBody, JobUpdate};
 use crate::state::AppState;
+use futures::StreamExt;
 
 /// Bytes a multipart body may carry on top of its file: the other fields and the part headers.
 const MULTIPART_OVERHEAD: usize = 1 << 20;
@@ -148,6 +151,22 @@ async fn submit_inner(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let job = validate(state, caller, request, header_key, upload.as_ref())?;
+    let session = match &job.job.session_id {
+        Some(sid) => {
+            let session = state
+                .sessions
+                .get(sid)
+                .ok_or_else(|| Error::NotFound("session".to_owned()))?;
+            if *session.user_id != job.job.user_id || *session.coach_id != job.job.coach_id {
+                return Err(Error::bad_request(
+                    "session_mismatch",
+                    "session_id belongs to another user or coach",
+                ));
+            }
+            Some(session)
+        }
+        None => None,
+    };
     let submitted = state
         .jobs
         .submit(job.job, if job.chain.is_none() { upload.clone() } else { None })
@@ -162,6 +181,10 @@ async fn submit_inner(
             let _ = state.jobs.fail(submitted.job.id, &error).await;
             return Err(e.into());
         }
+    }
+    if let (Some(session), true) = (session, submitted.created) {
+        let relay = relay_to_session(state.clone(), session, submitted.job.id, submitted.job.kind);
+        state.tasks.spawn(relay);
     }
     let status = if submitted.created {
         StatusCode::ACCEPTED
@@ -615,20 +638,21 @@ async fn events(
     Ok(sse_response(stream, heartbeat))
 }
 
-/// The events of a job after `after`, then live ones, until the event of its final status.
-fn job_events(
+/// The events of a job after `after`, then live ones, until the event of its final status (or
+/// shutdown, or a store error, which ends the stream with it).
+fn follow(
     state: AppState,
     id: Uuid,
     mut after: u64,
     poll: Duration,
-) -> impl futures::Stream<Item = Result<Event, Infallible>> + Send + 'static {
+) -> impl futures::Stream<Item = Result<JobEvent, Error>> + Send + 'static {
     async_stream::stream! {
         let mut wake = state.jobs.subscribe();
         loop {
             let batch = match state.jobs.events_after(id, after, 256).await {
                 Ok(b) => b,
                 Err(e) => {
-                    yield Ok(Error::from(e).sse_event());
+                    yield Err(Error::from(e));
                     return;
                 }
             };
@@ -636,8 +660,7 @@ fn job_events(
             for ev in batch {
                 after = ev.seq;
                 done |= ev.status.is_final() && ev.event == ev.status.as_str();
-                let data = serde_json::to_string(&ev).unwrap_or_default();
-                yield Ok(Event::default().id(ev.seq.to_string()).event("job").data(data));
+                yield Ok(ev);
             }
             if done {
                 return;
@@ -656,6 +679,55 @@ fn job_events(
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
                     },
                 }
+            }
+        }
+    }
+}
+
+/// A job's events as SSE frames: `id:` = seq, `event: job`.
+fn job_events(
+    state: AppState,
+    id: Uuid,
+    after: u64,
+    poll: Duration,
+) -> impl futures::Stream<Item = Result<Event, Infallible>> + Send + 'static {
+    follow(state, id, after, poll).map(|item| {
+        Ok(match item {
+            Ok(ev) => {
+                let data = serde_json::to_string(&ev).unwrap_or_default();
+                Event::default().id(ev.seq.to_string()).event("job").data(data)
+            }
+            Err(e) => e.sse_event(),
+        })
+    })
+}
+
+/// Publishes a job's events into the live session it was started from, as `job` events, until
+/// the job's final status, the session's end or shutdown. Runs on the state's task tracker.
+async fn relay_to_session(state: AppState, session: SessionHandle, job: Uuid, kind: JobKind) {
+    let poll = state.settings.jobs.events_poll;
+    let events = follow(state.clone(), job, 0, poll);
+    tokio::pin!(events);
+    while let Some(item) = events.next().await {
+        if state.sessions.get(&session.id).is_none() {
+            return;
+        }
+        match item {
+            Ok(ev) => {
+                session.log.publish(EventBody::Job(JobUpdate {
+                    job_id: job.to_string(),
+                    kind: kind.as_str().to_owned(),
+                    event: ev.event,
+                    status: ev.status.as_str().to_owned(),
+                    progress: ev.progress,
+                    stage: ev.stage,
+                    attempt: ev.attempt,
+                    error: ev.error.and_then(|e| serde_json::to_value(e).ok()),
+                }));
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %job, error = %e, "cannot relay job events to the session");
+                return;
             }
         }
     }

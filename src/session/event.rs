@@ -297,6 +297,30 @@ pub struct PartialTurn {
     pub partial_text: String,
 }
 
+/// What a `job` event says: the job's event as its own stream (`/api/v1/jobs/{id}/events`) has
+/// it, under the session's seq.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobUpdate {
+    /// The job.
+    pub job_id: String,
+    /// Its kind (`analyze`, `chain`, ...).
+    pub kind: String,
+    /// `queued`, `started`, `progress`, `retrying`, `succeeded`, `failed` or `cancelled`.
+    pub event: String,
+    /// The job's status after it.
+    pub status: String,
+    /// 0 to 1.
+    pub progress: f32,
+    /// Stage, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    /// The run (1-based; 0 before the first).
+    pub attempt: u32,
+    /// The error of a `failed` or `retrying` event: `{code, message, retryable}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<serde_json::Value>,
+}
+
 /// What a server event says (the envelope adds `session_id` and `seq`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -370,6 +394,9 @@ pub enum EventBody {
         /// The state.
         state: SessionState,
     },
+    /// Progress of a job started from this session (`POST /api/v1/jobs` with its `session_id`):
+    /// one event per change of the job, the last one with its final status.
+    Job(JobUpdate),
     /// Answer to `ping`.
     Pong {
         /// The ping's nonce.
@@ -452,6 +479,7 @@ impl EventBody {
             EventBody::Notes { .. } => "notes",
             EventBody::Resync { .. } => "resync",
             EventBody::Pong { .. } => "pong",
+            EventBody::Job(_) => "job",
         }
     }
 }
