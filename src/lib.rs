@@ -22,6 +22,8 @@
 //!   event log, replay); [`transport`]: the Transport trait and its WebSocket, SSE and HTTP adapters.
 //! - [`persist`]: write-behind of finished turns to the context cache and memory store.
 //! - [`coach`]: personas, prompt assembly, session notes.
+//! - [`transcribe`]: speech to text through an OpenAI-compatible `/audio/transcriptions`, long
+//!   audio decoded and split into chunks.
 //! - [`health`]: dependency checks; [`routes`]: the HTTP handlers, their extractors
 //!   (`routes::extract`), rate-limit enforcement (`routes::rate_limit`) and the shared request
 //!   validators (`routes::validate`).
@@ -31,7 +33,8 @@
 //! Imports point down; no two modules import each other (`tests/layers.rs` checks both). From the
 //! bottom:
 //! 1. `secret`, `redis`, `embed`, `error`: leaves every layer may use.
-//! 2. `context`, `memory`, `llm`: the stores and the LLM gateway, each owning its settings type.
+//! 2. `context`, `memory`, `llm`, `transcribe`: the stores, the LLM gateway and the speech-to-text
+//!    client, each owning its settings type.
 //! 3. `persist`, `coach`, `session`, `transport`: the realtime core.
 //! 4. `config`: reads the environment into the settings types of the layers below, so it sits
 //!    above them and none of them imports it.
@@ -71,6 +74,7 @@ pub mod session;
 pub mod startup;
 pub mod state;
 pub mod telemetry;
+pub mod transcribe;
 pub mod transport;
 
 pub use config::Settings;

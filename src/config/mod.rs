@@ -12,6 +12,7 @@ mod source;
 mod store;
 #[cfg(test)]
 mod tests;
+mod transcribe;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -27,6 +28,7 @@ use crate::embed::EmbeddingSettings;
 use crate::llm::LlmSettings;
 use crate::memory::MemorySettings;
 pub use crate::secret::{Secret, ServiceUrl};
+use crate::transcribe::TranscribeSettings;
 use source::{DAY_SECS, Reader, invalid};
 
 /// A configuration value that could not be used; the message is one line meant for an operator.
@@ -95,6 +97,8 @@ pub struct Settings {
     pub llm: LlmSettings,
     /// Live sessions and transports.
     pub realtime: RealtimeSettings,
+    /// The speech-to-text client (`COACHD_TRANSCRIBE_*`).
+    pub transcribe: TranscribeSettings,
     /// `COACHD_MAX_TRANSCRIPT_CHARS`: longest transcript for notes.
     pub max_transcript_chars: usize,
     /// `COACHD_PERSONAS_FILE`: TOML file of extra or replacing coach personas.
@@ -216,6 +220,7 @@ impl Settings {
             memory,
             llm: llm::read(&r)?,
             realtime,
+            transcribe: transcribe::read(&r)?,
             max_transcript_chars: r.int("COACHD_MAX_TRANSCRIPT_CHARS", 200_000, 1, 10_000_000)?,
             personas_file: r.raw("COACHD_PERSONAS_FILE").map(PathBuf::from),
             supabase_jwt_secret: r.secret("SUPABASE_JWT_SECRET"),
