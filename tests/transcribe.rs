@@ -297,8 +297,10 @@ async fn server_errors_and_timeouts_are_retried_then_reported() {
     assert_eq!(fake.request_count("/audio/transcriptions"), 6);
 
     // A slow answer times out, and the retry that is fast succeeds.
-    let mut slow = Script::default();
-    slow.header_delay = Duration::from_secs(3);
+    let slow = Script {
+        header_delay: Duration::from_secs(3),
+        ..Script::default()
+    };
     fake.enqueue("*", slow);
     let mut s = settings(&fake);
     s.timeout = Duration::from_millis(300);
