@@ -382,26 +382,51 @@ impl ChunkReader {
     }
 }
 
-/// Where to end a chunk of about `target` samples: the start of the quietest window in the last
-/// few seconds before `target`.
+/// Where to end a chunk of about `target` samples: the middle of the longest quiet stretch in
+/// the last few seconds before `target`, so the cut falls inside a pause and both chunks keep
+/// some of it (Whisper transcribes a word cut short, or one at the very edge, badly). Quiet is
+/// within a margin of the quietest window, since lossy codecs leave no pause at digital zero.
 fn quietest_cut(samples: &[i16], target: usize) -> usize {
     let target = target.min(samples.len());
     let search = (SEARCH_SECS as usize * RATE as usize).min(target / 4);
     let from = target - search;
-    let mut best = (u64::MAX, target);
+    let step = QUIET_WINDOW / 2;
+    let mut windows = Vec::new();
     let mut at = from;
     while at + QUIET_WINDOW <= target {
         let energy: u64 = samples[at..at + QUIET_WINDOW]
             .iter()
             .map(|s| u64::from(s.unsigned_abs()))
             .sum();
-        // Later windows win ties, so chunks stay as long as asked.
-        if energy <= best.0 {
-            best = (energy, at + QUIET_WINDOW / 2);
-        }
-        at += QUIET_WINDOW / 2;
+        windows.push((at, energy));
+        at += step;
     }
-    best.1.max(1)
+    let Some(min) = windows.iter().map(|w| w.1).min() else {
+        return target.max(1);
+    };
+    // A mean level of about -60 dBFS above the quietest window still counts as the same pause.
+    let threshold = (min * 2).max(min + QUIET_WINDOW as u64 * 32);
+    let (mut best, mut run_start) = ((0usize, 0usize), None);
+    for (i, (_, e)) in windows.iter().enumerate() {
+        match (*e <= threshold, run_start) {
+            (true, None) => run_start = Some(i),
+            (false, Some(s)) => {
+                if i - s >= best.1 - best.0 {
+                    best = (s, i);
+                }
+                run_start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = run_start {
+        if windows.len() - s >= best.1 - best.0 {
+            best = (s, windows.len());
+        }
+    }
+    let first = windows[best.0].0;
+    let last = windows[best.1.max(best.0 + 1) - 1].0 + QUIET_WINDOW;
+    (first + (last - first) / 2).clamp(1, target)
 }
 
 /// 16-bit mono PCM WAV at [`RATE`].
