@@ -394,6 +394,20 @@ async fn bad_input_fails_before_any_request() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), "bad_audio");
+    // An ID3 tag followed by noise: no MP3 frame to decode.
+    let mut mp3 = b"ID3\x04\0\0\0\0\0\x10".to_vec();
+    mp3.extend((0..4_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 & 0x7F));
+    let e = t
+        .transcribe(
+            Bytes::from(mp3),
+            AudioFormat::Mp3,
+            TranscribeOptions::default(),
+            &|_| {},
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e.code(), "bad_audio" | "empty_audio"), "{e:?}");
+    assert!(e.is_client_error());
     assert_eq!(fake.request_count("/audio/transcriptions"), 0);
 }
 
