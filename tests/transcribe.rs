@@ -442,3 +442,128 @@ async fn the_key_is_sent_as_a_bearer_and_never_shown() {
     assert!(!shown.contains(KEY), "{shown}");
     assert!(shown.contains("redacted"), "{shown}");
 }
+
+/// The fake's own wire format, read raw (so a mistake shared by the fake and the client's parser
+/// cannot hide): OpenAI's bodies and content types per format, and its refusals.
+#[tokio::test]
+async fn the_fake_speaks_openais_wire_format() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let url = format!("{}/audio/transcriptions", fake.base_url());
+    let http = reqwest::Client::new();
+    let post = |fields: Vec<(&'static str, String)>, file: Option<(&'static str, Vec<u8>)>| {
+        let mut form = reqwest::multipart::Form::new();
+        for (k, v) in fields {
+            form = form.text(k, v);
+        }
+        if let Some((name, bytes)) = file {
+            form = form.part("file", reqwest::multipart::Part::bytes(bytes).file_name(name));
+        }
+        http.post(&url).multipart(form).send()
+    };
+    let wav = encode_wav(&speech_like(2.0, 0.0));
+    let fields = |format: &str| {
+        vec![
+            ("model", "whisper-1".to_owned()),
+            ("response_format", format.to_owned()),
+        ]
+    };
+
+    let r = post(fields("srt"), Some(("a.wav", wav.clone()))).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let body = r.text().await.unwrap();
+    assert!(
+        body.starts_with("1\n00:00:00,000 --> 00:00:01,000\nAudio a.wav has 64044 bytes.\n\n2\n"),
+        "{body:?}"
+    );
+    let body = post(fields("vtt"), Some(("a.wav", wav.clone())))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        body.starts_with("WEBVTT\n\n00:00:00.000 --> 00:00:01.000\n"),
+        "{body:?}"
+    );
+    let body = post(fields("text"), Some(("a.wav", wav.clone())))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(body, "Audio a.wav has 64044 bytes. Prompt had 0 characters.\n");
+    let v: serde_json::Value = post(fields("verbose_json"), Some(("a.wav", wav.clone())))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["task"], "transcribe");
+    assert_eq!(v["duration"], 2.0);
+    for key in [
+        "id",
+        "seek",
+        "start",
+        "end",
+        "text",
+        "tokens",
+        "temperature",
+        "avg_logprob",
+        "compression_ratio",
+        "no_speech_prob",
+    ] {
+        assert!(!v["segments"][0][key].is_null(), "segment lacks {key}: {v}");
+    }
+    let v: serde_json::Value = post(
+        vec![("model", "whisper-1".to_owned())],
+        Some(("a.wav", wav.clone())),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        v["usage"],
+        serde_json::json!({"type": "duration", "seconds": 2}),
+        "json is the default"
+    );
+
+    // Refusals, in OpenAI's error shape.
+    for (fields, file, status, needle) in [
+        (fields("json"), None, 400, "field required"),
+        (
+            fields("json"),
+            Some(("notes.pdf", b"%PDF".to_vec())),
+            400,
+            "Invalid file format",
+        ),
+        (fields("xml"), Some(("a.wav", wav.clone())), 400, "is not one of"),
+        (
+            vec![
+                ("model", "gpt-4o-transcribe".to_owned()),
+                ("response_format", "verbose_json".to_owned()),
+            ],
+            Some(("a.wav", wav.clone())),
+            400,
+            "not compatible",
+        ),
+        (
+            fields("json"),
+            Some(("big.wav", vec![0; 25 * 1024 * 1024 + 1])),
+            413,
+            "Maximum content size",
+        ),
+    ] {
+        let r = post(fields, file).await.unwrap();
+        assert_eq!(r.status(), status, "{needle}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert!(v["error"]["message"].as_str().unwrap().contains(needle), "{v}");
+    }
+}
