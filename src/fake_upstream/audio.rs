@@ -8,6 +8,9 @@
 //! was sent: `Audio <file name> has <N> bytes.` then `Prompt had <P> characters.`, as two
 //! segments splitting the file's duration (read from a WAV header; for other formats one second
 //! per 16 000 bytes).
+//!
+//! Each request is recorded (`FakeUpstream::requests`) with a JSON body of its fields:
+//! `{model, response_format, prompt, language, temperature, file: {name, content_type, bytes}}`.
 
 use std::sync::Arc;
 
