@@ -4,6 +4,8 @@
 //! ```sh
 //! cargo run --example fake_upstream -- --port 9100 --tokens 40 --interval-ms 25
 //! COACHD_OPENAI_BASE_URL=http://127.0.0.1:9100/v1 OPENAI_API_KEY=fake cargo run
+//! # speech to text against the fake's /v1/audio/transcriptions:
+//! COACHD_TRANSCRIBE_BASE_URL=http://127.0.0.1:9100/v1 cargo run
 //! ```
 
 use std::time::Duration;

@@ -24,6 +24,8 @@
 //! - [`coach`]: personas, prompt assembly, session notes.
 //! - [`jobs`]: async jobs (analysis, chains) on apalis: PostgreSQL or in-memory queues, workers
 //!   in-process or as `coachd worker`, job records with progress events and uploads.
+//! - [`transcribe`]: speech to text through an OpenAI-compatible `/audio/transcriptions`, long
+//!   audio decoded and split into chunks.
 //! - [`health`]: dependency checks; [`routes`]: the HTTP handlers, their extractors
 //!   (`routes::extract`), rate-limit enforcement (`routes::rate_limit`) and the shared request
 //!   validators (`routes::validate`).
@@ -33,7 +35,8 @@
 //! Imports point down; no two modules import each other (`tests/layers.rs` checks both). From the
 //! bottom:
 //! 1. `secret`, `redis`, `embed`, `error`: leaves every layer may use.
-//! 2. `context`, `memory`, `llm`: the stores and the LLM gateway, each owning its settings type.
+//! 2. `context`, `memory`, `llm`, `transcribe`: the stores, the LLM gateway and the speech-to-text
+//!    client, each owning its settings type.
 //! 3. `persist`, `coach`, `session`, `transport`: the realtime core; `jobs` on top of `coach`.
 //! 4. `config`: reads the environment into the settings types of the layers below, so it sits
 //!    above them and none of them imports it.
@@ -74,6 +77,7 @@ pub mod session;
 pub mod startup;
 pub mod state;
 pub mod telemetry;
+pub mod transcribe;
 pub mod transport;
 
 pub use config::Settings;

@@ -252,6 +252,7 @@ impl Application {
                 max_transcript_chars: settings.max_transcript_chars,
                 memory_max_bytes: settings.memory.max_text_bytes,
             },
+            crate::transcribe::Transcriber::new(settings.transcribe.clone(), transcribe_http(&settings)?),
         ));
         let deps = Deps {
             llm: llm.clone(),
@@ -480,6 +481,16 @@ pub fn build_router(state: AppState) -> Router {
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .with_state(state)
+}
+
+/// The HTTP client of the transcription upstream: TCP_NODELAY, the LLM connect timeout (each
+/// request has its own overall limit, `COACHD_TRANSCRIBE_TIMEOUT_SECS`).
+fn transcribe_http(settings: &Settings) -> Result<reqwest::Client, StartupError> {
+    reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .connect_timeout(settings.llm.llm_timeouts.connect)
+        .build()
+        .map_err(|e| StartupError::Llm(format!("cannot build the transcription HTTP client: {e}")))
 }
 
 /// The router of `coachd worker`: the health routes only (for liveness and readiness probes).

@@ -850,3 +850,234 @@ async fn a_job_started_from_a_live_session_reports_job_events_to_its_clients() {
     );
     app.stop().await.unwrap();
 }
+
+/// One second of a 440 Hz tone (or silence) as a 16 kHz mono 16-bit WAV.
+fn wav(tone: bool) -> Vec<u8> {
+    let rate = 16_000u32;
+    let samples: Vec<i16> = (0..rate)
+        .map(|i| {
+            if tone {
+                ((i as f32 * 440.0 * std::f32::consts::TAU / rate as f32).sin() * 12_000.0) as i16
+            } else {
+                0
+            }
+        })
+        .collect();
+    let data_len = (samples.len() * 2) as u32;
+    let mut out = Vec::with_capacity(44 + data_len as usize);
+    out.extend_from_slice(b"RIFF");
+    out.extend_from_slice(&(36 + data_len).to_le_bytes());
+    out.extend_from_slice(b"WAVEfmt ");
+    out.extend_from_slice(&16u32.to_le_bytes());
+    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&rate.to_le_bytes());
+    out.extend_from_slice(&(rate * 2).to_le_bytes());
+    out.extend_from_slice(&2u16.to_le_bytes());
+    out.extend_from_slice(&16u16.to_le_bytes());
+    out.extend_from_slice(b"data");
+    out.extend_from_slice(&data_len.to_le_bytes());
+    for s in samples {
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+    out
+}
+
+fn audio_form(kind: &str, bytes: Vec<u8>, name: &str, then: Option<&str>) -> reqwest::multipart::Form {
+    let mut form = reqwest::multipart::Form::new()
+        .text("kind", kind.to_owned())
+        .text("user_id", "u1")
+        .text("coach_id", "fitness")
+        .text("options", r#"{"language": "en"}"#)
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(bytes)
+                .file_name(name.to_owned())
+                .mime_str("audio/wav")
+                .unwrap(),
+        );
+    if let Some(then) = then {
+        form = form.text("then", then.to_owned());
+    }
+    form
+}
+
+async fn transcribe_app(fake: &FakeUpstream) -> TestApp {
+    let base = fake.base_url();
+    app(
+        fake,
+        Services::Real,
+        &[
+            ("COACHD_TRANSCRIBE_BASE_URL", base.as_str()),
+            ("COACHD_TRANSCRIBE_API_KEY", "upstream-key"),
+            ("COACHD_TRANSCRIBE_MODEL", "whisper-1"),
+            ("COACHD_TRANSCRIBE_MAX_RETRIES", "0"),
+        ],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_recording_becomes_a_transcript_notes_and_memories_in_one_chain() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let app = transcribe_app(&fake).await;
+    // The first transcription attempt meets a 503: the job retries it.
+    fake.enqueue("whisper-1", Script::status(503));
+    fake.enqueue("whisper-1", Script::text(TRANSCRIPT));
+    fake.enqueue("gpt-4o-mini", Script::text(NOTES));
+    fake.enqueue("gpt-4o-mini", Script::text(INSIGHTS));
+
+    let (s, body) = send(
+        &app,
+        app.client.post(app.url("/api/v1/jobs")).multipart(audio_form(
+            "transcribe",
+            wav(true),
+            "session.wav",
+            Some("analyze"),
+        )),
+        None,
+    )
+    .await;
+    assert_eq!(s, 202, "{body}");
+    assert_eq!(body["kind"], "chain");
+    let id = id_of(&body);
+    let job = wait_status(&app, &id, "succeeded").await;
+    let steps = job["steps"].as_array().unwrap();
+    assert_eq!(
+        (steps[0]["kind"].as_str(), steps[0]["attempts"].as_u64()),
+        (Some("transcribe"), Some(2))
+    );
+    assert_eq!(steps[0]["upload"]["filename"], "session.wav");
+
+    let (_, result) = send(
+        &app,
+        app.client.get(app.url(&format!("/api/v1/jobs/{id}/result"))),
+        None,
+    )
+    .await;
+    let transcript = &result["result"]["steps"][0]["result"];
+    assert!(
+        transcript["text"]
+            .as_str()
+            .unwrap()
+            .contains("marathon in spring"),
+        "{transcript}"
+    );
+    assert!(!transcript["segments"].as_array().unwrap().is_empty());
+    let analysis = &result["result"]["steps"][1]["result"];
+    assert_eq!(analysis["source"], "transcript");
+    assert!(
+        analysis["memories"]["stored"].as_u64().unwrap() >= 2,
+        "{analysis}"
+    );
+
+    let sent = fake
+        .requests()
+        .into_iter()
+        .rfind(|r| r.path.ends_with("/audio/transcriptions"))
+        .unwrap();
+    assert_eq!(sent.body["language"], "en");
+    assert!(sent.body["file"]["name"].as_str().unwrap().ends_with(".wav"), "{}", sent.body);
+
+    let (s, memories) = send(&app, app.client.get(app.url("/ai/coach/memory/u1/fitness")), None).await;
+    assert_eq!(s, 200);
+    assert!(
+        memories["memories"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["memory_type"] == "transcript"),
+        "{memories}"
+    );
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_recordings_fail_at_submit_or_as_a_failed_job_with_a_clear_error() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let app = transcribe_app(&fake).await;
+    let post = |form| app.client.post(app.url("/api/v1/jobs")).multipart(form);
+
+    let (s, b) = send(
+        &app,
+        post(audio_form("transcribe", b"just some text".to_vec(), "notes.txt", None).text("x", "y")),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (400, Some("invalid_multipart")),
+        "{b}"
+    );
+    let text_as_audio = reqwest::multipart::Form::new()
+        .text("kind", "transcribe")
+        .text("user_id", "u1")
+        .text("coach_id", "c")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(b"plain words".to_vec())
+                .file_name("notes.txt")
+                .mime_str("text/plain")
+                .unwrap(),
+        );
+    let (s, b) = send(&app, post(text_as_audio), None).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (400, Some("unsupported_type")),
+        "{b}"
+    );
+    let (s, b) = submit(
+        &app,
+        json!({"kind": "transcribe", "user_id": "u1", "coach_id": "c", "text": "hi"}),
+    )
+    .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (400, Some("invalid_input")),
+        "{b}"
+    );
+    let (s, b) = send(
+        &app,
+        post(audio_form("transcribe", Vec::new(), "empty.wav", None)),
+        None,
+    )
+    .await;
+    assert_eq!((s, b["error"]["code"].as_str()), (400, Some("empty_file")), "{b}");
+
+    // Silence passes the submit checks and fails its job, once, with its reason.
+    let (s, b) = send(
+        &app,
+        post(audio_form("transcribe", wav(false), "quiet.wav", None)),
+        None,
+    )
+    .await;
+    assert_eq!(s, 202, "{b}");
+    let job = wait_status(&app, &id_of(&b), "failed").await;
+    assert_eq!(
+        (job["error"]["code"].as_str(), job["attempts"].as_u64()),
+        (Some("silent_audio"), Some(1)),
+        "{job}"
+    );
+
+    // A corrupt WAV (a header and nothing that decodes) fails likewise; the worker lives on.
+    let mut corrupt = wav(true);
+    corrupt.truncate(30);
+    let (s, b) = send(
+        &app,
+        post(audio_form("transcribe", corrupt, "cut.wav", None)),
+        None,
+    )
+    .await;
+    assert_eq!(s, 202, "{b}");
+    let job = wait_status(&app, &id_of(&b), "failed").await;
+    assert_eq!(job["error"]["retryable"], false, "{job}");
+    fake.enqueue("whisper-1", Script::text("fine"));
+    let (_, b) = send(
+        &app,
+        post(audio_form("transcribe", wav(true), "ok.wav", None)),
+        None,
+    )
+    .await;
+    wait_status(&app, &id_of(&b), "succeeded").await;
+    app.stop().await.unwrap();
+}

@@ -16,33 +16,26 @@ use common::{Services, spawn_app_with};
 
 const KEY: &str = "sk-coachd-sdk-test";
 
-fn python_with_openai() -> Option<String> {
-    // scripts/test always provides one: there, a missing SDK is a failure, not a skip.
-    if let Ok(python) = std::env::var("COACHD_TEST_OPENAI_PYTHON") {
-        let ok = Command::new(&python)
-            .args(["-c", "import openai"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        assert!(ok, "COACHD_TEST_OPENAI_PYTHON={python} cannot import openai");
-        return Some(python);
-    }
-    let candidate = std::env::var("COACHD_TEST_OPENAI_PYTHON").unwrap_or_else(|_| "python3".to_owned());
-    let ok = Command::new(&candidate)
+/// The interpreter with the official SDK: `COACHD_TEST_OPENAI_PYTHON` (scripts/test sets it to its
+/// pinned venv), else `python3`. Without the SDK there is nothing to test: that is a failure, never a
+/// silent pass.
+fn python_with_openai() -> String {
+    let python = std::env::var("COACHD_TEST_OPENAI_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let ok = Command::new(&python)
         .args(["-c", "import openai"])
         .output()
         .is_ok_and(|o| o.status.success());
-    ok.then_some(candidate)
+    assert!(
+        ok,
+        "{python} cannot import openai (scripts/test installs the pinned SDK; or set \
+         COACHD_TEST_OPENAI_PYTHON to a venv with it)"
+    );
+    python
 }
 
 #[tokio::test]
 async fn the_official_python_sdk_works_unchanged() {
-    let Some(python) = python_with_openai() else {
-        eprintln!(
-            "skipped: no Python with the openai package (set COACHD_TEST_OPENAI_PYTHON, e.g. to a venv \
-             with `pip install openai`)"
-        );
-        return;
-    };
+    let python = python_with_openai();
     let fake = FakeUpstream::start().await.unwrap();
     fake.set_default(Script::text("Hello from the fake upstream."));
     fake.set_model(

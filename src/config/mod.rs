@@ -13,6 +13,7 @@ mod source;
 mod store;
 #[cfg(test)]
 mod tests;
+mod transcribe;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -30,6 +31,7 @@ use crate::jobs::JobsSettings;
 use crate::llm::LlmSettings;
 use crate::memory::MemorySettings;
 pub use crate::secret::{Secret, ServiceUrl};
+use crate::transcribe::TranscribeSettings;
 use source::{DAY_SECS, Reader, invalid};
 
 /// A configuration value that could not be used; the message is one line meant for an operator.
@@ -100,6 +102,8 @@ pub struct Settings {
     pub realtime: RealtimeSettings,
     /// Async jobs (`COACHD_JOBS_*`).
     pub jobs: JobsSettings,
+    /// The speech-to-text client (`COACHD_TRANSCRIBE_*`).
+    pub transcribe: TranscribeSettings,
     /// `COACHD_MAX_TRANSCRIPT_CHARS`: longest transcript for notes.
     pub max_transcript_chars: usize,
     /// `COACHD_PERSONAS_FILE`: TOML file of extra or replacing coach personas.
@@ -222,6 +226,7 @@ impl Settings {
             llm: llm::read(&r)?,
             realtime,
             jobs: jobs::read(&r)?,
+            transcribe: transcribe::read(&r)?,
             max_transcript_chars: r.int("COACHD_MAX_TRANSCRIPT_CHARS", 200_000, 1, 10_000_000)?,
             personas_file: r.raw("COACHD_PERSONAS_FILE").map(PathBuf::from),
             supabase_jwt_secret: r.secret("SUPABASE_JWT_SECRET"),

@@ -1,9 +1,11 @@
 //! A fake LLM upstream that speaks the providers' exact wire formats (OpenAI-compatible chat
-//! completions in OpenAI, Groq and OpenRouter flavours, Anthropic Messages, OpenAI embeddings),
+//! completions in OpenAI, Groq and OpenRouter flavours, Anthropic Messages, OpenAI embeddings,
+//! OpenAI audio transcriptions),
 //! with scripted timing and failure modes. The one stand-in for paid APIs: tests, examples and
 //! benchmarks all use it. Compiled only with the `fake-upstream` feature.
 
 mod anthropic;
+mod audio;
 mod embeddings;
 mod openai;
 
@@ -279,6 +281,11 @@ impl FakeUpstream {
             .route("/v1/chat/completions", post(openai::chat))
             .route("/v1/messages", post(anthropic::messages))
             .route("/v1/embeddings", post(embeddings::embeddings))
+            // Uploads go past axum's 2 MB default so the fake can answer OpenAI's own 413.
+            .route(
+                "/v1/audio/transcriptions",
+                post(audio::transcriptions).layer(axum::extract::DefaultBodyLimit::max(64 << 20)),
+            )
             .route("/v1/models", get(models))
             .with_state(shared.clone());
         let stop = CancellationToken::new();
@@ -442,6 +449,9 @@ fn error_response(dialect: Dialect, status: u16, retry_after: Option<u64>) -> Re
         }
         (_, 401) => {
             r#"{"error":{"message":"Incorrect API key provided: sk-****. You can find your API key at https://platform.openai.com/account/api-keys.","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#
+        }
+        (_, 413) => {
+            r#"{"error":{"message":"Maximum content size limit (26214400) exceeded (26228340 bytes read)","type":"server_error","param":null,"code":null}}"#
         }
         (_, 429) => {
             r#"{"error":{"message":"Rate limit reached for gpt-4 in organization org-********** on tokens per min (TPM): Limit 10000, Used 9348, Requested 5086. Please try again in 26.604s.","type":"tokens","param":null,"code":"rate_limit_exceeded"}}"#

@@ -1,4 +1,4 @@
-//! Async jobs (analysis now; extraction and transcription plug in the same way) on an existing
+//! Async jobs (transcription, analysis, chains of them) on an existing
 //! queue engine: **apalis**, with its PostgreSQL backend when `DATABASE_URL` is set and its
 //! in-memory storage when embedded. coachd keeps a table of its own (`coachd_jobs`, plus events and
 //! uploads) for what the job API shows; apalis owns the queue: fetching with `SKIP LOCKED`, worker
@@ -17,6 +17,7 @@
 //! - [`runner`]: one job run: claim, the kind's work under a cancel watch and a time limit,
 //!   retries with backoff, chains of child jobs.
 //! - [`analyze`]: the `analyze` kind: notes, insights, coach memories.
+//! - [`transcription`]: the `transcribe` kind, on `transcribe::Transcriber`.
 
 pub mod analyze;
 pub mod backend;
@@ -24,6 +25,7 @@ pub mod engine;
 pub mod in_process;
 pub mod pg;
 pub mod runner;
+pub mod transcription;
 
 use std::time::Duration;
 
@@ -78,6 +80,8 @@ impl Queue {
 pub enum JobKind {
     /// A transcript or document text → notes, insights and coach memories.
     Analyze,
+    /// A recording → a transcript with timed segments (`transcribe::Transcriber`).
+    Transcribe,
     /// A parent of child jobs run one after another (`then` in the request); runs nothing itself.
     Chain,
     /// Does nothing but wait and report progress (`COACHD_JOBS_ENABLE_NOOP`): tests and the
@@ -87,12 +91,18 @@ pub enum JobKind {
 
 impl JobKind {
     /// Every kind.
-    pub const ALL: [JobKind; 3] = [JobKind::Analyze, JobKind::Chain, JobKind::Noop];
+    pub const ALL: [JobKind; 4] = [
+        JobKind::Analyze,
+        JobKind::Transcribe,
+        JobKind::Chain,
+        JobKind::Noop,
+    ];
 
     /// The name in the API.
     pub fn as_str(self) -> &'static str {
         match self {
             JobKind::Analyze => "analyze",
+            JobKind::Transcribe => "transcribe",
             JobKind::Chain => "chain",
             JobKind::Noop => "noop",
         }
@@ -103,10 +113,30 @@ impl JobKind {
         JobKind::ALL.into_iter().find(|k| k.as_str() == s)
     }
 
+    /// The option names the kind reads (a submission naming one no kind of its chain reads is
+    /// refused).
+    pub fn options(self) -> &'static [&'static str] {
+        match self {
+            JobKind::Analyze => &["store_notes", "store_memories", "insights", "source"],
+            JobKind::Transcribe => &["language", "prompt", "model"],
+            JobKind::Noop => &["sleep_ms", "steps", "fail_attempts"],
+            JobKind::Chain => &[],
+        }
+    }
+
+    /// What a step of this kind hands to the next one of its chain as `source`.
+    pub fn produces(self) -> Option<&'static str> {
+        match self {
+            JobKind::Transcribe => Some("transcript"),
+            _ => None,
+        }
+    }
+
     /// The queue its runs go to; `None` for a chain, which never runs itself.
     pub fn queue(self) -> Option<Queue> {
         match self {
             JobKind::Analyze | JobKind::Noop => Some(Queue::Llm),
+            JobKind::Transcribe => Some(Queue::Transcription),
             JobKind::Chain => None,
         }
     }
@@ -378,6 +408,8 @@ pub struct JobsSettings {
 pub struct MaxAttempts {
     /// `analyze`.
     pub analyze: u32,
+    /// `transcribe`.
+    pub transcribe: u32,
     /// `noop`.
     pub noop: u32,
 }
@@ -396,6 +428,7 @@ impl JobsSettings {
     pub fn max_attempts_of(&self, kind: JobKind) -> u32 {
         match kind {
             JobKind::Analyze => self.max_attempts.analyze,
+            JobKind::Transcribe => self.max_attempts.transcribe,
             JobKind::Noop => self.max_attempts.noop,
             JobKind::Chain => 1,
         }
@@ -415,7 +448,11 @@ impl Default for JobsSettings {
             serve_api: true,
             queues: Queue::ALL.to_vec(),
             concurrency: [1, 2, 4],
-            max_attempts: MaxAttempts { analyze: 3, noop: 3 },
+            max_attempts: MaxAttempts {
+                analyze: 3,
+                transcribe: 3,
+                noop: 3,
+            },
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
             poll_interval: Duration::from_millis(100),

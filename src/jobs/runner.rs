@@ -14,7 +14,8 @@ use uuid::Uuid;
 
 use super::analyze::{self, AnalyzeDeps};
 use super::backend::Claimed;
-use super::{Job, JobBackend, JobError, JobInput, JobKind, JobStatus, JobsSettings, NewJob};
+use super::{Job, JobBackend, JobError, JobInput, JobKind, JobStatus, JobsSettings, NewJob, transcription};
+use crate::transcribe::Transcriber;
 
 /// Reports a running job's progress.
 #[derive(Debug, Clone)]
@@ -39,6 +40,7 @@ pub struct Runner {
     backend: Arc<dyn JobBackend>,
     settings: JobsSettings,
     analyze: AnalyzeDeps,
+    transcriber: Transcriber,
     /// Cancel tokens of the runs in this process, so a cancel here stops them at once (a cancel
     /// on another node is seen by the status watch).
     running: Mutex<HashMap<Uuid, CancellationToken>>,
@@ -46,11 +48,17 @@ pub struct Runner {
 
 impl Runner {
     /// A runner over the backend.
-    pub fn new(backend: Arc<dyn JobBackend>, settings: JobsSettings, analyze: AnalyzeDeps) -> Self {
+    pub fn new(
+        backend: Arc<dyn JobBackend>,
+        settings: JobsSettings,
+        analyze: AnalyzeDeps,
+        transcriber: Transcriber,
+    ) -> Self {
         Runner {
             backend,
             settings,
             analyze,
+            transcriber,
             running: Mutex::new(HashMap::new()),
         }
     }
@@ -215,6 +223,9 @@ impl Runner {
                 )
                 .await
             }
+            JobKind::Transcribe => {
+                transcription::run(&self.transcriber, self.backend.as_ref(), job, &progress).await
+            }
             JobKind::Noop => noop(job, &claimed.input, &progress).await,
             JobKind::Chain => Err(JobError::permanent("invalid_job", "a chain does not run itself")),
         }
@@ -257,7 +268,11 @@ impl Runner {
                         text,
                         steps: rest.to_vec(),
                         step: Some((index + 1, count)),
-                        source: input.source.clone(),
+                        source: job
+                            .kind
+                            .produces()
+                            .map(str::to_owned)
+                            .or_else(|| input.source.clone()),
                     },
                     idempotency_key: None,
                     parent_id: Some(parent),

@@ -21,12 +21,14 @@ use uuid::Uuid;
 use crate::auth::{ApiCaller, Caller};
 use crate::error::Error;
 use crate::jobs::analyze::AnalyzeOptions;
+use crate::jobs::transcription;
 use crate::jobs::{Job, JobEvent, JobFilter, JobInput, JobKind, JobStatus, NewJob, Upload};
 use crate::routes::validate::Id;
 use crate::routes::{JsonBody, QueryParams, sse_response};
 use crate::session::SessionHandle;
 use crate::session::event::{EventBody, JobUpdate};
 use crate::state::AppState;
+use crate::transcribe::AudioFormat;
 use futures::StreamExt;
 
 /// Bytes a multipart body may carry on top of its file: the other fields and the part headers.
@@ -106,7 +108,7 @@ fn kind_of(state: &AppState, name: &str) -> Result<JobKind, Error> {
 
 fn submittable(state: &AppState, kind: JobKind) -> bool {
     match kind {
-        JobKind::Analyze => true,
+        JobKind::Analyze | JobKind::Transcribe => true,
         JobKind::Noop => state.settings.jobs.enable_noop,
         JobKind::Chain => false,
     }
@@ -282,8 +284,39 @@ fn validate(
     if steps.len() > 8 {
         return Err(Error::bad_request("invalid_chain", "a chain has at most 9 steps"));
     }
-    if kind == JobKind::Analyze || steps.contains(&JobKind::Analyze) {
+    let chain_kinds: Vec<JobKind> = std::iter::once(kind).chain(steps.iter().copied()).collect();
+    if let Value::Object(map) = &options {
+        for name in map.keys() {
+            if !chain_kinds.iter().any(|k| k.options().contains(&name.as_str())) {
+                let known: Vec<&str> = chain_kinds
+                    .iter()
+                    .flat_map(|k| k.options().iter().copied())
+                    .collect();
+                return Err(Error::bad_request(
+                    "invalid_options",
+                    format!("unknown option {name:?}; this job reads: {}", known.join(", ")),
+                ));
+            }
+        }
+    }
+    if chain_kinds.contains(&JobKind::Analyze) {
         AnalyzeOptions::parse(&options).map_err(|m| Error::bad_request("invalid_options", m))?;
+    }
+    if kind == JobKind::Transcribe {
+        transcription::options(&options).map_err(|m| Error::bad_request("invalid_options", m))?;
+        if r.text.is_some() {
+            return Err(Error::bad_request(
+                "invalid_input",
+                "transcribe takes an audio file, not text",
+            ));
+        }
+        let upload = upload.ok_or_else(|| {
+            Error::bad_request(
+                "missing_input",
+                "transcribe needs an audio file (multipart field file)",
+            )
+        })?;
+        check_audio_upload(state, upload)?;
     }
     if let Some(text) = &r.text {
         if text.trim().is_empty() {
@@ -362,6 +395,26 @@ fn validate(
         job: parent,
         chain: Some(first),
     })
+}
+
+/// An uploaded recording must be one of the audio formats, non-empty and within the
+/// transcription client's limit.
+fn check_audio_upload(state: &AppState, u: &Upload) -> Result<(), Error> {
+    if u.bytes.is_empty() {
+        return Err(Error::bad_request("empty_file", "the uploaded file is empty"));
+    }
+    let limit = state.settings.transcribe.max_bytes;
+    if u.bytes.len() > limit {
+        return Err(Error::PayloadTooLarge { limit });
+    }
+    let head = &u.bytes[..u.bytes.len().min(64)];
+    if AudioFormat::detect(u.content_type.as_deref(), u.filename.as_deref(), head).is_none() {
+        return Err(Error::bad_request(
+            "unsupported_type",
+            "transcribe takes wav, mp3, m4a, webm, ogg or flac audio",
+        ));
+    }
+    Ok(())
 }
 
 /// An uploaded file for `analyze` must be UTF-8 text (documents go through `extract` first).
