@@ -977,7 +977,11 @@ async fn a_recording_becomes_a_transcript_notes_and_memories_in_one_chain() {
         .rfind(|r| r.path.ends_with("/audio/transcriptions"))
         .unwrap();
     assert_eq!(sent.body["language"], "en");
-    assert!(sent.body["file"]["name"].as_str().unwrap().ends_with(".wav"), "{}", sent.body);
+    assert!(
+        sent.body["file"]["name"].as_str().unwrap().ends_with(".wav"),
+        "{}",
+        sent.body
+    );
 
     let (s, memories) = send(&app, app.client.get(app.url("/ai/coach/memory/u1/fitness")), None).await;
     assert_eq!(s, 200);

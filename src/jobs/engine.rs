@@ -1,6 +1,7 @@
 //! The apalis workers of this process: one per queue it takes (`COACHD_JOBS_QUEUES`, or
 //! `coachd worker --queues`), each with the queue's concurrency, on apalis-postgres (heartbeats,
-//! re-enqueueing of a dead worker's jobs) or on apalis' in-memory storage. Plus the sweeper of
+//! re-enqueueing of a dead worker's jobs; polled as `poller` says) or on apalis' in-memory
+//! storage. Plus the sweeper of
 //! expired uploads and old jobs. All run on one task tracker and stop on one token: start-up's
 //! ordered shutdown stops them after the HTTP drain and waits for in-flight runs within the
 //! grace period (a run cut off there is taken up again by a live worker once its heartbeat lapses).
@@ -9,12 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apalis::layers::WorkerBuilderExt;
-use apalis_core::backend::poll_strategy::{BackoffConfig, IntervalStrategy, StrategyBuilder};
 use apalis_core::error::{BoxDynError, WorkerError};
 use apalis_core::task::data::Data;
 use apalis_core::worker::builder::WorkerBuilder;
 use apalis_core::worker::context::WorkerContext;
-use apalis_postgres::{Config, PostgresStorage};
+use apalis_postgres::Config;
 use futures::FutureExt;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use super::backend::JobTask;
 use super::in_process::InProcessJobBackend;
+use super::poller::PgQueue;
 use super::{JobsSettings, Queue, Runner};
 
 /// The engine under the workers.
@@ -139,16 +140,12 @@ async fn run_pg(
     s: JobsSettings,
     stop: CancellationToken,
 ) {
-    let strategy = StrategyBuilder::new()
-        .apply(IntervalStrategy::new(s.poll_interval).with_backoff(BackoffConfig::new(s.poll_max)))
-        .build();
     let config = Config::new(&queue.engine_name())
-        .with_poll_interval(strategy)
         .set_keep_alive(s.heartbeat)
         .set_buffer_size(concurrency)
         .set_reenqueue_orphaned_after(s.orphan_after);
     while !stop.is_cancelled() {
-        let storage = PostgresStorage::<JobTask>::new_with_config(&pool, &config);
+        let storage = PgQueue::new(pool.clone(), config.clone(), s.poll_interval, s.poll_max);
         let worker = WorkerBuilder::new(name.clone())
             .backend(storage)
             .data(runner.clone())

@@ -13,7 +13,8 @@
 //! - [`backend`]: the [`JobBackend`] trait: submit (job row + queue entry in one transaction),
 //!   read, claim, progress, finish, retry, cancel, events, uploads, stats;
 //!   [`pg`] and [`in_process`] implement it.
-//! - [`engine`]: the apalis workers, one per queue with its own concurrency, and their shutdown.
+//! - [`engine`]: the apalis workers, one per queue with its own concurrency, and their shutdown;
+//!   [`poller`]: apalis-postgres' backend with a fetch loop whose idle poll is bounded.
 //! - [`runner`]: one job run: claim, the kind's work under a cancel watch and a time limit,
 //!   retries with backoff, chains of child jobs.
 //! - [`analyze`]: the `analyze` kind: notes, insights, coach memories.
@@ -24,6 +25,7 @@ pub mod backend;
 pub mod engine;
 pub mod in_process;
 pub mod pg;
+pub mod poller;
 pub mod runner;
 pub mod transcription;
 
