@@ -45,6 +45,13 @@ async fn openapi_document_is_3_1_and_lists_every_route() {
         ("get", "/v1/models/{id}"),
         ("get", "/ai/coach/personas"),
         ("get", "/ai/coach/personas/{id}"),
+        ("post", "/api/v1/jobs"),
+        ("get", "/api/v1/jobs"),
+        ("get", "/api/v1/jobs/{id}"),
+        ("get", "/api/v1/jobs/{id}/result"),
+        ("post", "/api/v1/jobs/{id}/cancel"),
+        ("get", "/api/v1/jobs/{id}/events"),
+        ("get", "/api/v1/jobs/stats"),
     ];
     for (method, path) in routes {
         assert!(doc["paths"][path][method].is_object(), "{method} {path} missing");

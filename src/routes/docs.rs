@@ -43,6 +43,7 @@ pub fn router() -> Router<AppState> {
         (name = "coach", description = "Coach personas, replies and notes"),
         (name = "realtime", description = "Realtime sessions over HTTP turns, SSE and WebSocket"),
         (name = "memory", description = "Long-term coach memory"),
+        (name = "jobs", description = "Async jobs: transcription, extraction, analysis"),
     )
 )]
 struct ApiDoc;
@@ -93,6 +94,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(super::realtime::RealtimeDoc::openapi());
     doc.merge(super::coach::CoachDoc::openapi());
     doc.merge(super::memory::MemoryDoc::openapi());
+    doc.merge(super::jobs::JobsDoc::openapi());
     // Realtime, coach (respond, notes) and memory routes: derive a `*Doc` with `#[openapi(paths(..))]`
     // in their module, as above, and merge it here; add its tag to `ApiDoc` too.
     doc

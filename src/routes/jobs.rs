@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::auth::{ApiCaller, Caller};
-use crate::error::Error;
+use crate::error::{Error, ErrorBody};
 use crate::jobs::analyze::AnalyzeOptions;
 use crate::jobs::transcription;
 use crate::jobs::{Job, JobEvent, JobFilter, JobInput, JobKind, JobStatus, NewJob, Upload};
@@ -36,6 +36,11 @@ const MULTIPART_OVERHEAD: usize = 1 << 20;
 
 /// Longest idempotency key.
 const MAX_IDEMPOTENCY_KEY: usize = 200;
+
+/// The OpenAPI description of these routes (merged in `routes::docs`).
+#[derive(Debug, utoipa::OpenApi)]
+#[openapi(paths(submit, show, result, list, cancel, events, stats))]
+pub struct JobsDoc;
 
 /// The job routes.
 pub fn router(max_upload_bytes: usize) -> axum::Router<AppState> {
@@ -119,6 +124,18 @@ fn takes_text(kind: JobKind) -> bool {
     matches!(kind, JobKind::Analyze | JobKind::Noop)
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/jobs", tag = "jobs", security(("api_key" = []), ("api_key" = [], "jwt" = [])),
+    description = "Submits a job: JSON {kind, user_id, coach_id, text?, options?, idempotency_key?, session_id?, then?} or multipart/form-data with the same fields and one `file` part. Kinds: analyze, transcribe, extract (and chains through `then`). URLs are never fetched.",
+    responses(
+        (status = 202, description = "The job, queued (Location: /api/v1/jobs/{id})"),
+        (status = 200, description = "The user's job of the same idempotency key"),
+        (status = 400, description = "Unsupported kind or type, missing or invalid input, bad multipart", body = ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 403, description = "A JWT user submitting for another user", body = ErrorBody),
+        (status = 413, description = "Upload over the limit", body = ErrorBody),
+    )
+)]
 async fn submit(
     State(state): State<AppState>,
     caller: ApiCaller,
@@ -521,6 +538,15 @@ async fn read_multipart(state: &AppState, req: Request) -> Result<(SubmitRequest
     Ok((r, upload))
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/jobs/{id}", tag = "jobs", security(("api_key" = []), ("api_key" = [], "jwt" = [])),
+    params(("id" = String, Path, description = "Job id")),
+    description = "Status, progress and stage, attempts, timestamps, last error; a chain lists its steps.",
+    responses(
+        (status = 200, description = "The job"),
+        (status = 404, description = "No such job (or another user's)", body = ErrorBody),
+    )
+)]
 async fn show(
     State(state): State<AppState>,
     caller: ApiCaller,
@@ -546,6 +572,15 @@ async fn show(
     Ok(Json(body))
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/jobs/{id}/result", tag = "jobs", security(("api_key" = []), ("api_key" = [], "jwt" = [])),
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "{job_id, kind, result}"),
+        (status = 404, description = "No such job (or another user's)", body = ErrorBody),
+        (status = 409, description = "Not finished, failed or cancelled", body = ErrorBody),
+    )
+)]
 async fn result(
     State(state): State<AppState>,
     caller: ApiCaller,
@@ -588,6 +623,22 @@ struct ListQuery {
     offset: Option<usize>,
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/jobs", tag = "jobs", security(("api_key" = []), ("api_key" = [], "jwt" = [])),
+    params(
+        ("user_id" = Option<String>, Query, description = "Only this user's (a JWT user: only their own)"),
+        ("kind" = Option<String>, Query, description = "Only this kind"),
+        ("status" = Option<String>, Query, description = "queued, running, succeeded, failed or cancelled"),
+        ("parent_id" = Option<String>, Query, description = "Only the steps of this chain"),
+        ("limit" = Option<usize>, Query, description = "Page size, 1 to COACHD_JOBS_LIST_MAX (default 20)"),
+        ("offset" = Option<usize>, Query, description = "Jobs skipped, newest first"),
+    ),
+    responses(
+        (status = 200, description = "{jobs, total, limit, offset}"),
+        (status = 400, description = "Invalid query", body = ErrorBody),
+        (status = 403, description = "A JWT user asking for another user's jobs", body = ErrorBody),
+    )
+)]
 async fn list(
     State(state): State<AppState>,
     caller: ApiCaller,
@@ -634,6 +685,16 @@ async fn list(
     ))
 }
 
+#[utoipa::path(
+    post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs", security(("api_key" = []), ("api_key" = [], "jwt" = [])),
+    params(("id" = String, Path, description = "Job id")),
+    description = "Stops a queued or running job (a chain step cancels its chain).",
+    responses(
+        (status = 200, description = "The job, cancelled"),
+        (status = 404, description = "No such job (or another user's)", body = ErrorBody),
+        (status = 409, description = "Already final", body = ErrorBody),
+    )
+)]
 async fn cancel(
     State(state): State<AppState>,
     caller: ApiCaller,
@@ -672,6 +733,18 @@ struct EventsQuery {
     after_seq: Option<u64>,
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/jobs/{id}/events", tag = "jobs", security(("api_key" = []), ("api_key" = [], "jwt" = [])),
+    params(
+        ("id" = String, Path, description = "Job id"),
+        ("after_seq" = Option<u64>, Query, description = "Replay after this seq (or send Last-Event-ID)"),
+    ),
+    description = "Server-sent events: `event: job`, `id:` = seq, data {seq, job_id, event, status, progress, stage, attempt, error?, at}; ends after the final status.",
+    responses(
+        (status = 200, description = "The event stream", content_type = "text/event-stream"),
+        (status = 404, description = "No such job (or another user's)", body = ErrorBody),
+    )
+)]
 async fn events(
     State(state): State<AppState>,
     caller: ApiCaller,
@@ -786,6 +859,14 @@ async fn relay_to_session(state: AppState, session: SessionHandle, job: Uuid, ki
     }
 }
 
+#[utoipa::path(
+    get, path = "/api/v1/jobs/stats", tag = "jobs", security(("api_key" = [])),
+    description = "Per queue: queued, running, succeeded, failed, cancelled, p50/p95 run time of the last 24 h, workers alive.",
+    responses(
+        (status = 200, description = "{backend, engine, queues: [...]}"),
+        (status = 403, description = "A JWT user", body = ErrorBody),
+    )
+)]
 async fn stats(State(state): State<AppState>, caller: ApiCaller) -> Result<Json<Value>, Error> {
     // Every user's numbers: not for an end user's token.
     if caller.0.user_id().is_some() {
