@@ -22,6 +22,8 @@
 //!   event log, replay); [`transport`]: the Transport trait and its WebSocket, SSE and HTTP adapters.
 //! - [`persist`]: write-behind of finished turns to the context cache and memory store.
 //! - [`coach`]: personas, prompt assembly, session notes.
+//! - [`extract`]: documents (PDF, DOCX, PPTX, XLSX, HTML, Markdown, text) to Markdown, parsed in
+//!   a bounded child process (`coachd __extract`) or by docling-serve.
 //! - [`health`]: dependency checks; [`routes`]: the HTTP handlers, their extractors
 //!   (`routes::extract`), rate-limit enforcement (`routes::rate_limit`) and the shared request
 //!   validators (`routes::validate`).
@@ -31,7 +33,7 @@
 //! Imports point down; no two modules import each other (`tests/layers.rs` checks both). From the
 //! bottom:
 //! 1. `secret`, `redis`, `embed`, `error`: leaves every layer may use.
-//! 2. `context`, `memory`, `llm`: the stores and the LLM gateway, each owning its settings type.
+//! 2. `context`, `memory`, `llm`, `extract`: the stores, document extraction and the LLM gateway, each owning its settings type.
 //! 3. `persist`, `coach`, `session`, `transport`: the realtime core.
 //! 4. `config`: reads the environment into the settings types of the layers below, so it sits
 //!    above them and none of them imports it.
@@ -58,6 +60,7 @@ pub mod context;
 pub mod db;
 pub mod embed;
 pub mod error;
+pub mod extract;
 #[cfg(feature = "fake-upstream")]
 pub mod fake_upstream;
 pub mod health;
