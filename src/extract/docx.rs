@@ -172,8 +172,15 @@ fn blocks(xml: &str, styles: &Styles, numbering: &Numbering) -> Result<Vec<Block
     // Nested tables are flattened into the cell of the outermost one.
     let mut tables: Vec<Table> = Vec::new();
     let mut in_text = false;
+    let mut depth: usize = 0;
     loop {
         let event = reader.read_event().map_err(|e| xml_error(KIND, DOCUMENT, &e))?;
+        match &event {
+            Event::Start(_) => depth += 1,
+            Event::End(_) => depth = depth.saturating_sub(1),
+            Event::Eof if depth > 0 => return Err(truncated(DOCUMENT)),
+            _ => {}
+        }
         match &event {
             Event::Start(e) | Event::Empty(e) => {
                 let empty = matches!(event, Event::Empty(_));
@@ -261,6 +268,10 @@ fn blocks(xml: &str, styles: &Styles, numbering: &Numbering) -> Result<Vec<Block
         }
     }
     Ok(blocks)
+}
+
+pub(crate) fn truncated(part: &str) -> ExtractError {
+    ExtractError::Corrupt(format!("part {part} ends before its elements close (truncated?)"))
 }
 
 fn paragraph_block(p: Paragraph, styles: &Styles, numbering: &Numbering) -> Option<Block> {

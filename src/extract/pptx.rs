@@ -86,8 +86,15 @@ fn slide(xml: &str, path: &str) -> Result<(Option<String>, Vec<Block>), ExtractE
     let mut para: Option<Para> = None;
     let mut table: Option<Table> = None;
     let mut in_text = false;
+    let mut depth: usize = 0;
     loop {
         let event = reader.read_event().map_err(|e| xml_error(KIND, path, &e))?;
+        match &event {
+            Event::Start(_) => depth += 1,
+            Event::End(_) => depth = depth.saturating_sub(1),
+            Event::Eof if depth > 0 => return Err(super::docx::truncated(path)),
+            _ => {}
+        }
         match &event {
             Event::Start(e) | Event::Empty(e) => {
                 let empty = matches!(event, Event::Empty(_));

@@ -237,8 +237,9 @@ fn line_op(ops: &mut Vec<Operation>, x1: i64, y1: i64, x2: i64, y2: i64) {
     ops.push(Operation::new("S", vec![]));
 }
 
-/// A PDF of `pages` pages (at least 2): page 1 a 24 pt heading, a paragraph and a numbered
-/// list; page 2 a heading and a ruled 3×3 table; further pages a heading and paragraphs.
+/// A PDF of `pages` pages (at least 2), each with a running header and a page number: page 1
+/// a 24 pt heading, a paragraph and a numbered list; page 2 a heading and a ruled 3×3 table;
+/// further pages a heading and twenty lines of text.
 pub fn pdf(pages: usize) -> Vec<u8> {
     let pages = pages.max(2);
     let mut doc = Document::with_version("1.5");
@@ -249,6 +250,9 @@ pub fn pdf(pages: usize) -> Vec<u8> {
     let mut kids: Vec<Object> = Vec::new();
     for page in 1..=pages {
         let mut ops = Vec::new();
+        // A running header and a page number, as real reports have: not content.
+        text_op(&mut ops, "F1", 9, 72, 760, "Coaching Programme - Quarterly Report");
+        text_op(&mut ops, "F1", 9, 300, 40, &format!("{page}"));
         match page {
             1 => {
                 text_op(&mut ops, "F2", 24, 72, 720, "Quarterly Report");
@@ -276,7 +280,7 @@ pub fn pdf(pages: usize) -> Vec<u8> {
                 }
             }
             n => {
-                text_op(&mut ops, "F2", 24, 72, 720, &format!("Section {n}"));
+                text_op(&mut ops, "F2", 24, 72, 720, &format!("Progress Notes {n}"));
                 for i in 0..20 {
                     text_op(&mut ops, "F1", 11, 72, 690 - i * 15, &format!("Line {i} of page {n}: notes on progress, obstacles and the plan for next week."));
                 }
