@@ -9,16 +9,33 @@ use crate::extract::{ExtractSettings, Isolation};
 
 pub(super) fn read<S: Source>(r: &Reader<'_, S>) -> Result<ExtractSettings, ConfigError> {
     let d = ExtractSettings::default();
-    let isolation = match r.string("COACHD_EXTRACT_ISOLATION", "process").to_ascii_lowercase().as_str() {
-        "process" => Isolation::Process { executable: r.raw("COACHD_EXTRACT_EXECUTABLE").map(PathBuf::from) },
+    let isolation = match r
+        .string("COACHD_EXTRACT_ISOLATION", "process")
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "process" => Isolation::Process {
+            executable: r.raw("COACHD_EXTRACT_EXECUTABLE").map(PathBuf::from),
+        },
         "in_process" | "none" => Isolation::InProcess,
-        other => return Err(invalid("COACHD_EXTRACT_ISOLATION", "process or in_process", Some(other.to_owned()))),
+        other => {
+            return Err(invalid(
+                "COACHD_EXTRACT_ISOLATION",
+                "process or in_process",
+                Some(other.to_owned()),
+            ));
+        }
     };
     Ok(ExtractSettings {
         max_bytes: r.int("COACHD_EXTRACT_MAX_BYTES", d.max_bytes, 1, 1 << 32)?,
         max_pages: r.int("COACHD_EXTRACT_MAX_PAGES", d.max_pages, 1, 1_000_000)?,
         timeout: r.seconds("COACHD_EXTRACT_TIMEOUT_SECS", d.timeout.as_secs(), 1, 86_400)?,
-        max_output_bytes: r.int("COACHD_EXTRACT_MAX_OUTPUT_BYTES", d.max_output_bytes, 1_024, 1 << 32)?,
+        max_output_bytes: r.int(
+            "COACHD_EXTRACT_MAX_OUTPUT_BYTES",
+            d.max_output_bytes,
+            1_024,
+            1 << 32,
+        )?,
         max_memory_mb: r.int("COACHD_EXTRACT_MAX_MEMORY_MB", d.max_memory_mb, 0, 1 << 20)?,
         isolation,
         docling_serve_url: r.service_url("DOCLING_SERVE_URL", &["http", "https"])?,
@@ -51,9 +68,15 @@ mod tests {
         ])
         .unwrap()
         .extract;
-        assert_eq!((s.max_bytes, s.max_pages, s.timeout), (1000, 7, Duration::from_secs(9)));
+        assert_eq!(
+            (s.max_bytes, s.max_pages, s.timeout),
+            (1000, 7, Duration::from_secs(9))
+        );
         assert_eq!(s.isolation, Isolation::InProcess);
-        assert_eq!(s.docling_serve_url.unwrap().url().as_str(), "http://docling:5001/");
+        assert_eq!(
+            s.docling_serve_url.unwrap().url().as_str(),
+            "http://docling:5001/"
+        );
         assert!(s.docling_serve_api_key.is_some());
     }
 

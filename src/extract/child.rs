@@ -50,9 +50,12 @@ pub(super) async fn run(
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| ExtractError::Internal(format!("cannot start {}: {e}", exe.display())))?;
-    let (Some(mut stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    let (Some(mut stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
-        return Err(ExtractError::Internal("the parser's pipes were not set up".to_owned()));
+        return Err(ExtractError::Internal(
+            "the parser's pipes were not set up".to_owned(),
+        ));
     };
     // The JSON holds the Markdown twice (whole and in sections), escaped.
     let max_reply = limits.max_output_bytes.saturating_mul(3).saturating_add(1 << 20);
@@ -71,12 +74,16 @@ pub(super) async fn run(
         Ok(done) => done,
         Err(_) => {
             kill(&mut child).await;
-            return Err(ExtractError::Timeout { secs: timeout.as_secs().max(1) });
+            return Err(ExtractError::Timeout {
+                secs: timeout.as_secs().max(1),
+            });
         }
     };
     let Some(out) = out else {
         kill(&mut child).await;
-        return Err(ExtractError::OutputTooLarge { max: limits.max_output_bytes });
+        return Err(ExtractError::OutputTooLarge {
+            max: limits.max_output_bytes,
+        });
     };
     // Both pipes are closed, so the child is exiting; the deadline still bounds the wait.
     let status = match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
@@ -84,7 +91,9 @@ pub(super) async fn run(
         Ok(Err(e)) => return Err(ExtractError::Internal(format!("cannot wait for the parser: {e}"))),
         Err(_) => {
             kill(&mut child).await;
-            return Err(ExtractError::Timeout { secs: timeout.as_secs().max(1) });
+            return Err(ExtractError::Timeout {
+                secs: timeout.as_secs().max(1),
+            });
         }
     };
     if status.success() {
@@ -138,7 +147,12 @@ fn describe_exit(status: std::process::ExitStatus, stderr: &str) -> String {
         // Since Rust 1.73 the message is on the line after "thread 'main' panicked at file:line:".
         lines.get(i + 1).or(lines.get(i)).copied().unwrap_or_default()
     } else {
-        lines.iter().rev().find(|l| !l.starts_with("note:")).copied().unwrap_or_default()
+        lines
+            .iter()
+            .rev()
+            .find(|l| !l.starts_with("note:"))
+            .copied()
+            .unwrap_or_default()
     };
     let detail: String = detail.chars().take(500).collect();
     let how = match (status.code(), status.signal()) {
@@ -148,7 +162,11 @@ fn describe_exit(status: std::process::ExitStatus, stderr: &str) -> String {
         (None, Some(sig)) => format!("killed by signal {sig}{}", signal_name(sig)),
         (None, None) => "ended abnormally".to_owned(),
     };
-    if detail.is_empty() { how } else { format!("{how}: {detail}") }
+    if detail.is_empty() {
+        how
+    } else {
+        format!("{how}: {detail}")
+    }
 }
 
 fn signal_name(sig: i32) -> &'static str {
@@ -222,7 +240,11 @@ pub fn run_child(args: impl IntoIterator<Item = String>) -> ExitCode {
     };
     let mut stdout = std::io::stdout().lock();
     let written = serde_json::to_writer(&mut stdout, &reply).is_ok() && stdout.flush().is_ok();
-    if written { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if written {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 /// Test-only faults, compiled with the `fake-upstream` feature: a document starting with
@@ -232,7 +254,9 @@ pub fn run_child(args: impl IntoIterator<Item = String>) -> ExitCode {
 #[allow(clippy::panic, reason = "the fault being simulated is a panicking parser")]
 pub(super) fn fault(bytes: &[u8]) {
     const MARK: &[u8] = b"%coachd-test-fault:";
-    let Some(rest) = bytes.strip_prefix(MARK) else { return };
+    let Some(rest) = bytes.strip_prefix(MARK) else {
+        return;
+    };
     match rest.split(u8::is_ascii_whitespace).next().unwrap_or_default() {
         b"panic" => panic!("test fault: the parser panicked"),
         b"abort" => std::process::abort(),

@@ -4,7 +4,6 @@
 //! `success` or `failure`; `GET /v1/result/{id}` → `document.md_content`. Pages come back
 //! through `md_page_break_placeholder`; `X-Api-Key` when a key is set.
 
-
 use bytes::Bytes;
 use serde::Deserialize;
 use url::Url;
@@ -50,11 +49,16 @@ pub(super) async fn extract(
         .await
         .map_err(|_| ExtractError::Timeout { secs })??;
     if markdown.len() > settings.max_output_bytes {
-        return Err(ExtractError::OutputTooLarge { max: settings.max_output_bytes });
+        return Err(ExtractError::OutputTooLarge {
+            max: settings.max_output_bytes,
+        });
     }
     let extracted = assemble(&markdown, format);
     if extracted.pages.is_some_and(|p| p > settings.max_pages) {
-        return Err(ExtractError::TooManyPages { pages: extracted.pages.unwrap_or(0), max: settings.max_pages });
+        return Err(ExtractError::TooManyPages {
+            pages: extracted.pages.unwrap_or(0),
+            max: settings.max_pages,
+        });
     }
     if extracted.markdown.trim().is_empty() {
         return Err(ExtractError::NoText { ocr_hint: false });
@@ -99,12 +103,16 @@ async fn convert(
         }
         interval.tick().await;
         let mut url = endpoint(base, &format!("v1/status/poll/{}", status.task_id))?;
-        url.query_pairs_mut().append_pair("wait", &POLL_WAIT_SECS.to_string());
+        url.query_pairs_mut()
+            .append_pair("wait", &POLL_WAIT_SECS.to_string());
         status = json(request(http.get(url), settings)).await?;
     }
     let result = fetch(http, base, settings, &status.task_id).await?;
     if result.status == "failure" {
-        return Err(ExtractError::Corrupt(format!("docling-serve: {}", errors(&result.errors))));
+        return Err(ExtractError::Corrupt(format!(
+            "docling-serve: {}",
+            errors(&result.errors)
+        )));
     }
     result
         .document
@@ -118,7 +126,11 @@ async fn fetch(
     settings: &ExtractSettings,
     task_id: &str,
 ) -> Result<ConvertResult, ExtractError> {
-    json(request(http.get(endpoint(base, &format!("v1/result/{task_id}"))?), settings)).await
+    json(request(
+        http.get(endpoint(base, &format!("v1/result/{task_id}"))?),
+        settings,
+    ))
+    .await
 }
 
 fn endpoint(base: &Url, path: &str) -> Result<Url, ExtractError> {
@@ -127,7 +139,8 @@ fn endpoint(base: &Url, path: &str) -> Result<Url, ExtractError> {
     if !base.path().ends_with('/') {
         base.set_path(&format!("{}/", base.path()));
     }
-    base.join(path).map_err(|e| ExtractError::Internal(format!("bad docling-serve URL: {e}")))
+    base.join(path)
+        .map_err(|e| ExtractError::Internal(format!("bad docling-serve URL: {e}")))
 }
 
 fn request(builder: reqwest::RequestBuilder, settings: &ExtractSettings) -> reqwest::RequestBuilder {
@@ -138,13 +151,22 @@ fn request(builder: reqwest::RequestBuilder, settings: &ExtractSettings) -> reqw
 }
 
 async fn json<T: serde::de::DeserializeOwned>(builder: reqwest::RequestBuilder) -> Result<T, ExtractError> {
-    let response = builder.send().await.map_err(|e| ExtractError::Unavailable(e.without_url().to_string()))?;
+    let response = builder
+        .send()
+        .await
+        .map_err(|e| ExtractError::Unavailable(e.without_url().to_string()))?;
     let status = response.status();
     if status.as_u16() == 429 || status.is_server_error() {
         return Err(ExtractError::Unavailable(format!("HTTP {status}")));
     }
     if !status.is_success() {
-        let body: String = response.text().await.unwrap_or_default().chars().take(300).collect();
+        let body: String = response
+            .text()
+            .await
+            .unwrap_or_default()
+            .chars()
+            .take(300)
+            .collect();
         return Err(ExtractError::Upstream(format!("HTTP {status}: {body}")));
     }
     response
@@ -156,7 +178,11 @@ async fn json<T: serde::de::DeserializeOwned>(builder: reqwest::RequestBuilder) 
 fn errors(errors: &[serde_json::Value]) -> String {
     errors
         .iter()
-        .map(|e| e.get("error_message").and_then(|m| m.as_str()).map_or_else(|| e.to_string(), str::to_owned))
+        .map(|e| {
+            e.get("error_message")
+                .and_then(|m| m.as_str())
+                .map_or_else(|| e.to_string(), str::to_owned)
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }
@@ -171,7 +197,11 @@ fn assemble(markdown: &str, format: DocFormat) -> Extracted {
             .map(|(i, page)| {
                 let markdown = page.trim().to_owned();
                 let title = markdown.lines().find_map(heading).map(|(_, t)| t.to_owned());
-                Section { title, page: Some(u32::try_from(i + 1).unwrap_or(u32::MAX)), markdown }
+                Section {
+                    title,
+                    page: Some(u32::try_from(i + 1).unwrap_or(u32::MAX)),
+                    markdown,
+                }
             })
             .collect();
         let pages = u32::try_from(sections.len()).unwrap_or(u32::MAX);
@@ -180,7 +210,12 @@ fn assemble(markdown: &str, format: DocFormat) -> Extracted {
     let markdown = markdown.replace(PAGE_BREAK, "").trim().to_owned();
     let sections = sections_by_headings(&markdown);
     let pages = paged.then_some(1);
-    Extracted { markdown, sections, pages, format }
+    Extracted {
+        markdown,
+        sections,
+        pages,
+        format,
+    }
 }
 
 #[cfg(test)]
@@ -200,7 +235,9 @@ mod tests {
     #[test]
     fn endpoints_keep_a_path_prefix() {
         let base = Url::parse("http://h:5001/docling").unwrap();
-        assert_eq!(endpoint(&base, "v1/result/x").unwrap().as_str(), "http://h:5001/docling/v1/result/x");
+        assert_eq!(
+            endpoint(&base, "v1/result/x").unwrap().as_str(),
+            "http://h:5001/docling/v1/result/x"
+        );
     }
-
 }

@@ -29,7 +29,12 @@ pub(crate) fn extract(bytes: &[u8]) -> Result<Extracted, ExtractError> {
     let blocks = blocks(utf8(KIND, DOCUMENT, &document)?, &styles, &numbering)?;
     let markdown = render(&blocks);
     let sections = sections_by_headings(&markdown);
-    Ok(Extracted { markdown, sections, pages: None, format: DocFormat::Docx })
+    Ok(Extracted {
+        markdown,
+        sections,
+        pages: None,
+        format: DocFormat::Docx,
+    })
 }
 
 /// What a paragraph style means for Markdown.
@@ -49,7 +54,9 @@ impl Styles {
         let mut map = HashMap::new();
         let mut current: Option<(String, Option<StyleKind>)> = None;
         loop {
-            let event = reader.read_event().map_err(|e| xml_error(KIND, "word/styles.xml", &e))?;
+            let event = reader
+                .read_event()
+                .map_err(|e| xml_error(KIND, "word/styles.xml", &e))?;
             match &event {
                 Event::Start(e) if name(e) == "style" => current = attr(e, "styleId").map(|id| (id, None)),
                 Event::Start(e) | Event::Empty(e) => {
@@ -60,7 +67,10 @@ impl Styles {
                                 *kind = kind.or_else(|| style_kind_from_name(&n));
                             }
                             "outlineLvl" => {
-                                if let Some(level) = attr(e, "val").and_then(|v| v.parse::<u8>().ok()).filter(|l| *l < 6) {
+                                if let Some(level) = attr(e, "val")
+                                    .and_then(|v| v.parse::<u8>().ok())
+                                    .filter(|l| *l < 6)
+                                {
                                     kind.get_or_insert(StyleKind::Heading(level + 1));
                                 }
                             }
@@ -81,7 +91,10 @@ impl Styles {
     }
 
     fn kind(&self, style_id: &str) -> Option<StyleKind> {
-        self.0.get(style_id).copied().or_else(|| style_kind_from_name(&style_id.to_ascii_lowercase()))
+        self.0
+            .get(style_id)
+            .copied()
+            .or_else(|| style_kind_from_name(&style_id.to_ascii_lowercase()))
     }
 }
 
@@ -116,7 +129,9 @@ impl Numbering {
         let mut num_id: Option<String> = None;
         let mut level: Option<u8> = None;
         loop {
-            let event = reader.read_event().map_err(|e| xml_error(KIND, "word/numbering.xml", &e))?;
+            let event = reader
+                .read_event()
+                .map_err(|e| xml_error(KIND, "word/numbering.xml", &e))?;
             match &event {
                 Event::Start(e) | Event::Empty(e) => match name(e) {
                     "abstractNum" => abstract_id = attr(e, "abstractNumId"),
@@ -140,12 +155,19 @@ impl Numbering {
                 _ => {}
             }
         }
-        let map = nums.into_iter().filter_map(|(n, a)| abstracts.get(&a).map(|l| (n, l.clone()))).collect();
+        let map = nums
+            .into_iter()
+            .filter_map(|(n, a)| abstracts.get(&a).map(|l| (n, l.clone())))
+            .collect();
         Ok(Numbering(map))
     }
 
     fn ordered(&self, num_id: &str, level: u8) -> bool {
-        self.0.get(num_id).and_then(|l| l.get(&level)).copied().unwrap_or(false)
+        self.0
+            .get(num_id)
+            .and_then(|l| l.get(&level))
+            .copied()
+            .unwrap_or(false)
     }
 }
 
@@ -287,11 +309,23 @@ fn paragraph_block(p: Paragraph, styles: &Styles, numbering: &Numbering) -> Opti
         return Some(Block::Heading(level + 1, text));
     }
     if let Some(num_id) = &p.num_id {
-        return Some(Block::Item { level: p.level, ordered: numbering.ordered(num_id, p.level), text });
+        return Some(Block::Item {
+            level: p.level,
+            ordered: numbering.ordered(num_id, p.level),
+            text,
+        });
     }
     match style {
-        Some(StyleKind::Bullet) => Some(Block::Item { level: 0, ordered: false, text }),
-        Some(StyleKind::Numbered) => Some(Block::Item { level: 0, ordered: true, text }),
+        Some(StyleKind::Bullet) => Some(Block::Item {
+            level: 0,
+            ordered: false,
+            text,
+        }),
+        Some(StyleKind::Numbered) => Some(Block::Item {
+            level: 0,
+            ordered: true,
+            text,
+        }),
         _ => Some(Block::Paragraph(text)),
     }
 }

@@ -65,7 +65,10 @@ pub(crate) fn table(out: &mut String, rows: &[Vec<String>]) {
         }
         out.push('|');
         for c in 0..width {
-            let cell = row.get(c).map(|s| one_line(s).replace('|', "\\|")).unwrap_or_default();
+            let cell = row
+                .get(c)
+                .map(|s| one_line(s).replace('|', "\\|"))
+                .unwrap_or_default();
             out.push(' ');
             out.push_str(&cell);
             out.push_str(" |");
@@ -91,8 +94,14 @@ fn escape_start(text: &str) -> String {
         || text.starts_with("+ ")
         || text.starts_with('>')
         || text.starts_with('|')
-        || text.split_once(". ").is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-    if starts_like_syntax { format!("\\{text}") } else { text.to_owned() }
+        || text
+            .split_once(". ")
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    if starts_like_syntax {
+        format!("\\{text}")
+    } else {
+        text.to_owned()
+    }
 }
 
 /// The heading text and level of an ATX heading line (`## Title`), if it is one.
@@ -142,7 +151,11 @@ fn push_section(sections: &mut Vec<Section>, title: Option<String>, markdown: &s
     if markdown.is_empty() && title.is_none() {
         return;
     }
-    sections.push(Section { title, page: None, markdown: markdown.to_owned() });
+    sections.push(Section {
+        title,
+        page: None,
+        markdown: markdown.to_owned(),
+    });
 }
 
 #[cfg(test)]
@@ -153,9 +166,21 @@ mod tests {
     fn renders_headings_lists_and_tables() {
         let md = render(&[
             Block::Heading(1, "Plan".into()),
-            Block::Item { level: 0, ordered: true, text: "one".into() },
-            Block::Item { level: 1, ordered: false, text: "sub".into() },
-            Block::Item { level: 0, ordered: true, text: "two".into() },
+            Block::Item {
+                level: 0,
+                ordered: true,
+                text: "one".into(),
+            },
+            Block::Item {
+                level: 1,
+                ordered: false,
+                text: "sub".into(),
+            },
+            Block::Item {
+                level: 0,
+                ordered: true,
+                text: "two".into(),
+            },
             Block::Table(vec![vec!["a".into(), "b|c".into()], vec!["1".into()]]),
             Block::Paragraph("# not a heading".into()),
         ]);

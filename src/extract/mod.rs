@@ -91,14 +91,23 @@ impl DocFormat {
             return Some(DocFormat::Pdf);
         }
         let declared = content_type
-            .map(|ct| ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
+            .map(|ct| {
+                ct.split(';')
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_ascii_lowercase()
+            })
             .filter(|ct| !ct.is_empty() && ct != "application/octet-stream");
         if let Some(ct) = declared.as_deref() {
             if let Some(format) = Self::from_content_type(ct) {
                 return Some(format);
             }
         }
-        if let Some(ext) = filename.and_then(|f| f.rsplit_once('.')).map(|(_, e)| e.to_ascii_lowercase()) {
+        if let Some(ext) = filename
+            .and_then(|f| f.rsplit_once('.'))
+            .map(|(_, e)| e.to_ascii_lowercase())
+        {
             if let Some(format) = Self::from_extension(&ext) {
                 return Some(format);
             }
@@ -143,11 +152,15 @@ impl DocFormat {
             // The parts' names are stored in clear in the local headers; which folder shows up
             // first in the head tells the three OOXML kinds apart.
             let find = |needle: &[u8]| head.windows(needle.len()).position(|w| w == needle);
-            return [(&b"word/"[..], DocFormat::Docx), (b"ppt/", DocFormat::Pptx), (b"xl/", DocFormat::Xlsx)]
-                .into_iter()
-                .filter_map(|(n, f)| find(n).map(|i| (i, f)))
-                .min_by_key(|(i, _)| *i)
-                .map(|(_, f)| f);
+            return [
+                (&b"word/"[..], DocFormat::Docx),
+                (b"ppt/", DocFormat::Pptx),
+                (b"xl/", DocFormat::Xlsx),
+            ]
+            .into_iter()
+            .filter_map(|(n, f)| find(n).map(|i| (i, f)))
+            .min_by_key(|(i, _)| *i)
+            .map(|(_, f)| f);
         }
         let text = match std::str::from_utf8(head) {
             Ok(t) => t,
@@ -158,7 +171,10 @@ impl DocFormat {
         if text.contains('\0') {
             return None;
         }
-        let start = text.trim_start_matches('\u{feff}').trim_start().to_ascii_lowercase();
+        let start = text
+            .trim_start_matches('\u{feff}')
+            .trim_start()
+            .to_ascii_lowercase();
         if start.starts_with("<!doctype html") || start.starts_with("<html") {
             Some(DocFormat::Html)
         } else {
@@ -298,7 +314,12 @@ impl Extracted {
             .filter(|m| !m.is_empty())
             .collect::<Vec<_>>()
             .join("\n\n");
-        Extracted { markdown, sections, pages, format }
+        Extracted {
+            markdown,
+            sections,
+            pages,
+            format,
+        }
     }
 }
 
@@ -400,7 +421,10 @@ impl Extractor {
 
     /// An extractor sharing the application's HTTP client.
     pub fn with_http(settings: ExtractSettings, http: reqwest::Client) -> Self {
-        Extractor { settings: Arc::new(settings), http }
+        Extractor {
+            settings: Arc::new(settings),
+            http,
+        }
     }
 
     /// The settings in force.
@@ -428,18 +452,25 @@ impl Extractor {
     pub async fn extract(&self, bytes: Bytes, format: DocFormat) -> Result<Extracted, ExtractError> {
         let s = &self.settings;
         if bytes.len() > s.max_bytes {
-            return Err(ExtractError::TooLarge { size: bytes.len(), max: s.max_bytes });
+            return Err(ExtractError::TooLarge {
+                size: bytes.len(),
+                max: s.max_bytes,
+            });
         }
         if let Some(url) = &s.docling_serve_url {
             return docling_serve::extract(&self.http, url.url(), s, bytes, format).await;
         }
-        let limits = Limits { max_pages: s.max_pages, max_output_bytes: s.max_output_bytes };
+        let limits = Limits {
+            max_pages: s.max_pages,
+            max_output_bytes: s.max_output_bytes,
+        };
         match &s.isolation {
             Isolation::Process { executable } => {
                 let exe = match executable {
                     Some(p) => p.clone(),
-                    None => std::env::current_exe()
-                        .map_err(|e| ExtractError::Internal(format!("cannot find the coachd executable: {e}")))?,
+                    None => std::env::current_exe().map_err(|e| {
+                        ExtractError::Internal(format!("cannot find the coachd executable: {e}"))
+                    })?,
                 };
                 child::run(&exe, bytes, format, limits, s.max_memory_mb, s.timeout).await
             }
@@ -448,7 +479,9 @@ impl Extractor {
                 match tokio::time::timeout(s.timeout, task).await {
                     Ok(Ok(result)) => result,
                     Ok(Err(e)) => Err(ExtractError::Crashed(child::panic_message(e))),
-                    Err(_) => Err(ExtractError::Timeout { secs: s.timeout.as_secs() }),
+                    Err(_) => Err(ExtractError::Timeout {
+                        secs: s.timeout.as_secs(),
+                    }),
                 }
             }
         }
@@ -467,7 +500,10 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         let s = ExtractSettings::default();
-        Limits { max_pages: s.max_pages, max_output_bytes: s.max_output_bytes }
+        Limits {
+            max_pages: s.max_pages,
+            max_output_bytes: s.max_output_bytes,
+        }
     }
 }
 
@@ -486,10 +522,14 @@ pub fn parse(bytes: &[u8], format: DocFormat, limits: Limits) -> Result<Extracte
         DocFormat::Text => text::extract_text(bytes),
     };
     if extracted.markdown.len() > limits.max_output_bytes {
-        return Err(ExtractError::OutputTooLarge { max: limits.max_output_bytes });
+        return Err(ExtractError::OutputTooLarge {
+            max: limits.max_output_bytes,
+        });
     }
     if extracted.markdown.trim().is_empty() && !bytes.is_empty() {
-        return Err(ExtractError::NoText { ocr_hint: matches!(format, DocFormat::Pdf | DocFormat::Pptx) });
+        return Err(ExtractError::NoText {
+            ocr_hint: matches!(format, DocFormat::Pdf | DocFormat::Pptx),
+        });
     }
     Ok(extracted)
 }
@@ -500,23 +540,55 @@ mod tests {
 
     #[test]
     fn detect_prefers_a_pdf_signature_then_the_declared_type_then_the_name() {
-        assert_eq!(DocFormat::detect(Some("text/plain"), Some("a.txt"), b"%PDF-1.7\n"), Some(DocFormat::Pdf));
         assert_eq!(
-            DocFormat::detect(Some("application/vnd.openxmlformats-officedocument.wordprocessingml.document"), None, b"PK\x03\x04"),
+            DocFormat::detect(Some("text/plain"), Some("a.txt"), b"%PDF-1.7\n"),
+            Some(DocFormat::Pdf)
+        );
+        assert_eq!(
+            DocFormat::detect(
+                Some("application/vnd.openxmlformats-officedocument.wordprocessingml.document"),
+                None,
+                b"PK\x03\x04"
+            ),
             Some(DocFormat::Docx)
         );
-        assert_eq!(DocFormat::detect(Some("application/octet-stream"), Some("Deck.PPTX"), b"PK"), Some(DocFormat::Pptx));
-        assert_eq!(DocFormat::detect(None, Some("notes.md"), b"# x"), Some(DocFormat::Markdown));
-        assert_eq!(DocFormat::detect(Some("image/png"), Some("x.png"), b"\x89PNG"), None);
+        assert_eq!(
+            DocFormat::detect(Some("application/octet-stream"), Some("Deck.PPTX"), b"PK"),
+            Some(DocFormat::Pptx)
+        );
+        assert_eq!(
+            DocFormat::detect(None, Some("notes.md"), b"# x"),
+            Some(DocFormat::Markdown)
+        );
+        assert_eq!(
+            DocFormat::detect(Some("image/png"), Some("x.png"), b"\x89PNG"),
+            None
+        );
         assert_eq!(DocFormat::detect(None, None, b"\x89PNG\r\n\x1a\n\0\0"), None);
     }
 
     #[test]
     fn detect_sniffs_html_text_and_ooxml_parts() {
-        assert_eq!(DocFormat::detect(None, None, b"  <!DOCTYPE html><html>"), Some(DocFormat::Html));
-        assert_eq!(DocFormat::detect(None, None, "caf\u{e9} au lait".as_bytes()), Some(DocFormat::Text));
-        assert_eq!(DocFormat::detect(None, None, b"PK\x03\x04....[Content_Types].xml....xl/workbook.xml"), Some(DocFormat::Xlsx));
-        assert_eq!(DocFormat::detect(None, None, b"PK\x03\x04....word/document.xml"), Some(DocFormat::Docx));
+        assert_eq!(
+            DocFormat::detect(None, None, b"  <!DOCTYPE html><html>"),
+            Some(DocFormat::Html)
+        );
+        assert_eq!(
+            DocFormat::detect(None, None, "caf\u{e9} au lait".as_bytes()),
+            Some(DocFormat::Text)
+        );
+        assert_eq!(
+            DocFormat::detect(
+                None,
+                None,
+                b"PK\x03\x04....[Content_Types].xml....xl/workbook.xml"
+            ),
+            Some(DocFormat::Xlsx)
+        );
+        assert_eq!(
+            DocFormat::detect(None, None, b"PK\x03\x04....word/document.xml"),
+            Some(DocFormat::Docx)
+        );
     }
 
     #[test]

@@ -40,7 +40,9 @@ impl<'a> Package<'a> {
             .read_to_end(&mut out)
             .map_err(|e| ExtractError::Corrupt(format!("{kind} part {name}: {e}")))?;
         if out.len() as u64 > MAX_PART_BYTES {
-            return Err(ExtractError::Corrupt(format!("{kind} part {name} inflates past {MAX_PART_BYTES} bytes")));
+            return Err(ExtractError::Corrupt(format!(
+                "{kind} part {name} inflates past {MAX_PART_BYTES} bytes"
+            )));
         }
         Ok(Some(out))
     }
@@ -56,7 +58,11 @@ impl<'a> Package<'a> {
     /// id → target, resolved against the part's folder.
     pub(crate) fn relationships(&mut self, part: &str) -> Result<HashMap<String, String>, ExtractError> {
         let (dir, file) = part.rsplit_once('/').unwrap_or(("", part));
-        let rels_name = if dir.is_empty() { format!("_rels/{file}.rels") } else { format!("{dir}/_rels/{file}.rels") };
+        let rels_name = if dir.is_empty() {
+            format!("_rels/{file}.rels")
+        } else {
+            format!("{dir}/_rels/{file}.rels")
+        };
         let Some(xml) = self.part(&rels_name)? else {
             return Ok(HashMap::new());
         };
@@ -110,7 +116,11 @@ pub(crate) fn attr(e: &BytesStart<'_>, local: &str) -> Option<String> {
             let key: &str = a.key.0;
             key.rsplit_once(':').map_or(key, |(_, l)| l) == local
         })
-        .and_then(|a| a.normalized_value(quick_xml::XmlVersion::default()).ok().map(|v| v.into_owned()))
+        .and_then(|a| {
+            a.normalized_value(quick_xml::XmlVersion::default())
+                .ok()
+                .map(|v| v.into_owned())
+        })
 }
 
 /// The text an event adds: character data, CDATA, or a resolved entity reference.
@@ -132,8 +142,7 @@ pub(crate) fn text_piece(event: &Event<'_>) -> Option<String> {
 /// A part's XML as text (OOXML parts are UTF-8, with or without a BOM).
 pub(crate) fn utf8<'b>(kind: &str, part: &str, bytes: &'b [u8]) -> Result<&'b str, ExtractError> {
     let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
-    std::str::from_utf8(bytes)
-        .map_err(|_| ExtractError::Corrupt(format!("{kind} part {part} is not UTF-8")))
+    std::str::from_utf8(bytes).map_err(|_| ExtractError::Corrupt(format!("{kind} part {part} is not UTF-8")))
 }
 
 pub(crate) fn xml_error(kind: &str, part: &str, e: &dyn std::fmt::Display) -> ExtractError {

@@ -11,13 +11,20 @@ use super::{DocFormat, ExtractError, Extracted, Limits, Section};
 
 pub(crate) fn extract(bytes: &[u8], limits: Limits) -> Result<Extracted, ExtractError> {
     if !bytes.starts_with(b"%PDF-") && !bytes[..bytes.len().min(1024)].windows(5).any(|w| w == b"%PDF-") {
-        return Err(ExtractError::Corrupt("not a PDF file (no %PDF- header)".to_owned()));
+        return Err(ExtractError::Corrupt(
+            "not a PDF file (no %PDF- header)".to_owned(),
+        ));
     }
     // Counting pages first costs one more parse of the cross-reference table, and spares the
     // layout pipeline on a document that will be refused anyway.
-    let pages = loader::load_pdf_from_bytes(bytes, None).map_err(corrupt)?.num_pages;
+    let pages = loader::load_pdf_from_bytes(bytes, None)
+        .map_err(corrupt)?
+        .num_pages;
     if pages > limits.max_pages {
-        return Err(ExtractError::TooManyPages { pages, max: limits.max_pages });
+        return Err(ExtractError::TooManyPages {
+            pages,
+            max: limits.max_pages,
+        });
     }
     let config = ProcessingConfig {
         quiet: true,
@@ -28,15 +35,27 @@ pub(crate) fn extract(bytes: &[u8], limits: Limits) -> Result<Extracted, Extract
     let pages = doc.number_of_pages.max(pages);
     let mut sections = Vec::with_capacity(pages as usize);
     for page in 1..=pages {
-        let kids: Vec<_> = doc.kids.iter().filter(|k| k.page_number() == Some(page)).cloned().collect();
+        let kids: Vec<_> = doc
+            .kids
+            .iter()
+            .filter(|k| k.page_number() == Some(page))
+            .cloned()
+            .collect();
         let markdown = if kids.is_empty() {
             String::new()
         } else {
-            let page_doc = PdfDocument { kids, ..PdfDocument::new(doc.file_name.clone()) };
+            let page_doc = PdfDocument {
+                kids,
+                ..PdfDocument::new(doc.file_name.clone())
+            };
             to_markdown(&page_doc).map_err(corrupt)?.trim().to_owned()
         };
         let title = markdown.lines().find_map(heading).map(|(_, t)| t.to_owned());
-        sections.push(Section { title, page: Some(page), markdown });
+        sections.push(Section {
+            title,
+            page: Some(page),
+            markdown,
+        });
     }
     Ok(Extracted::from_sections(DocFormat::Pdf, sections, Some(pages)))
 }

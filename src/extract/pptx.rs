@@ -19,20 +19,27 @@ pub(crate) fn extract(bytes: &[u8], limits: Limits) -> Result<Extracted, Extract
     let slide_ids = slide_rel_ids(utf8(KIND, PRESENTATION, &presentation)?)?;
     let pages = u32::try_from(slide_ids.len()).unwrap_or(u32::MAX);
     if pages > limits.max_pages {
-        return Err(ExtractError::TooManyPages { pages, max: limits.max_pages });
+        return Err(ExtractError::TooManyPages {
+            pages,
+            max: limits.max_pages,
+        });
     }
     let mut sections = Vec::with_capacity(slide_ids.len());
     for (i, id) in slide_ids.iter().enumerate() {
         let number = u32::try_from(i + 1).unwrap_or(u32::MAX);
-        let path = rels
-            .get(id)
-            .ok_or_else(|| ExtractError::Corrupt(format!("PPTX slide {number} has no part (relationship {id})")))?;
+        let path = rels.get(id).ok_or_else(|| {
+            ExtractError::Corrupt(format!("PPTX slide {number} has no part (relationship {id})"))
+        })?;
         let xml = pkg.required(path)?;
         let (title, blocks) = slide(utf8(KIND, path, &xml)?, path)?;
         let heading = title.clone().unwrap_or_else(|| format!("Slide {number}"));
         let mut all = vec![Block::Heading(2, heading)];
         all.extend(blocks);
-        sections.push(Section { title, page: Some(number), markdown: render(&all) });
+        sections.push(Section {
+            title,
+            page: Some(number),
+            markdown: render(&all),
+        });
     }
     Ok(Extracted::from_sections(DocFormat::Pptx, sections, Some(pages)))
 }
@@ -41,7 +48,10 @@ fn slide_rel_ids(xml: &str) -> Result<Vec<String>, ExtractError> {
     let mut reader = Reader::from_str(xml);
     let mut ids = Vec::new();
     loop {
-        match reader.read_event().map_err(|e| xml_error(KIND, PRESENTATION, &e))? {
+        match reader
+            .read_event()
+            .map_err(|e| xml_error(KIND, PRESENTATION, &e))?
+        {
             Event::Start(e) | Event::Empty(e) if name(&e) == "sldId" => ids.extend(relationship_id(&e)),
             Event::Eof => break,
             _ => {}
@@ -55,7 +65,11 @@ fn relationship_id(e: &quick_xml::events::BytesStart<'_>) -> Option<String> {
     e.attributes()
         .flatten()
         .find(|a| a.key.0.ends_with(":id"))
-        .and_then(|a| a.normalized_value(quick_xml::XmlVersion::default()).ok().map(|v| v.into_owned()))
+        .and_then(|a| {
+            a.normalized_value(quick_xml::XmlVersion::default())
+                .ok()
+                .map(|v| v.into_owned())
+        })
 }
 
 #[derive(Debug, Default)]
@@ -152,8 +166,16 @@ fn slide(xml: &str, path: &str) -> Result<(Option<String>, Vec<Block>), ExtractE
                             let text = text.to_owned();
                             let block = match p.bullet {
                                 _ if p.no_bullet => Block::Paragraph(text),
-                                Some(ordered) => Block::Item { level: p.level, ordered, text },
-                                None if bulleted_by_default => Block::Item { level: p.level, ordered: false, text },
+                                Some(ordered) => Block::Item {
+                                    level: p.level,
+                                    ordered,
+                                    text,
+                                },
+                                None if bulleted_by_default => Block::Item {
+                                    level: p.level,
+                                    ordered: false,
+                                    text,
+                                },
                                 None => Block::Paragraph(text),
                             };
                             blocks.push(block);

@@ -28,7 +28,9 @@ fn w_para(style: Option<&str>, num: Option<(u32, u32)>, text: &str) -> String {
         ppr.push_str(&format!(r#"<w:pStyle w:val="{s}"/>"#));
     }
     if let Some((id, lvl)) = num {
-        ppr.push_str(&format!(r#"<w:numPr><w:ilvl w:val="{lvl}"/><w:numId w:val="{id}"/></w:numPr>"#));
+        ppr.push_str(&format!(
+            r#"<w:numPr><w:ilvl w:val="{lvl}"/><w:numId w:val="{id}"/></w:numPr>"#
+        ));
     }
     format!(r#"<w:p><w:pPr>{ppr}</w:pPr><w:r><w:t xml:space="preserve">{text}</w:t></w:r></w:p>"#)
 }
@@ -55,19 +57,37 @@ pub fn docx() -> Vec<u8> {
 pub fn docx_with_paragraphs(extra: usize) -> Vec<u8> {
     let mut body = String::new();
     body.push_str(&w_para(Some("Heading1"), None, "Coaching Plan"));
-    body.push_str(&w_para(None, None, "This plan covers the next quarter &amp; beyond."));
+    body.push_str(&w_para(
+        None,
+        None,
+        "This plan covers the next quarter &amp; beyond.",
+    ));
     body.push_str(&w_para(Some("Heading2"), None, "Goals"));
-    body.push_str(&w_para(Some("ListParagraph"), Some((1, 0)), "Run three times a week"));
-    body.push_str(&w_para(Some("ListParagraph"), Some((1, 1)), "Start with 20 minutes"));
+    body.push_str(&w_para(
+        Some("ListParagraph"),
+        Some((1, 0)),
+        "Run three times a week",
+    ));
+    body.push_str(&w_para(
+        Some("ListParagraph"),
+        Some((1, 1)),
+        "Start with 20 minutes",
+    ));
     body.push_str(&w_para(Some("ListParagraph"), Some((1, 0)), "Sleep eight hours"));
     body.push_str(&w_para(Some("ListParagraph"), Some((2, 0)), "Water"));
     body.push_str(&w_para(Some("ListParagraph"), Some((2, 0)), "Protein"));
     body.push_str(&w_para(Some("Heading2"), None, "Schedule"));
-    body.push_str(&w_table(&[&["Day", "Activity", "Minutes"], &["Monday", "Run", "20"], &["Wednesday", "Swim", "30"]]));
+    body.push_str(&w_table(&[
+        &["Day", "Activity", "Minutes"],
+        &["Monday", "Run", "20"],
+        &["Wednesday", "Swim", "30"],
+    ]));
     for i in 0..extra {
         body.push_str(&w_para(None, None, &format!("Paragraph {i}: notes from the session about progress and the next steps agreed with the client.")));
     }
-    let document = format!(r#"<?xml version="1.0" encoding="UTF-8" standalone="yes"?><w:document {W}><w:body>{body}<w:sectPr/></w:body></w:document>"#);
+    let document = format!(
+        r#"<?xml version="1.0" encoding="UTF-8" standalone="yes"?><w:document {W}><w:body>{body}<w:sectPr/></w:body></w:document>"#
+    );
     let styles = format!(
         r#"<?xml version="1.0" encoding="UTF-8"?><w:styles {W}><w:style w:type="paragraph" w:styleId="Heading1"><w:name w:val="heading 1"/></w:style><w:style w:type="paragraph" w:styleId="Heading2"><w:name w:val="heading 2"/></w:style><w:style w:type="paragraph" w:styleId="ListParagraph"><w:name w:val="List Paragraph"/></w:style></w:styles>"#
     );
@@ -97,13 +117,19 @@ fn p_shape(placeholder: Option<&str>, paras: &[(u8, &str)]) -> String {
     };
     let mut body = String::new();
     for (lvl, text) in paras {
-        body.push_str(&format!(r#"<a:p><a:pPr lvl="{lvl}"/><a:r><a:rPr lang="en-US"/><a:t>{text}</a:t></a:r></a:p>"#));
+        body.push_str(&format!(
+            r#"<a:p><a:pPr lvl="{lvl}"/><a:r><a:rPr lang="en-US"/><a:t>{text}</a:t></a:r></a:p>"#
+        ));
     }
-    format!(r#"<p:sp><p:nvSpPr><p:cNvPr id="2" name="s"/><p:cNvSpPr/><p:nvPr>{ph}</p:nvPr></p:nvSpPr><p:spPr/><p:txBody><a:bodyPr/>{body}</p:txBody></p:sp>"#)
+    format!(
+        r#"<p:sp><p:nvSpPr><p:cNvPr id="2" name="s"/><p:cNvSpPr/><p:nvPr>{ph}</p:nvPr></p:nvSpPr><p:spPr/><p:txBody><a:bodyPr/>{body}</p:txBody></p:sp>"#
+    )
 }
 
 fn p_table(rows: &[&[&str]]) -> String {
-    let mut t = String::from(r#"<p:graphicFrame><p:nvGraphicFramePr><p:cNvPr id="4" name="t"/><p:cNvGraphicFramePr/><p:nvPr/></p:nvGraphicFramePr><p:xfrm/><a:graphic><a:graphicData uri="http://schemas.openxmlformats.org/drawingml/2006/table"><a:tbl><a:tblGrid/>"#);
+    let mut t = String::from(
+        r#"<p:graphicFrame><p:nvGraphicFramePr><p:cNvPr id="4" name="t"/><p:cNvGraphicFramePr/><p:nvPr/></p:nvGraphicFramePr><p:xfrm/><a:graphic><a:graphicData uri="http://schemas.openxmlformats.org/drawingml/2006/table"><a:tbl><a:tblGrid/>"#,
+    );
     for row in rows {
         t.push_str(r#"<a:tr h="370840">"#);
         for cell in *row {
@@ -116,7 +142,9 @@ fn p_table(rows: &[&[&str]]) -> String {
 }
 
 fn p_slide(shapes: &str) -> String {
-    format!(r#"<?xml version="1.0" encoding="UTF-8" standalone="yes"?><p:sld {P_NS}><p:cSld><p:spTree><p:nvGrpSpPr><p:cNvPr id="1" name=""/><p:cNvGrpSpPr/><p:nvPr/></p:nvGrpSpPr><p:grpSpPr/>{shapes}</p:spTree></p:cSld></p:sld>"#)
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8" standalone="yes"?><p:sld {P_NS}><p:cSld><p:spTree><p:nvGrpSpPr><p:cNvPr id="1" name=""/><p:cNvGrpSpPr/><p:nvPr/></p:nvGrpSpPr><p:grpSpPr/>{shapes}</p:spTree></p:cSld></p:sld>"#
+    )
 }
 
 /// A PPTX of three slides: a title slide, a bulleted agenda with a sub-level, and a table.
@@ -128,12 +156,38 @@ pub fn pptx() -> Vec<u8> {
 /// [`pptx`] with `extra` more bulleted slides (for the benchmark).
 pub fn pptx_with_slides(extra: usize) -> Vec<u8> {
     let mut slides = vec![
-        p_slide(&(p_shape(Some("ctrTitle"), &[(0, "Kickoff")]) + &p_shape(Some("subTitle"), &[(0, "Spring programme")]))),
-        p_slide(&(p_shape(Some("title"), &[(0, "Agenda")]) + &p_shape(Some("obj"), &[(0, "Introductions"), (1, "Coach and client"), (0, "Goals for the quarter")]))),
-        p_slide(&(p_shape(Some("title"), &[(0, "Numbers")]) + &p_table(&[&["Metric", "Target"], &["Sessions", "12"], &["Check-ins", "24"]]))),
+        p_slide(
+            &(p_shape(Some("ctrTitle"), &[(0, "Kickoff")])
+                + &p_shape(Some("subTitle"), &[(0, "Spring programme")])),
+        ),
+        p_slide(
+            &(p_shape(Some("title"), &[(0, "Agenda")])
+                + &p_shape(
+                    Some("obj"),
+                    &[
+                        (0, "Introductions"),
+                        (1, "Coach and client"),
+                        (0, "Goals for the quarter"),
+                    ],
+                )),
+        ),
+        p_slide(
+            &(p_shape(Some("title"), &[(0, "Numbers")])
+                + &p_table(&[&["Metric", "Target"], &["Sessions", "12"], &["Check-ins", "24"]])),
+        ),
     ];
     for i in 0..extra {
-        slides.push(p_slide(&(p_shape(Some("title"), &[(0, &format!("Topic {i}"))]) + &p_shape(Some("body"), &[(0, "First point to discuss"), (1, "Detail"), (0, "Second point to discuss")]))));
+        slides.push(p_slide(
+            &(p_shape(Some("title"), &[(0, &format!("Topic {i}"))])
+                + &p_shape(
+                    Some("body"),
+                    &[
+                        (0, "First point to discuss"),
+                        (1, "Detail"),
+                        (0, "Second point to discuss"),
+                    ],
+                )),
+        ));
     }
     let n = slides.len();
     // Slide k of the presentation is stored as slide file n+1-k.
@@ -148,9 +202,15 @@ pub fn pptx_with_slides(extra: usize) -> Vec<u8> {
         overrides.push_str(&format!(r#"<Override PartName="/ppt/slides/slide{file}.xml" ContentType="application/vnd.openxmlformats-officedocument.presentationml.slide+xml"/>"#));
         parts.push((format!("ppt/slides/slide{file}.xml"), slide));
     }
-    let presentation = format!(r#"<?xml version="1.0" encoding="UTF-8" standalone="yes"?><p:presentation {P_NS}><p:sldIdLst>{ids}</p:sldIdLst><p:sldSz cx="9144000" cy="6858000"/></p:presentation>"#);
-    let pres_rels = format!(r#"<?xml version="1.0" encoding="UTF-8"?><Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships">{rels}</Relationships>"#);
-    let content_types = format!(r#"<?xml version="1.0" encoding="UTF-8"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types"><Default Extension="rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/><Default Extension="xml" ContentType="application/xml"/><Override PartName="/ppt/presentation.xml" ContentType="application/vnd.openxmlformats-officedocument.presentationml.presentation.main+xml"/>{overrides}</Types>"#);
+    let presentation = format!(
+        r#"<?xml version="1.0" encoding="UTF-8" standalone="yes"?><p:presentation {P_NS}><p:sldIdLst>{ids}</p:sldIdLst><p:sldSz cx="9144000" cy="6858000"/></p:presentation>"#
+    );
+    let pres_rels = format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?><Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships">{rels}</Relationships>"#
+    );
+    let content_types = format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types"><Default Extension="rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/><Default Extension="xml" ContentType="application/xml"/><Override PartName="/ppt/presentation.xml" ContentType="application/vnd.openxmlformats-officedocument.presentationml.presentation.main+xml"/>{overrides}</Types>"#
+    );
     let root_rels = r#"<?xml version="1.0" encoding="UTF-8"?><Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships"><Relationship Id="rId1" Type="http://schemas.openxmlformats.org/officeDocument/2006/relationships/officeDocument" Target="ppt/presentation.xml"/></Relationships>"#;
     let mut all: Vec<(&str, String)> = vec![
         ("[Content_Types].xml", content_types),
@@ -172,12 +232,16 @@ fn x_sheet(rows: &[Vec<String>]) -> String {
             if cell.parse::<f64>().is_ok() {
                 data.push_str(&format!(r#"<c r="{at}"><v>{cell}</v></c>"#));
             } else {
-                data.push_str(&format!(r#"<c r="{at}" t="inlineStr"><is><t>{cell}</t></is></c>"#));
+                data.push_str(&format!(
+                    r#"<c r="{at}" t="inlineStr"><is><t>{cell}</t></is></c>"#
+                ));
             }
         }
         data.push_str("</row>");
     }
-    format!(r#"<?xml version="1.0" encoding="UTF-8" standalone="yes"?><worksheet xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"><sheetData>{data}</sheetData></worksheet>"#)
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8" standalone="yes"?><worksheet xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"><sheetData>{data}</sheetData></worksheet>"#
+    )
 }
 
 /// An XLSX of two sheets, "Clients" (a header and two rows) and "Sessions".
@@ -188,10 +252,18 @@ pub fn xlsx() -> Vec<u8> {
 /// [`xlsx`] with `extra` more rows on "Sessions" (for the benchmark).
 pub fn xlsx_with_rows(extra: usize) -> Vec<u8> {
     let s = |v: &[&str]| v.iter().map(|c| (*c).to_owned()).collect::<Vec<_>>();
-    let clients = vec![s(&["Name", "Goal", "Sessions"]), s(&["Ada", "Run 10k", "12"]), s(&["Grace", "Sleep better", "8"])];
+    let clients = vec![
+        s(&["Name", "Goal", "Sessions"]),
+        s(&["Ada", "Run 10k", "12"]),
+        s(&["Grace", "Sleep better", "8"]),
+    ];
     let mut sessions = vec![s(&["Date", "Client", "Minutes"]), s(&["2026-01-05", "Ada", "45"])];
     for i in 0..extra {
-        sessions.push(vec![format!("2026-02-{:02}", i % 28 + 1), "Grace".to_owned(), (30 + i % 30).to_string()]);
+        sessions.push(vec![
+            format!("2026-02-{:02}", i % 28 + 1),
+            "Grace".to_owned(),
+            (30 + i % 30).to_string(),
+        ]);
     }
     let workbook = r#"<?xml version="1.0" encoding="UTF-8" standalone="yes"?><workbook xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main" xmlns:r="http://schemas.openxmlformats.org/officeDocument/2006/relationships"><sheets><sheet name="Clients" sheetId="1" r:id="rId1"/><sheet name="Sessions" sheetId="2" r:id="rId2"/></sheets></workbook>"#;
     let wb_rels = r#"<?xml version="1.0" encoding="UTF-8"?><Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships"><Relationship Id="rId1" Type="http://schemas.openxmlformats.org/officeDocument/2006/relationships/worksheet" Target="worksheets/sheet1.xml"/><Relationship Id="rId2" Type="http://schemas.openxmlformats.org/officeDocument/2006/relationships/worksheet" Target="worksheets/sheet2.xml"/></Relationships>"#;
@@ -220,7 +292,8 @@ pub fn html() -> Vec<u8> {
 
 /// A Markdown text with two top-level sections.
 pub fn markdown() -> Vec<u8> {
-    b"# Intake\n\nFirst meeting.\n\n## Goals\n\n- Run\n- Sleep\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n".to_vec()
+    b"# Intake\n\nFirst meeting.\n\n## Goals\n\n- Run\n- Sleep\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n"
+        .to_vec()
 }
 
 fn text_op(ops: &mut Vec<Operation>, font: &str, size: i64, x: i64, y: i64, text: &str) {
@@ -244,26 +317,53 @@ pub fn pdf(pages: usize) -> Vec<u8> {
     let pages = pages.max(2);
     let mut doc = Document::with_version("1.5");
     let pages_id = doc.new_object_id();
-    let regular = doc.add_object(dictionary! {"Type" => "Font", "Subtype" => "Type1", "BaseFont" => "Helvetica"});
-    let bold = doc.add_object(dictionary! {"Type" => "Font", "Subtype" => "Type1", "BaseFont" => "Helvetica-Bold"});
+    let regular =
+        doc.add_object(dictionary! {"Type" => "Font", "Subtype" => "Type1", "BaseFont" => "Helvetica"});
+    let bold =
+        doc.add_object(dictionary! {"Type" => "Font", "Subtype" => "Type1", "BaseFont" => "Helvetica-Bold"});
     let resources = doc.add_object(dictionary! {"Font" => dictionary! {"F1" => regular, "F2" => bold}});
     let mut kids: Vec<Object> = Vec::new();
     for page in 1..=pages {
         let mut ops = Vec::new();
         // A running header and a page number, as real reports have: not content.
-        text_op(&mut ops, "F1", 9, 72, 760, "Coaching Programme - Quarterly Report");
+        text_op(
+            &mut ops,
+            "F1",
+            9,
+            72,
+            760,
+            "Coaching Programme - Quarterly Report",
+        );
         text_op(&mut ops, "F1", 9, 300, 40, &format!("{page}"));
         match page {
             1 => {
                 text_op(&mut ops, "F2", 24, 72, 720, "Quarterly Report");
-                text_op(&mut ops, "F1", 11, 72, 690, "This report summarises the coaching programme for the quarter.");
+                text_op(
+                    &mut ops,
+                    "F1",
+                    11,
+                    72,
+                    690,
+                    "This report summarises the coaching programme for the quarter.",
+                );
                 text_op(&mut ops, "F1", 11, 72, 660, "1. Collect the session data");
-                text_op(&mut ops, "F1", 11, 72, 645, "2. Review the results with the client");
+                text_op(
+                    &mut ops,
+                    "F1",
+                    11,
+                    72,
+                    645,
+                    "2. Review the results with the client",
+                );
                 text_op(&mut ops, "F1", 11, 72, 630, "3. Agree on the next goals");
             }
             2 => {
                 text_op(&mut ops, "F2", 24, 72, 720, "Results");
-                let rows = [["Client", "Sessions", "Score"], ["Ada", "12", "9"], ["Grace", "8", "7"]];
+                let rows = [
+                    ["Client", "Sessions", "Score"],
+                    ["Ada", "12", "9"],
+                    ["Grace", "8", "7"],
+                ];
                 let (left, top, w, h) = (72, 680, 150, 24);
                 ops.push(Operation::new("w", vec![1.into()]));
                 for r in 0..=3 {
@@ -282,7 +382,16 @@ pub fn pdf(pages: usize) -> Vec<u8> {
             n => {
                 text_op(&mut ops, "F2", 24, 72, 720, &format!("Progress Notes {n}"));
                 for i in 0..20 {
-                    text_op(&mut ops, "F1", 11, 72, 690 - i * 15, &format!("Line {i} of page {n}: notes on progress, obstacles and the plan for next week."));
+                    text_op(
+                        &mut ops,
+                        "F1",
+                        11,
+                        72,
+                        690 - i * 15,
+                        &format!(
+                            "Line {i} of page {n}: notes on progress, obstacles and the plan for next week."
+                        ),
+                    );
                 }
             }
         }
@@ -299,7 +408,9 @@ pub fn pdf(pages: usize) -> Vec<u8> {
     let count = i64::try_from(kids.len()).unwrap_or(0);
     doc.objects.insert(
         pages_id,
-        Object::Dictionary(dictionary! {"Type" => "Pages", "Kids" => kids, "Count" => count, "Resources" => resources}),
+        Object::Dictionary(
+            dictionary! {"Type" => "Pages", "Kids" => kids, "Count" => count, "Resources" => resources},
+        ),
     );
     let catalog = doc.add_object(dictionary! {"Type" => "Catalog", "Pages" => pages_id});
     doc.trailer.set("Root", catalog);

@@ -18,7 +18,12 @@ pub(crate) fn decode(bytes: &[u8]) -> String {
 pub(crate) fn extract_markdown(bytes: &[u8]) -> Extracted {
     let markdown = decode(bytes).trim().to_owned();
     let sections = sections_by_headings(&markdown);
-    Extracted { markdown, sections, pages: None, format: DocFormat::Markdown }
+    Extracted {
+        markdown,
+        sections,
+        pages: None,
+        format: DocFormat::Markdown,
+    }
 }
 
 pub(crate) fn extract_text(bytes: &[u8]) -> Extracted {
@@ -26,9 +31,18 @@ pub(crate) fn extract_text(bytes: &[u8]) -> Extracted {
     let sections = if markdown.is_empty() {
         Vec::new()
     } else {
-        vec![Section { title: None, page: None, markdown: markdown.clone() }]
+        vec![Section {
+            title: None,
+            page: None,
+            markdown: markdown.clone(),
+        }]
     };
-    Extracted { markdown, sections, pages: None, format: DocFormat::Text }
+    Extracted {
+        markdown,
+        sections,
+        pages: None,
+        format: DocFormat::Text,
+    }
 }
 
 #[cfg(test)]

@@ -26,7 +26,11 @@ pub(crate) fn extract(bytes: &[u8]) -> Result<Extracted, ExtractError> {
             markdown.push_str("\n\n");
             table(&mut markdown, &rows);
         }
-        sections.push(Section { title: Some(name), page: None, markdown });
+        sections.push(Section {
+            title: Some(name),
+            page: None,
+            markdown,
+        });
     }
     Ok(Extracted::from_sections(DocFormat::Xlsx, sections, None))
 }
