@@ -569,3 +569,47 @@ mod docling_stand_in {
         assert!(err.is_retryable());
     }
 }
+
+/// Processes whose command line holds `needle` (a marker passed as an argument).
+fn processes_with(needle: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|cmdline| {
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.contains(&&b"__extract"[..]) && args.contains(&needle.as_bytes())
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn dropping_the_extraction_kills_the_child() {
+    // An unusual page limit marks this test's child among the others running in parallel.
+    let marker = "987654";
+    let extractor = Extractor::new(ExtractSettings {
+        max_pages: marker.parse().unwrap(),
+        ..settings()
+    });
+    // Boxed, so that `drop` below ends the future itself (a pinned local would live on).
+    let mut work = Box::pin(extractor.extract(fault("hang"), DocFormat::Text));
+    let appeared = async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while processes_with(marker) == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        processes_with(marker) > 0
+    };
+    tokio::select! {
+        done = &mut work => panic!("the hang finished: {done:?}"),
+        seen = appeared => assert!(seen, "the child never showed up in /proc"),
+    }
+    drop(work);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while processes_with(marker) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child outlived its extraction"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
