@@ -24,6 +24,8 @@
 //! - [`coach`]: personas, prompt assembly, session notes.
 //! - [`transcribe`]: speech to text through an OpenAI-compatible `/audio/transcriptions`, long
 //!   audio decoded and split into chunks.
+//! - [`extract`]: documents (PDF, DOCX, PPTX, XLSX, HTML, Markdown, text) to Markdown, parsed in
+//!   a bounded child process (`coachd __extract`) or by docling-serve.
 //! - [`health`]: dependency checks; [`routes`]: the HTTP handlers, their extractors
 //!   (`routes::extract`), rate-limit enforcement (`routes::rate_limit`) and the shared request
 //!   validators (`routes::validate`).
@@ -33,8 +35,8 @@
 //! Imports point down; no two modules import each other (`tests/layers.rs` checks both). From the
 //! bottom:
 //! 1. `secret`, `redis`, `embed`, `error`: leaves every layer may use.
-//! 2. `context`, `memory`, `llm`, `transcribe`: the stores, the LLM gateway and the speech-to-text
-//!    client, each owning its settings type.
+//! 2. `context`, `memory`, `llm`, `transcribe`, `extract`: the stores, the LLM gateway, the
+//!    speech-to-text client and document extraction, each owning its settings type.
 //! 3. `persist`, `coach`, `session`, `transport`: the realtime core.
 //! 4. `config`: reads the environment into the settings types of the layers below, so it sits
 //!    above them and none of them imports it.
@@ -61,6 +63,7 @@ pub mod context;
 pub mod db;
 pub mod embed;
 pub mod error;
+pub mod extract;
 #[cfg(feature = "fake-upstream")]
 pub mod fake_upstream;
 pub mod health;

@@ -19,6 +19,8 @@ fn main() -> ExitCode {
     let command = std::env::args().nth(1).unwrap_or_else(|| "serve".to_owned());
     match command.as_str() {
         "serve" | "migrate" => {}
+        // Hidden: one document parse in a child process (see `extract`); no settings, no runtime.
+        coachd::extract::CHILD_COMMAND => return coachd::extract::run_child(std::env::args().skip(2)),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

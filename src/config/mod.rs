@@ -6,6 +6,7 @@
 //! are; everything coachd adds is `COACHD_`-prefixed.
 
 mod api;
+mod extract;
 mod llm;
 mod realtime;
 mod source;
@@ -25,6 +26,7 @@ pub use source::{Env, Source};
 
 use crate::context::ContextLimits;
 use crate::embed::EmbeddingSettings;
+use crate::extract::ExtractSettings;
 use crate::llm::LlmSettings;
 use crate::memory::MemorySettings;
 pub use crate::secret::{Secret, ServiceUrl};
@@ -99,6 +101,8 @@ pub struct Settings {
     pub realtime: RealtimeSettings,
     /// The speech-to-text client (`COACHD_TRANSCRIBE_*`).
     pub transcribe: TranscribeSettings,
+    /// Document extraction: `COACHD_EXTRACT_*`, `DOCLING_SERVE_URL`, `DOCLING_SERVE_API_KEY`.
+    pub extract: ExtractSettings,
     /// `COACHD_MAX_TRANSCRIPT_CHARS`: longest transcript for notes.
     pub max_transcript_chars: usize,
     /// `COACHD_PERSONAS_FILE`: TOML file of extra or replacing coach personas.
@@ -221,6 +225,7 @@ impl Settings {
             llm: llm::read(&r)?,
             realtime,
             transcribe: transcribe::read(&r)?,
+            extract: extract::read(&r)?,
             max_transcript_chars: r.int("COACHD_MAX_TRANSCRIPT_CHARS", 200_000, 1, 10_000_000)?,
             personas_file: r.raw("COACHD_PERSONAS_FILE").map(PathBuf::from),
             supabase_jwt_secret: r.secret("SUPABASE_JWT_SECRET"),
