@@ -29,6 +29,8 @@ use crate::error::Error;
 use crate::memory::{InProcessMemoryStore, MemoryLimits, MemoryStore, PgMemoryStore};
 use crate::persist::WriteBehind;
 use crate::redis::RedisConn;
+use crate::session::cluster::{Cluster, shared_token_secret};
+use crate::session::store::{RedisEventStore, StoreLimits};
 use crate::session::token::TokenKey;
 use crate::session::{ConnectionManager, Deps, Stats};
 use crate::state::AppState;
@@ -234,11 +236,42 @@ impl Application {
             stats: Arc::new(Stats::default()),
             shutdown: shutdown.clone(),
         };
-        if rt.token_secret.is_none() {
-            tracing::info!("COACHD_SESSION_TOKEN_SECRET unset: session tokens are valid on this node only");
-        }
-        let session_tokens = TokenKey::new(rt.token_secret.as_ref(), rt.token_ttl);
-        let sessions = Arc::new(ConnectionManager::new(deps, tasks.clone()));
+        let cluster = redis.as_ref().map(|conn| {
+            let limits = StoreLimits {
+                log_events: rt.sessions.log_events,
+                session_ttl: settings.cluster.session_ttl,
+                lease_ttl: settings.cluster.lease_ttl,
+            };
+            let store = RedisEventStore::new(conn.pool.clone(), prefix, limits);
+            Cluster::new(settings.cluster.clone(), store)
+        });
+        let token_secret = match (&rt.token_secret, &redis) {
+            (Some(secret), _) => Some(secret.clone()),
+            // Several nodes on one Redis must accept each other's tokens: share one key there
+            // rather than refuse to start, so a default deployment works on any number of nodes.
+            (None, Some(conn)) => {
+                match shared_token_secret(&conn.pool, prefix, settings.redis_command_timeout * 2).await {
+                    Ok(secret) => {
+                        tracing::info!(
+                            "COACHD_SESSION_TOKEN_SECRET unset: using the key shared through Redis (made by the first node), so every node accepts the session tokens"
+                        );
+                        Some(secret)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "COACHD_SESSION_TOKEN_SECRET unset and Redis did not answer: session tokens are valid on this node only; set the secret on every node");
+                        None
+                    }
+                }
+            }
+            (None, None) => {
+                tracing::info!(
+                    "COACHD_SESSION_TOKEN_SECRET unset: session tokens are valid on this node only"
+                );
+                None
+            }
+        };
+        let session_tokens = TokenKey::new(token_secret.as_ref(), rt.token_ttl);
+        let sessions = Arc::new(ConnectionManager::new(deps, tasks.clone()).with_cluster(cluster));
         let state = AppState {
             settings,
             db,
@@ -303,6 +336,7 @@ impl Application {
             write_tasks,
             write_stop,
         } = self;
+        state.sessions.start_cluster();
         let token = state.shutdown.clone();
         let draining = state.draining.clone();
         let grace = state.settings.shutdown_grace;
@@ -320,7 +354,7 @@ impl Application {
         let server = axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
         let server = server.into_future();
         tokio::pin!(server);
-        tracing::info!(%addr, "coachd listening");
+        tracing::info!(%addr, node_id = %state.settings.cluster.node_id, "coachd listening");
 
         let stop_token = draining.clone();
         let ended = tokio::select! {

@@ -6,6 +6,7 @@
 //! are; everything coachd adds is `COACHD_`-prefixed.
 
 mod api;
+mod cluster;
 mod llm;
 mod realtime;
 mod source;
@@ -95,6 +96,8 @@ pub struct Settings {
     pub llm: LlmSettings,
     /// Live sessions and transports.
     pub realtime: RealtimeSettings,
+    /// This node in a cluster (`COACHD_NODE_ID`, `COACHD_CLUSTER_*`; used with `REDIS_URL`).
+    pub cluster: crate::session::cluster::ClusterSettings,
     /// `COACHD_MAX_TRANSCRIPT_CHARS`: longest transcript for notes.
     pub max_transcript_chars: usize,
     /// `COACHD_PERSONAS_FILE`: TOML file of extra or replacing coach personas.
@@ -216,6 +219,7 @@ impl Settings {
             memory,
             llm: llm::read(&r)?,
             realtime,
+            cluster: cluster::read(&r)?,
             max_transcript_chars: r.int("COACHD_MAX_TRANSCRIPT_CHARS", 200_000, 1, 10_000_000)?,
             personas_file: r.raw("COACHD_PERSONAS_FILE").map(PathBuf::from),
             supabase_jwt_secret: r.secret("SUPABASE_JWT_SECRET"),

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use super::event::{EventBody, Published, envelope};
 
@@ -22,6 +22,8 @@ pub struct EventLog {
     envelope: String,
     capacity: usize,
     inner: Mutex<Inner>,
+    /// Woken after each publish when a shared-log writer follows this log (multi-node mode).
+    follower: Option<Arc<Notify>>,
 }
 
 #[derive(Debug)]
@@ -56,16 +58,28 @@ pub struct Subscription {
 impl EventLog {
     /// An empty log keeping the last `capacity` events.
     pub fn new(session_id: &str, capacity: usize) -> Self {
+        Self::starting_at(session_id, capacity, 0, None)
+    }
+
+    /// A log whose next seq follows `last_seq`, and whose publishes wake `follower` (the
+    /// session's writer to the shared log, which reads with [`EventLog::since`]).
+    pub fn starting_at(
+        session_id: &str,
+        capacity: usize,
+        last_seq: u64,
+        follower: Option<Arc<Notify>>,
+    ) -> Self {
         EventLog {
             session_id: session_id.to_owned(),
             envelope: envelope(session_id),
             capacity: capacity.max(1),
             inner: Mutex::new(Inner {
-                last_seq: 0,
+                last_seq,
                 ring: VecDeque::new(),
                 subscribers: Vec::new(),
                 closed: false,
             }),
+            follower,
         }
     }
 
@@ -80,7 +94,29 @@ impl EventLog {
         inner.last_seq += 1;
         let seq = inner.last_seq;
         let event = Arc::new(Published::with_envelope(&self.envelope, seq, body));
-        if inner.ring.len() == self.capacity {
+        Self::fan_out(&mut inner, self.capacity, event);
+        drop(inner);
+        if let Some(follower) = &self.follower {
+            // A stored permit when the writer is busy: it reads everything new when it looks.
+            follower.notify_one();
+        }
+        seq
+    }
+
+    /// Logs an event numbered elsewhere (a relay of another node's log) and hands it to every
+    /// live queue; an event at or below the last seq is a duplicate and dropped (`false`).
+    pub fn insert(&self, event: Arc<Published>) -> bool {
+        let mut inner = self.lock();
+        if event.seq <= inner.last_seq || inner.closed {
+            return false;
+        }
+        inner.last_seq = event.seq;
+        Self::fan_out(&mut inner, self.capacity, event);
+        true
+    }
+
+    fn fan_out(inner: &mut Inner, capacity: usize, event: Arc<Published>) {
+        if inner.ring.len() == capacity {
             inner.ring.pop_front();
         }
         inner.ring.push_back(event.clone());
@@ -92,7 +128,27 @@ impl EventLog {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         });
-        seq
+    }
+
+    /// Up to `max` logged events after `after_seq`, and whether some after it were already
+    /// dropped from the ring (a gap for whoever reads this late).
+    pub fn since(&self, after_seq: u64, max: usize) -> (Vec<Arc<Published>>, bool) {
+        let inner = self.lock();
+        let oldest = inner.ring.front().map_or(inner.last_seq + 1, |e| e.seq);
+        let gap = after_seq < inner.last_seq && after_seq + 1 < oldest;
+        let events = inner
+            .ring
+            .iter()
+            .filter(|e| e.seq > after_seq)
+            .take(max)
+            .cloned()
+            .collect();
+        (events, gap)
+    }
+
+    /// Whether [`EventLog::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
     }
 
     /// Attaches a connection. With `after_seq`, logged events after it are replayed (or a resync is
@@ -146,6 +202,10 @@ impl EventLog {
         let mut inner = self.lock();
         inner.closed = true;
         inner.subscribers.clear();
+        drop(inner);
+        if let Some(follower) = &self.follower {
+            follower.notify_one();
+        }
     }
 
     /// The session id.
