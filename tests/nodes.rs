@@ -543,3 +543,41 @@ async fn a_redis_restart_under_load_ends_every_stream_cleanly_or_with_a_resync()
     }
     redis.kill().await;
 }
+
+#[tokio::test]
+async fn a_node_that_shuts_down_hands_its_sessions_to_the_next_node_that_touches_them() {
+    let fake = FakeUpstream::start().await.unwrap();
+    fake.set_default(Script::text("one two three"));
+    let mut apps = nodes(2, &fake, None).await;
+    let b = apps.pop().unwrap();
+    let a = apps.pop().unwrap();
+    let session = a.create_session("u5", "sales", "websocket").await;
+    let mut ws_b = ws_connect(&b, &session, "").await;
+    let (status, _) = post(
+        &b,
+        &format!("/realtime/sessions/{}/turn", session.id),
+        json!({"text": "first"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    ws_turn(&mut ws_b, 1).await;
+
+    a.stop().await.unwrap();
+    // A said it was going; B's client stays attached (the session is not over).
+    let note = ws_until(&mut ws_b, "error").await;
+    assert_eq!(note.last().unwrap()["code"], "server_shutdown");
+
+    let (status, reply) = post(
+        &b,
+        &format!("/realtime/sessions/{}/turn", session.id),
+        json!({"text": "second"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["turn_number"], 2);
+    let events = ws_turn(&mut ws_b, 2).await;
+    assert_eq!(events.last().unwrap()["reply_text"], "one two three");
+    let stats: Value = b.get("/realtime/stats").await.json().await.unwrap();
+    assert_eq!(stats["cluster"]["counters"]["takeovers"], 1);
+    b.stop().await.unwrap();
+}

@@ -234,7 +234,10 @@ impl Actor {
                 }
             }
         }
-        if ended_by != EndedBy::Ended {
+        // A shared session outlives its node's shutdown: another node takes it over on its next
+        // command, so its relays there must not hear that it ended.
+        let handed_over = ended_by == EndedBy::Shutdown && self.ended_tx.is_some();
+        if ended_by != EndedBy::Ended && !handed_over {
             self.handle.log.publish(self.session_event(SessionStatus::Ended));
         }
         if let Some(tx) = self.ended_tx.take() {
