@@ -294,6 +294,7 @@ async fn when_the_owner_loses_its_lease_mid_turn_another_node_takes_over_and_sto
     let apps = nodes(3, &fake, None).await;
     let (a, b, c) = (&apps[0], &apps[1], &apps[2]);
     let session = a.create_session("u4", "sales", "websocket").await;
+    let mut ws_a = ws_connect(a, &session, "").await;
     let mut ws_b = ws_connect(b, &session, "").await;
     ws_send(
         &mut ws_b,
@@ -331,6 +332,15 @@ async fn when_the_owner_loses_its_lease_mid_turn_another_node_takes_over_and_sto
         1,
         "the fenced owner dropped its upstream request"
     );
+
+    // A's own client is told the session moved, so it reconnects instead of giving up.
+    let code = loop {
+        match ws_next(&mut ws_a).await {
+            WsRead::Event(_) => {}
+            WsRead::Close(code) => break code,
+        }
+    };
+    assert_eq!(code, Some(4003));
 
     // B's relay notices the lapsed lease and takes over; the streaming turn ends interrupted
     // with the partial text that reached the log.

@@ -32,6 +32,8 @@ struct Inner {
     ring: VecDeque<Arc<Published>>,
     subscribers: Vec<Subscriber>,
     closed: bool,
+    /// Closed because another node runs the session now.
+    moved: bool,
 }
 
 #[derive(Debug)]
@@ -78,6 +80,7 @@ impl EventLog {
                 ring: VecDeque::new(),
                 subscribers: Vec::new(),
                 closed: false,
+                moved: false,
             }),
             follower,
         }
@@ -144,6 +147,18 @@ impl EventLog {
             .cloned()
             .collect();
         (events, gap)
+    }
+
+    /// Closes the log because another node runs the session now (see [`EventLog::moved`]).
+    pub fn close_moved(&self) {
+        self.lock().moved = true;
+        self.close();
+    }
+
+    /// Whether the log was closed because the session moved to another node: its connections
+    /// should reconnect (and land on the new owner or a relay of it), not take the session as over.
+    pub fn moved(&self) -> bool {
+        self.lock().moved
     }
 
     /// Whether [`EventLog::close`] was called.

@@ -185,7 +185,7 @@ impl Actor {
                     // Another node holds the lease: it runs the session now, and ends the turn
                     // streaming here. Stop without a word (this node may not write any more).
                     self.current = None;
-                    self.handle.log.close();
+                    self.handle.log.close_moved();
                     self.registry.forget(&self.handle.id);
                     self.writer.flush().await;
                     return;
