@@ -269,9 +269,18 @@ async fn metadata_follows_progress_and_end(b: &Backend) {
             user_text: "and then?".into(),
         }),
     };
-    s.append("s5", &lease, &tokens("s5", 1..=9), &progress)
-        .await
-        .unwrap();
+    // Progress moves with a turn's start or end (the writer tracks it from the events).
+    let mut batch = tokens("s5", 1..=8);
+    batch.push(Arc::new(Published::new(
+        "s5",
+        9,
+        EventBody::TurnStart {
+            turn_number: 3,
+            user_text: "and then?".into(),
+            client_id: None,
+        },
+    )));
+    s.append("s5", &lease, &batch, &progress).await.unwrap();
     let m = s.meta("s5").await.unwrap().unwrap();
     assert_eq!((m.user_id.as_str(), m.coach_id.as_str()), ("u1", "c1"));
     assert_eq!(m.transport, TransportKind::WebSocket);

@@ -161,7 +161,8 @@ pub trait EventStore: Send + Sync + fmt::Debug {
     async fn owner(&self, session_id: &str) -> Result<Option<Lease>, StoreError>;
 
     /// Appends events (ascending seq), publishing each to the session's channel, and records the
-    /// progress, all only if `lease` is still the session's lease.
+    /// progress as of the last of them (only a turn's start or end changes it, so a batch without
+    /// one may leave it as stored), all only if `lease` is still the session's lease.
     async fn append(
         &self,
         session_id: &str,

@@ -17,7 +17,7 @@ use super::{
     new_epoch,
 };
 use crate::redis::Script;
-use crate::session::event::{EndedBy, Published, SessionStatus};
+use crate::session::event::{EndedBy, EventBody, Published, SessionStatus};
 
 /// KEYS: meta, lease, fence. ARGV: info JSON, progress JSON, node, lease ms, ttl ms.
 static CREATE: Script = Script::new(
@@ -54,15 +54,19 @@ return 1
 );
 
 /// KEYS: lease, seq, log, meta. ARGV: lease value, maxlen, ttl ms, channel, fresh epoch,
-/// progress JSON, then (seq, event JSON) pairs in ascending seq. Returns {last seq, epoch}, or
-/// {-1, ''} when fenced.
+/// progress JSON (empty: unchanged), then (seq, event JSON) pairs in ascending seq. Returns
+/// {last seq, epoch}, or {-1, ''} when fenced. The keys' TTLs are set when the log starts and
+/// refreshed by every lease renewal, not here: an append on the token's way costs as few
+/// commands as it can.
 static APPEND: Script = Script::new(
     r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1, ''} end
-local epoch = redis.call('HGET', KEYS[2], 'epoch')
-local last = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
+local c = redis.call('HMGET', KEYS[2], 'epoch', 'seq')
+local epoch = c[1]
+local last = tonumber(c[2] or '0')
 local last_s = tostring(last)
-if not epoch then
+local fresh = not epoch
+if fresh then
   -- The counter is gone (restart, eviction): a new epoch, and no entries of the old one.
   epoch = ARGV[5]
   redis.call('DEL', KEYS[3])
@@ -75,9 +79,15 @@ for i = 7, #ARGV, 2 do
     last_s = ARGV[i]
   end
 end
-redis.call('HSET', KEYS[2], 'seq', last_s, 'epoch', epoch)
-redis.call('HSET', KEYS[4], 'progress', ARGV[6])
-for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+if fresh then
+  redis.call('HSET', KEYS[2], 'seq', last_s, 'epoch', epoch)
+  for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+else
+  redis.call('HSET', KEYS[2], 'seq', last_s)
+end
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[4], 'progress', ARGV[6])
+end
 return {last_s, epoch}
 ",
 );
@@ -271,7 +281,17 @@ impl EventStore for RedisEventStore {
         args.push(millis(self.limits.session_ttl).into());
         args.push(self.channel(session_id).into());
         args.push(new_epoch().into());
-        args.push(json(progress)?.into());
+        let turn_moved = events
+            .iter()
+            .any(|e| matches!(e.body, EventBody::TurnStart { .. } | EventBody::TurnEnd { .. }));
+        args.push(
+            if turn_moved {
+                json(progress)?
+            } else {
+                String::new()
+            }
+            .into(),
+        );
         for event in events {
             args.push(event.seq.to_string().into());
             args.push(event.json.as_str().into());
