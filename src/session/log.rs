@@ -266,6 +266,43 @@ mod tests {
         assert_eq!(log.subscribe(Some(7), 4).replay.len(), 3);
     }
 
+    #[tokio::test]
+    async fn events_numbered_elsewhere_go_in_by_seq_and_duplicates_are_dropped() {
+        let log = EventLog::starting_at("s", 100, 10, None);
+        let mut sub = log.subscribe(None, 16);
+        let numbered = |seq| Arc::new(Published::new("s", seq, token(seq as u32)));
+        assert!(!log.insert(numbered(10)), "at or below the last seq");
+        assert!(log.insert(numbered(11)));
+        assert!(
+            log.insert(numbered(14)),
+            "a relay may jump (it logs a resync first)"
+        );
+        assert!(!log.insert(numbered(12)), "never back");
+        assert_eq!(sub.live.recv().await.unwrap().seq, 11);
+        assert_eq!(sub.live.recv().await.unwrap().seq, 14);
+        assert_eq!(log.publish(token(0)), 15, "publishing goes on from the last seq");
+    }
+
+    #[test]
+    fn a_follower_reads_what_is_new_and_learns_of_what_it_missed() {
+        let log = EventLog::new("s", 4);
+        for i in 0..3 {
+            log.publish(token(i));
+        }
+        let (events, gap) = log.since(1, 10);
+        assert_eq!(
+            (events.iter().map(|e| e.seq).collect::<Vec<_>>(), gap),
+            (vec![2, 3], false)
+        );
+        for i in 3..10 {
+            log.publish(token(i));
+        }
+        let (events, gap) = log.since(3, 2);
+        assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [7, 8]);
+        assert!(gap, "4..=6 are gone from the ring");
+        assert!(log.since(10, 10).0.is_empty());
+    }
+
     #[test]
     fn a_full_queue_detaches_the_slow_subscriber() {
         let log = EventLog::new("s", 100);

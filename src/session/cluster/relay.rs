@@ -133,6 +133,18 @@ impl Relay {
         self.insert(Arc::new(Published::new(&self.handle.id, seq, body)));
     }
 
+    /// [`Relay::on_message`], for the unit tests.
+    #[cfg(test)]
+    pub(crate) async fn on_message_for_test(&mut self, payload: &str) {
+        self.on_message(payload).await;
+    }
+
+    /// The cluster's counters (unit tests).
+    #[cfg(test)]
+    pub(crate) fn cluster_stats(&self) -> &super::ClusterStats {
+        &self.cluster.stats
+    }
+
     async fn on_message(&mut self, payload: &str) {
         let Some((epoch, event)) = parse_channel_message(payload) else {
             tracing::debug!(channel = %self.channel, "undecodable relay message");

@@ -273,3 +273,186 @@ async fn a_taken_over_session_ends_the_open_turn_as_interrupted_stores_it_and_go
     assert_eq!(shared.events.first().map(|e| e.seq), Some(42));
     h.stop().await;
 }
+
+/// A cluster member whose shared store is the in-process one; its Redis pool (for pub/sub,
+/// which these tests do not touch) points at a closed port and is never connected.
+fn relay_cluster(store: Arc<InProcessEventStore>) -> Arc<super::Cluster> {
+    use fred::prelude::{Builder, Config};
+    let config = Config::from_url("redis://127.0.0.1:1").unwrap();
+    let pool = Builder::from_config(config).build_pool(1).unwrap();
+    let redis = crate::session::store::RedisEventStore::new(
+        pool,
+        "t:",
+        StoreLimits {
+            log_events: 1_000,
+            session_ttl: Duration::from_secs(60),
+            lease_ttl: LEASE,
+        },
+    );
+    let cluster = super::Cluster::new(
+        super::ClusterSettings {
+            node_id: "node-b".into(),
+            lease_ttl: LEASE,
+            session_ttl: Duration::from_secs(60),
+            heartbeat: Duration::from_secs(5),
+            forward_timeout: Duration::from_secs(1),
+            relay_queue: 64,
+        },
+        redis,
+    );
+    let mut cluster = Arc::into_inner(cluster).unwrap();
+    cluster.shared = store;
+    Arc::new(cluster)
+}
+
+/// A relay on node B of session `s`, owned by node A through `store`, and the owner's lease.
+async fn relay_of(
+    store: &Arc<InProcessEventStore>,
+) -> (
+    super::relay::Relay,
+    crate::session::SessionHandle,
+    crate::session::store::Lease,
+) {
+    let h = harness(Setup::default());
+    let lease = store.create(&meta("s"), "node-a").await.unwrap();
+    let cluster = relay_cluster(store.clone());
+    let (tx, _rx) = tokio::sync::mpsc::channel(4);
+    let handle = h.manager.remote_handle(&meta("s"), tx);
+    let (_inbox_tx, inbox) = tokio::sync::mpsc::channel(4);
+    let relay = super::relay::Relay::new(
+        cluster,
+        std::sync::Weak::new(),
+        handle.clone(),
+        "ch".into(),
+        inbox,
+        1_000,
+    );
+    (relay, handle, lease)
+}
+
+fn tokens(from: u64, to: u64) -> Vec<Arc<crate::session::event::Published>> {
+    (from..=to)
+        .map(|seq| {
+            Arc::new(crate::session::event::Published::new(
+                "s",
+                seq,
+                token(&format!("w{seq}"), seq as u32),
+            ))
+        })
+        .collect()
+}
+
+fn payload(epoch: &str, event: &crate::session::event::Published) -> String {
+    crate::session::store::channel_message(epoch, event.json.as_str())
+}
+
+async fn epoch_of(store: &Arc<InProcessEventStore>) -> String {
+    store.history("s", 0, 1).await.unwrap().epoch.unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_relay_merges_history_and_live_messages_by_seq_without_duplicates_or_gaps() {
+    let store = store();
+    let (mut relay, handle, lease) = relay_of(&store).await;
+    store
+        .append("s", &lease, &tokens(1, 5), &Progress::default())
+        .await
+        .unwrap();
+    let epoch = epoch_of(&store).await;
+    // Subscribed first, so messages of events the history also holds arrive too.
+    relay.catch_up(true).await;
+    let mut sub = handle.subscribe(Some(0));
+    assert_eq!(
+        sub.replay.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    for event in tokens(4, 6) {
+        relay.on_message_for_test(&payload(&epoch, &event)).await;
+    }
+    // 7 and 8 were published while this node missed them; 9 arrives: the gap is read back.
+    store
+        .append("s", &lease, &tokens(6, 9), &Progress::default())
+        .await
+        .unwrap();
+    relay
+        .on_message_for_test(&payload(&epoch, &tokens(9, 9)[0]))
+        .await;
+    let mut live = Vec::new();
+    while let Ok(e) = sub.live.try_recv() {
+        live.push(e.seq);
+    }
+    assert_eq!(live, [6, 7, 8, 9]);
+    assert_eq!(relay.cluster_stats().relay_catch_ups.get(), 1);
+    assert_eq!(relay.cluster_stats().relay_resyncs.get(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_relay_whose_place_the_history_lost_logs_a_resync_in_its_place() {
+    let store = store();
+    let (mut relay, handle, lease) = relay_of(&store).await;
+    store
+        .append("s", &lease, &tokens(1, 3), &Progress::default())
+        .await
+        .unwrap();
+    relay.catch_up(true).await;
+    let mut sub = handle.subscribe(None);
+    // Redis lost the log while the owner went on (events 4..=9 are gone for good).
+    store.lose_log("s");
+    store
+        .append("s", &lease, &tokens(10, 11), &Progress::default())
+        .await
+        .unwrap();
+    let epoch = epoch_of(&store).await;
+    relay
+        .on_message_for_test(&payload(&epoch, &tokens(11, 11)[0]))
+        .await;
+
+    let resync = sub.live.try_recv().unwrap();
+    assert_eq!(resync.seq, 9, "in the place of the last lost event");
+    let EventBody::Resync { state, .. } = &resync.body else {
+        panic!("a resync first: {:?}", resync.body)
+    };
+    assert_eq!((state.oldest_seq, state.last_seq), (10, 11));
+    let after: Vec<u64> = std::iter::from_fn(|| sub.live.try_recv().ok())
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(after, [10, 11]);
+    assert_eq!(relay.cluster_stats().relay_resyncs.get(), 1);
+    // A client resuming from before the loss gets the resync in its replay, where the gap is.
+    let late = handle.subscribe(Some(2));
+    let replay: Vec<(u64, &str)> = late.replay.iter().map(|e| (e.seq, e.kind())).collect();
+    assert_eq!(
+        replay,
+        [(3, "token"), (9, "resync"), (10, "token"), (11, "token")]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_epoch_that_still_covers_the_relay_goes_on_without_a_resync() {
+    let store = store();
+    let (mut relay, handle, lease) = relay_of(&store).await;
+    store
+        .append("s", &lease, &tokens(1, 3), &Progress::default())
+        .await
+        .unwrap();
+    relay.catch_up(true).await;
+    let mut sub = handle.subscribe(None);
+    // Redis restarted between two appends: nothing this relay had not seen was lost.
+    store.lose_log("s");
+    store
+        .append("s", &lease, &tokens(4, 5), &Progress::default())
+        .await
+        .unwrap();
+    let epoch = epoch_of(&store).await;
+    relay
+        .on_message_for_test(&payload(&epoch, &tokens(4, 4)[0]))
+        .await;
+    relay
+        .on_message_for_test(&payload(&epoch, &tokens(5, 5)[0]))
+        .await;
+    let seqs: Vec<u64> = std::iter::from_fn(|| sub.live.try_recv().ok())
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, [4, 5]);
+    assert_eq!(relay.cluster_stats().relay_resyncs.get(), 0);
+}
