@@ -591,3 +591,61 @@ async fn a_node_that_shuts_down_hands_its_sessions_to_the_next_node_that_touches
     assert_eq!(stats["cluster"]["counters"]["takeovers"], 1);
     b.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_node_restarted_under_the_same_id_takes_back_a_lease_its_earlier_run_left() {
+    let fake = FakeUpstream::start().await.unwrap();
+    fake.set_default(Script::text("here again"));
+    let apps = nodes(2, &fake, None).await;
+    let (a, b) = (&apps[0], &apps[1]);
+    let session = b.create_session("u6", "sales", "http").await;
+    // The lease says node-a holds the session for another minute, as if an earlier run of
+    // node-a had taken it over and died; B, fenced by it, stops the session.
+    let redis = redis_client(&common::redis_url()).await;
+    let lease_key = format!(
+        "{}sess:{{{}}}:lease",
+        b.state.settings.redis_key_prefix, session.id
+    );
+    redis
+        .set::<(), _, _>(
+            &lease_key,
+            "node-a/999999",
+            Some(fred::types::Expiration::PX(60_000)),
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+    let mut fenced = 0;
+    for _ in 0..100 {
+        let stats: Value = b.get("/realtime/stats").await.json().await.unwrap();
+        fenced = stats["cluster"]["counters"]["fenced"].as_u64().unwrap();
+        if fenced == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(fenced, 1);
+
+    // node-a runs nothing under that lease: it is stale, so A takes the session back at once
+    // rather than answering 404 for a minute.
+    let status = a.get(&format!("/realtime/sessions/{}", session.id)).await;
+    assert_eq!(status.status(), 200);
+    let (status, reply) = post(
+        b,
+        &format!("/realtime/sessions/{}/turn", session.id),
+        json!({"text": "hello?"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["reply_text"], "here again");
+    let owner: String = redis.get(&lease_key).await.unwrap();
+    assert!(
+        owner.starts_with("node-a/") && owner != "node-a/999999",
+        "{owner}"
+    );
+    redis.quit().await.unwrap();
+    for app in apps {
+        app.stop().await.unwrap();
+    }
+}

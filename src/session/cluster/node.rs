@@ -106,9 +106,15 @@ impl ConnectionManager {
             Some(lease) if lease.node != cluster.node_id() => {
                 Ok(Found::Live(self.relay(&cluster, meta).await))
             }
-            // Ours by the lease but not running here: a task that just ended; its writer is
-            // about to mark it.
-            Some(_) => Ok(Found::Missing),
+            Some(stale) => {
+                // Ours by the lease, not running here and not ended here: an earlier run of
+                // this node id died holding it (node ids are unique among live nodes).
+                self.drop_stale_lease(&cluster, id, &stale).await?;
+                match self.take_over(meta.clone()).await? {
+                    Some(handle) => Ok(Found::Live(handle)),
+                    None => Ok(Found::Live(self.relay(&cluster, meta).await)),
+                }
+            }
             None => match self.take_over(meta.clone()).await? {
                 Some(handle) => Ok(Found::Live(handle)),
                 // Another node was quicker.
@@ -191,7 +197,12 @@ impl ConnectionManager {
                         }
                     }
                 }
-                Some(_) => return Err(Error::NotFound("session".to_owned())),
+                Some(stale) => {
+                    if self.ended(id).is_some() {
+                        return Err(Error::SessionEnded);
+                    }
+                    self.drop_stale_lease(&cluster, id, &stale).await?;
+                }
                 None => {
                     let Some(meta) = cluster.shared.meta(id).await? else {
                         return Err(Error::NotFound("session".to_owned()));
@@ -206,6 +217,23 @@ impl ConnectionManager {
         Err(Error::Unavailable(
             "the session is moving between nodes; try again".to_owned(),
         ))
+    }
+
+    /// Gives up a lease this node id holds with no task behind it (left by an earlier run).
+    async fn drop_stale_lease(
+        &self,
+        cluster: &Arc<Cluster>,
+        id: &str,
+        lease: &crate::session::store::Lease,
+    ) -> Result<(), Error> {
+        // A takeover on this node holds the lease before its task is registered: not stale.
+        let _one_at_a_time = self.relay_setup.lock().await;
+        if self.get(id).is_some() {
+            return Ok(());
+        }
+        tracing::info!(session_id = id, node_id = %cluster.node_id(), fence = lease.fence, "releasing a session lease an earlier run of this node left");
+        cluster.shared.release(id, lease).await?;
+        Ok(())
     }
 
     /// Starts the node's background task (pub/sub dispatch, heartbeat) on the session tracker.
