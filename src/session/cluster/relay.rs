@@ -111,10 +111,15 @@ impl Relay {
 
     /// Logs a `resync` in the place of the events the history lost.
     async fn resync(&mut self, history: &History) {
-        self.cluster.stats.relay_resyncs.inc();
         let seq = history
             .oldest_seq
             .map_or(history.last_seq, |o| o.saturating_sub(1));
+        self.resync_at(seq, history.last_seq).await;
+    }
+
+    /// Logs a `resync` at `seq` (the last lost event), the log going on at `seq + 1`.
+    async fn resync_at(&mut self, seq: u64, last_seq: u64) {
+        self.cluster.stats.relay_resyncs.inc();
         let turn_count = match self.cluster.shared.meta(&self.handle.id).await {
             Ok(Some(meta)) => meta.progress.turns_done,
             _ => 0,
@@ -127,7 +132,7 @@ impl Relay {
                 turn_count,
                 current_turn: None,
                 oldest_seq: seq + 1,
-                last_seq: history.last_seq,
+                last_seq,
             },
         };
         self.insert(Arc::new(Published::new(&self.handle.id, seq, body)));
@@ -153,6 +158,10 @@ impl Relay {
         let last = self.last_seq();
         if self.epoch.as_deref() != Some(epoch) || event.seq > last + 1 {
             self.catch_up(false).await;
+        }
+        if event.seq > self.last_seq() + 1 {
+            // The history could not be read: say so rather than leave a silent gap.
+            self.resync_at(event.seq - 1, event.seq).await;
         }
         self.insert(event);
     }
