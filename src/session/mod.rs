@@ -9,6 +9,7 @@ pub mod event;
 pub mod latency;
 pub mod log;
 pub mod manager;
+pub mod stats;
 pub mod store;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -129,9 +129,7 @@ impl Writer {
             if gap {
                 let first = batch.first().map_or(0, |e| e.seq);
                 let lost = first.saturating_sub(self.setup.written + 1);
-                for _ in 0..lost {
-                    self.setup.stats.events_lost.inc();
-                }
+                self.setup.stats.events_lost.add(lost);
                 tracing::warn!(session_id = %self.setup.meta.session_id, lost, "the shared log misses events the in-process log dropped");
             }
             if self.setup.lease.is_none() && !self.register().await {
@@ -152,9 +150,7 @@ impl Writer {
             match result {
                 Ok(Appended::Ok { .. }) => {
                     self.setup.stats.appends.inc();
-                    for _ in 0..batch.len() {
-                        self.setup.stats.events_appended.inc();
-                    }
+                    self.setup.stats.events_appended.add(batch.len() as u64);
                     self.setup.written = batch.last().map_or(self.setup.written, |e| e.seq);
                     self.setup.meta.progress = progress;
                     self.failures = 0;
