@@ -446,6 +446,7 @@ where
 pub fn build_router(state: AppState) -> Router {
     let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
     let max_body = state.settings.max_body_bytes;
+    let node_id: Arc<str> = Arc::from(state.settings.cluster.node_id.as_str());
     routes::router()
         .fallback(|| async { Error::NotFound("route".to_owned()) })
         .method_not_allowed_fallback(|| async {
@@ -461,13 +462,14 @@ pub fn build_router(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(|_| {
             Error::Internal(anyhow::anyhow!("handler panicked")).into_response()
         }))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+        .layer(TraceLayer::new_for_http().make_span_with(move |req: &Request| {
             let id = req
                 .headers()
                 .get(REQUEST_ID_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("-");
-            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            // The node id on every request's log lines: with several nodes, which one served it.
+            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id, node_id = %node_id)
         }))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
