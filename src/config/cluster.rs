@@ -32,6 +32,7 @@ pub(super) fn read<S: Source>(r: &Reader<'_, S>) -> Result<ClusterSettings, Conf
         session_ttl: r.seconds("COACHD_CLUSTER_SESSION_TTL_SECS", 7_200, 60, 30 * DAY_SECS)?,
         heartbeat: r.seconds("COACHD_CLUSTER_HEARTBEAT_SECS", 5, 1, 3_600)?,
         forward_timeout: r.millis("COACHD_CLUSTER_FORWARD_TIMEOUT_MS", 5_000, 10, 600_000)?,
+        end_timeout: r.millis("COACHD_CLUSTER_END_TIMEOUT_MS", 120_000, 10, 3_600_000)?,
         relay_queue: r.int("COACHD_CLUSTER_RELAY_QUEUE", 4_096, 16, 1_000_000)?,
     })
 }

@@ -125,7 +125,15 @@ impl Cluster {
             session_id: session_id.to_owned(),
             command,
         };
-        let result = self.send_and_wait(owner, &message, rx).await;
+        // Ending with notes waits for an LLM call on the owner: give it the time a provider may take.
+        let wait = match &message {
+            NodeMessage::Request {
+                command: WireCommand::End { generate_notes: true },
+                ..
+            } => self.settings.end_timeout.max(self.settings.forward_timeout),
+            _ => self.settings.forward_timeout,
+        };
+        let result = self.send_and_wait(owner, &message, rx, wait).await;
         lock(&self.pending).remove(&id);
         if result.is_err() {
             self.stats.forward_failures.inc();
@@ -138,6 +146,7 @@ impl Cluster {
         owner: &str,
         message: &NodeMessage,
         rx: oneshot::Receiver<WireResult>,
+        wait: std::time::Duration,
     ) -> Result<Value, Error> {
         let payload = serde_json::to_string(message).map_err(|e| Error::Internal(e.into()))?;
         let receivers: i64 = self
@@ -150,7 +159,7 @@ impl Cluster {
         if receivers == 0 {
             return Err(unavailable("does not answer"));
         }
-        match tokio::time::timeout(self.settings.forward_timeout, rx).await {
+        match tokio::time::timeout(wait, rx).await {
             Ok(Ok(Ok(value))) => Ok(value),
             Ok(Ok(Err(e))) => Err(e.into_error(0)),
             Ok(Err(_)) | Err(_) => Err(unavailable("did not answer in time")),

@@ -42,6 +42,8 @@ pub struct ClusterSettings {
     pub heartbeat: Duration,
     /// Longest wait for the owner's answer to a forwarded command.
     pub forward_timeout: Duration,
+    /// Longest wait for a forwarded `end` that generates notes (an LLM call on the owner).
+    pub end_timeout: Duration,
     /// Relayed events queued per session before the relay falls back to reading the history.
     pub relay_queue: usize,
 }

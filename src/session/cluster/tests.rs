@@ -296,6 +296,7 @@ fn relay_cluster(store: Arc<InProcessEventStore>) -> Arc<super::Cluster> {
             session_ttl: Duration::from_secs(60),
             heartbeat: Duration::from_secs(5),
             forward_timeout: Duration::from_secs(1),
+            end_timeout: Duration::from_secs(1),
             relay_queue: 64,
         },
         redis,
