@@ -19,7 +19,8 @@
 //! - [`context`]: short-term session context and the rate limiter (Redis or in-process).
 //! - [`memory`]: long-term coach memory (PostgreSQL + pgvector or in-process); [`embed`]: embedders.
 //! - [`session`]: the ConnectionManager and one task per live session (turn order, cancel,
-//!   event log, replay); [`transport`]: the Transport trait and its WebSocket, SSE and HTTP adapters.
+//!   event log, replay), and with Redis the shared store and cluster that let any node serve any
+//!   session; [`transport`]: the Transport trait and its WebSocket, SSE and HTTP adapters.
 //! - [`persist`]: write-behind of finished turns to the context cache and memory store.
 //! - [`coach`]: personas, prompt assembly, session notes.
 //! - [`transcribe`]: speech to text through an OpenAI-compatible `/audio/transcriptions`, long

@@ -6,6 +6,7 @@
 //! are; everything coachd adds is `COACHD_`-prefixed.
 
 mod api;
+mod cluster;
 mod extract;
 mod llm;
 mod realtime;
@@ -103,6 +104,8 @@ pub struct Settings {
     pub transcribe: TranscribeSettings,
     /// Document extraction: `COACHD_EXTRACT_*`, `DOCLING_SERVE_URL`, `DOCLING_SERVE_API_KEY`.
     pub extract: ExtractSettings,
+    /// This node in a cluster (`COACHD_NODE_ID`, `COACHD_CLUSTER_*`; used with `REDIS_URL`).
+    pub cluster: crate::session::cluster::ClusterSettings,
     /// `COACHD_MAX_TRANSCRIPT_CHARS`: longest transcript for notes.
     pub max_transcript_chars: usize,
     /// `COACHD_PERSONAS_FILE`: TOML file of extra or replacing coach personas.
@@ -226,6 +229,7 @@ impl Settings {
             realtime,
             transcribe: transcribe::read(&r)?,
             extract: extract::read(&r)?,
+            cluster: cluster::read(&r)?,
             max_transcript_chars: r.int("COACHD_MAX_TRANSCRIPT_CHARS", 200_000, 1, 10_000_000)?,
             personas_file: r.raw("COACHD_PERSONAS_FILE").map(PathBuf::from),
             supabase_jwt_secret: r.secret("SUPABASE_JWT_SECRET"),
