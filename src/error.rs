@@ -92,7 +92,7 @@ pub struct ErrorBody {
 }
 
 /// Code and message of an [`ErrorBody`].
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     /// Stable machine-readable code.
     #[schema(example = "invalid_field")]

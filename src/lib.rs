@@ -19,13 +19,16 @@
 //! - [`context`]: short-term session context and the rate limiter (Redis or in-process).
 //! - [`memory`]: long-term coach memory (PostgreSQL + pgvector or in-process); [`embed`]: embedders.
 //! - [`session`]: the ConnectionManager and one task per live session (turn order, cancel,
-//!   event log, replay); [`transport`]: the Transport trait and its WebSocket, SSE and HTTP adapters.
+//!   event log, replay), and with Redis the shared store and cluster that let any node serve any
+//!   session; [`transport`]: the Transport trait and its WebSocket, SSE and HTTP adapters.
 //! - [`persist`]: write-behind of finished turns to the context cache and memory store.
 //! - [`coach`]: personas, prompt assembly, session notes.
 //! - [`jobs`]: async jobs (analysis, chains) on apalis: PostgreSQL or in-memory queues, workers
 //!   in-process or as `coachd worker`, job records with progress events and uploads.
 //! - [`transcribe`]: speech to text through an OpenAI-compatible `/audio/transcriptions`, long
 //!   audio decoded and split into chunks.
+//! - [`extract`]: documents (PDF, DOCX, PPTX, XLSX, HTML, Markdown, text) to Markdown, parsed in
+//!   a bounded child process (`coachd __extract`) or by docling-serve.
 //! - [`health`]: dependency checks; [`routes`]: the HTTP handlers, their extractors
 //!   (`routes::extract`), rate-limit enforcement (`routes::rate_limit`) and the shared request
 //!   validators (`routes::validate`).
@@ -35,8 +38,8 @@
 //! Imports point down; no two modules import each other (`tests/layers.rs` checks both). From the
 //! bottom:
 //! 1. `secret`, `redis`, `embed`, `error`: leaves every layer may use.
-//! 2. `context`, `memory`, `llm`, `transcribe`: the stores, the LLM gateway and the speech-to-text
-//!    client, each owning its settings type.
+//! 2. `context`, `memory`, `llm`, `transcribe`, `extract`: the stores, the LLM gateway, the
+//!    speech-to-text client and document extraction, each owning its settings type.
 //! 3. `persist`, `coach`, `session`, `transport`: the realtime core; `jobs` on top of `coach`.
 //! 4. `config`: reads the environment into the settings types of the layers below, so it sits
 //!    above them and none of them imports it.
@@ -63,6 +66,7 @@ pub mod context;
 pub mod db;
 pub mod embed;
 pub mod error;
+pub mod extract;
 #[cfg(feature = "fake-upstream")]
 pub mod fake_upstream;
 pub mod health;

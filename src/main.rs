@@ -30,6 +30,8 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
+        // Hidden: one document parse in a child process (see `extract`); no settings, no runtime.
+        coachd::extract::CHILD_COMMAND => return coachd::extract::run_child(std::env::args().skip(2)),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -34,6 +34,8 @@ use crate::jobs::{JobBackend, Runner, Workers};
 use crate::memory::{InProcessMemoryStore, MemoryLimits, MemoryStore, PgMemoryStore};
 use crate::persist::WriteBehind;
 use crate::redis::RedisConn;
+use crate::session::cluster::{Cluster, shared_token_secret};
+use crate::session::store::{RedisEventStore, StoreLimits};
 use crate::session::token::TokenKey;
 use crate::session::{ConnectionManager, Deps, Stats};
 use crate::state::AppState;
@@ -253,6 +255,7 @@ impl Application {
                 memory_max_bytes: settings.memory.max_text_bytes,
             },
             crate::transcribe::Transcriber::new(settings.transcribe.clone(), transcribe_http(&settings)?),
+            crate::extract::Extractor::with_http(settings.extract.clone(), transcribe_http(&settings)?),
         ));
         let deps = Deps {
             llm: llm.clone(),
@@ -265,11 +268,42 @@ impl Application {
             stats: Arc::new(Stats::default()),
             shutdown: shutdown.clone(),
         };
-        if rt.token_secret.is_none() {
-            tracing::info!("COACHD_SESSION_TOKEN_SECRET unset: session tokens are valid on this node only");
-        }
-        let session_tokens = TokenKey::new(rt.token_secret.as_ref(), rt.token_ttl);
-        let sessions = Arc::new(ConnectionManager::new(deps, tasks.clone()));
+        let cluster = redis.as_ref().map(|conn| {
+            let limits = StoreLimits {
+                log_events: rt.sessions.log_events,
+                session_ttl: settings.cluster.session_ttl,
+                lease_ttl: settings.cluster.lease_ttl,
+            };
+            let store = RedisEventStore::new(conn.pool.clone(), prefix, limits);
+            Cluster::new(settings.cluster.clone(), store)
+        });
+        let token_secret = match (&rt.token_secret, &redis) {
+            (Some(secret), _) => Some(secret.clone()),
+            // Several nodes on one Redis must accept each other's tokens: share one key there
+            // rather than refuse to start, so a default deployment works on any number of nodes.
+            (None, Some(conn)) => {
+                match shared_token_secret(&conn.pool, prefix, settings.redis_command_timeout * 2).await {
+                    Ok(secret) => {
+                        tracing::info!(
+                            "COACHD_SESSION_TOKEN_SECRET unset: using the key shared through Redis (made by the first node), so every node accepts the session tokens"
+                        );
+                        Some(secret)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "COACHD_SESSION_TOKEN_SECRET unset and Redis did not answer: session tokens are valid on this node only; set the secret on every node");
+                        None
+                    }
+                }
+            }
+            (None, None) => {
+                tracing::info!(
+                    "COACHD_SESSION_TOKEN_SECRET unset: session tokens are valid on this node only"
+                );
+                None
+            }
+        };
+        let session_tokens = TokenKey::new(token_secret.as_ref(), rt.token_ttl);
+        let sessions = Arc::new(ConnectionManager::new(deps, tasks.clone()).with_cluster(cluster));
         let state = AppState {
             settings,
             db,
@@ -339,6 +373,7 @@ impl Application {
             job_engine,
         } = self;
         let workers = Workers::start(job_engine, state.job_runner.clone(), &state.settings.jobs);
+        state.sessions.start_cluster();
         let token = state.shutdown.clone();
         let draining = state.draining.clone();
         let grace = state.settings.shutdown_grace;
@@ -360,7 +395,7 @@ impl Application {
         let server = axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
         let server = server.into_future();
         tokio::pin!(server);
-        tracing::info!(%addr, "coachd listening");
+        tracing::info!(%addr, node_id = %state.settings.cluster.node_id, "coachd listening");
 
         let stop_token = draining.clone();
         let ended = tokio::select! {
@@ -454,6 +489,7 @@ where
 pub fn build_router(state: AppState) -> Router {
     let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
     let max_body = state.settings.max_body_bytes;
+    let node_id: Arc<str> = Arc::from(state.settings.cluster.node_id.as_str());
     routes::router()
         .merge(routes::jobs::router(state.settings.jobs.max_upload_bytes))
         .fallback(|| async { Error::NotFound("route".to_owned()) })
@@ -470,20 +506,21 @@ pub fn build_router(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(|_| {
             Error::Internal(anyhow::anyhow!("handler panicked")).into_response()
         }))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+        .layer(TraceLayer::new_for_http().make_span_with(move |req: &Request| {
             let id = req
                 .headers()
                 .get(REQUEST_ID_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("-");
-            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            // The node id on every request's log lines: with several nodes, which one served it.
+            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id, node_id = %node_id)
         }))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .with_state(state)
 }
 
-/// The HTTP client of the transcription upstream: TCP_NODELAY, the LLM connect timeout (each
+/// The HTTP client of the transcription upstream and of docling-serve: TCP_NODELAY, the LLM connect timeout (each
 /// request has its own overall limit, `COACHD_TRANSCRIBE_TIMEOUT_SECS`).
 fn transcribe_http(settings: &Settings) -> Result<reqwest::Client, StartupError> {
     reqwest::Client::builder()

@@ -1085,3 +1085,171 @@ async fn bad_recordings_fail_at_submit_or_as_a_failed_job_with_a_clear_error() {
     wait_status(&app, &id_of(&b), "succeeded").await;
     app.stop().await.unwrap();
 }
+
+fn doc_form(
+    kind: &str,
+    bytes: Vec<u8>,
+    name: &str,
+    mime: &str,
+    then: Option<&str>,
+) -> reqwest::multipart::Form {
+    let mut form = reqwest::multipart::Form::new()
+        .text("kind", kind.to_owned())
+        .text("user_id", "u1")
+        .text("coach_id", "fitness")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(bytes)
+                .file_name(name.to_owned())
+                .mime_str(mime)
+                .unwrap(),
+        );
+    if let Some(then) = then {
+        form = form.text("then", then.to_owned());
+    }
+    form
+}
+
+async fn extract_app(fake: &FakeUpstream) -> TestApp {
+    // The parser runs in a `coachd __extract` child: the test binary has no such command.
+    app(
+        fake,
+        Services::Real,
+        &[("COACHD_EXTRACT_EXECUTABLE", env!("CARGO_BIN_EXE_coachd"))],
+    )
+    .await
+}
+
+const DOCX: &str = "application/vnd.openxmlformats-officedocument.wordprocessingml.document";
+
+#[tokio::test]
+async fn a_document_becomes_markdown_notes_and_memories_in_one_chain() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let app = extract_app(&fake).await;
+    script_analysis(&fake);
+    let (s, body) = send(
+        &app,
+        app.client.post(app.url("/api/v1/jobs")).multipart(doc_form(
+            "extract",
+            coachd::extract::sample::docx(),
+            "plan.docx",
+            DOCX,
+            Some("analyze"),
+        )),
+        None,
+    )
+    .await;
+    assert_eq!(s, 202, "{body}");
+    let id = id_of(&body);
+    let job = wait_status(&app, &id, "succeeded").await;
+    let steps = job["steps"].as_array().unwrap();
+    assert_eq!(steps[0]["kind"], "extract");
+    assert_eq!(steps[0]["queue"], "extraction");
+    let (_, result) = send(
+        &app,
+        app.client.get(app.url(&format!("/api/v1/jobs/{id}/result"))),
+        None,
+    )
+    .await;
+    let doc = &result["result"]["steps"][0]["result"];
+    assert_eq!(doc["format"], "docx", "{doc}");
+    assert!(
+        doc["markdown"].as_str().unwrap().contains('#'),
+        "headings kept: {doc}"
+    );
+    assert!(!doc["sections"].as_array().unwrap().is_empty());
+    let analysis = &result["result"]["steps"][1]["result"];
+    assert_eq!(analysis["source"], "document");
+    // The analysis read the document's Markdown.
+    let notes_request = fake
+        .requests()
+        .into_iter()
+        .find(|r| r.path.ends_with("/chat/completions"))
+        .unwrap();
+    let first_heading = doc["sections"][0]["markdown"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .trim_start_matches('#')
+        .trim()
+        .to_owned();
+    assert!(
+        notes_request.body.to_string().contains(&first_heading),
+        "{first_heading}"
+    );
+    let (_, memories) = send(&app, app.client.get(app.url("/ai/coach/memory/u1/fitness")), None).await;
+    assert!(
+        memories["memories"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["memory_type"] == "document"),
+        "{memories}"
+    );
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_documents_fail_at_submit_or_as_a_failed_job_with_a_clear_error() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let app = extract_app(&fake).await;
+    let post = |form| app.client.post(app.url("/api/v1/jobs")).multipart(form);
+    let png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
+    let (s, b) = send(
+        &app,
+        post(doc_form("extract", png, "photo.png", "image/png", None)),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (400, Some("unsupported_type")),
+        "{b}"
+    );
+    let (s, b) = submit(&app, json!({"kind": "extract", "user_id": "u1", "coach_id": "c"})).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (400, Some("missing_input")),
+        "{b}"
+    );
+
+    // A DOCX whose document part is cut off, and a PDF that is only a header: failed jobs, once.
+    let broken_docx =
+        coachd::extract::sample::zip_parts(&[("word/document.xml", "<w:document><w:body><w:p>".to_owned())]);
+    let mut cut_pdf = coachd::extract::sample::pdf(2);
+    cut_pdf.truncate(40);
+    for (bytes, name, mime) in [
+        (broken_docx, "broken.docx", DOCX),
+        (cut_pdf, "cut.pdf", "application/pdf"),
+    ] {
+        let (s, b) = send(&app, post(doc_form("extract", bytes, name, mime, None)), None).await;
+        assert_eq!(s, 202, "{b}");
+        let job = wait_status(&app, &id_of(&b), "failed").await;
+        assert!(
+            job["error"]["code"].as_str().unwrap().starts_with("document_"),
+            "{job}"
+        );
+        assert_eq!(
+            (job["attempts"].as_u64(), job["error"]["retryable"].as_bool()),
+            (Some(1), Some(false)),
+            "{job}"
+        );
+    }
+    // The worker lives on.
+    let (_, b) = send(
+        &app,
+        post(doc_form(
+            "extract",
+            coachd::extract::sample::markdown(),
+            "notes.md",
+            "text/markdown",
+            None,
+        )),
+        None,
+    )
+    .await;
+    wait_status(&app, &id_of(&b), "succeeded").await;
+    app.stop().await.unwrap();
+}

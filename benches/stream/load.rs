@@ -352,3 +352,39 @@ pub async fn run_levels(
     }
     Ok(rows)
 }
+
+/// One level of session WebSocket turns on sessions created on `owner`, with the WebSockets
+/// opened on `attach`: the same node (local delivery) or another node on the same Redis
+/// (cross-node: every token relayed through Redis, every turn forwarded to the owner).
+pub async fn run_ws_level(
+    fake: &mut FakeProcess,
+    level: Level,
+    owner: &Coachd,
+    attach: &Coachd,
+) -> Result<Row, BoxError> {
+    let n = level.streams;
+    fake.set_script(level.tokens, level.interval)?;
+    let client = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(2 * n + 16)
+        .build()?;
+    let mut sessions = Vec::new();
+    for i in 0..n {
+        sessions.push(clients::create_session(&client, &owner.base, i).await?);
+    }
+    let mut conns = Vec::new();
+    for (id, token) in &sessions {
+        conns.push(Conn::Ws(Box::new(
+            clients::ws_open(attach.port, id, token).await?,
+        )));
+    }
+    let pids = Pids {
+        server: Some(attach.pid()),
+        fake: fake.pid(),
+    };
+    let row = run_path(PathKind::WebSocket, level, pids, conns).await;
+    for (id, _) in &sessions {
+        clients::end_session(&client, &owner.base, id).await;
+    }
+    Ok(row)
+}

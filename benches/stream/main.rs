@@ -10,7 +10,8 @@
 //! ```sh
 //! cargo bench --bench stream                                    # latency, stores, idle
 //! COACHD_BENCH_QUICK=1 cargo bench --bench stream               # 1 and 50 streams, 500 idle sessions
-//! COACHD_BENCH_ONLY=latency|stores|idle|litellm cargo bench --bench stream   # some sections
+//! COACHD_BENCH_ONLY=latency|stores|idle|litellm|nodes cargo bench --bench stream   # some sections
+//! COACHD_BENCH_ONLY=nodes cargo bench --bench stream            # cross-node delivery (own redis-server)
 //! COACHD_BENCH_PEER=litellm cargo bench --bench stream          # the default sections and litellm
 //! set -a; . .services/env; set +a; COACHD_BENCH_ONLY=stores cargo bench --bench stream  # real stores
 //! COACHD_BENCH_STREAMS=1000 cargo bench --bench stream          # only the levels of these sizes
@@ -23,8 +24,8 @@
 //!
 //! Layout: `load.rs` the levels, workers and paths; `clients.rs` one client per path;
 //! `coachd.rs` the coachd process and CPU placement; `fake.rs` the fake's process;
-//! `measure.rs` traces, percentiles and `/proc`; `report.rs` the tables; `stores.rs`, `idle.rs`
-//! and `litellm.rs` the other sections.
+//! `measure.rs` traces, percentiles and `/proc`; `report.rs` the tables; `stores.rs`, `idle.rs`,
+//! `litellm.rs` and `nodes.rs` (cross-node delivery) the other sections.
 
 #![allow(
     clippy::disallowed_methods,
@@ -38,6 +39,7 @@ mod idle;
 mod litellm;
 mod load;
 mod measure;
+mod nodes;
 mod report;
 mod stores;
 
@@ -135,6 +137,9 @@ async fn main() -> Result<(), BoxError> {
     }
     if section("litellm") {
         litellm::run(&mut fake, placement, &levels).await?;
+    }
+    if section("nodes") {
+        nodes::run(&mut fake, placement, &levels).await?;
     }
     Ok(())
 }

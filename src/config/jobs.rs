@@ -61,6 +61,7 @@ pub(super) fn read<S: Source>(r: &Reader<'_, S>) -> Result<JobsSettings, ConfigE
         max_attempts: MaxAttempts {
             analyze: r.int("COACHD_JOBS_MAX_ATTEMPTS_ANALYZE", 3, 1, 100)?,
             transcribe: r.int("COACHD_JOBS_MAX_ATTEMPTS_TRANSCRIBE", 3, 1, 100)?,
+            extract: r.int("COACHD_JOBS_MAX_ATTEMPTS_EXTRACT", 2, 1, 100)?,
             noop: r.int("COACHD_JOBS_MAX_ATTEMPTS_NOOP", 3, 1, 100)?,
         },
         retry_base: r.millis("COACHD_JOBS_RETRY_BASE_MS", 1_000, 0, 3_600_000)?,

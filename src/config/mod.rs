@@ -6,6 +6,8 @@
 //! are; everything coachd adds is `COACHD_`-prefixed.
 
 mod api;
+mod cluster;
+mod extract;
 mod jobs;
 mod llm;
 mod realtime;
@@ -27,6 +29,7 @@ pub use source::{Env, Source};
 
 use crate::context::ContextLimits;
 use crate::embed::EmbeddingSettings;
+use crate::extract::ExtractSettings;
 use crate::jobs::JobsSettings;
 use crate::llm::LlmSettings;
 use crate::memory::MemorySettings;
@@ -104,6 +107,10 @@ pub struct Settings {
     pub jobs: JobsSettings,
     /// The speech-to-text client (`COACHD_TRANSCRIBE_*`).
     pub transcribe: TranscribeSettings,
+    /// Document extraction: `COACHD_EXTRACT_*`, `DOCLING_SERVE_URL`, `DOCLING_SERVE_API_KEY`.
+    pub extract: ExtractSettings,
+    /// This node in a cluster (`COACHD_NODE_ID`, `COACHD_CLUSTER_*`; used with `REDIS_URL`).
+    pub cluster: crate::session::cluster::ClusterSettings,
     /// `COACHD_MAX_TRANSCRIPT_CHARS`: longest transcript for notes.
     pub max_transcript_chars: usize,
     /// `COACHD_PERSONAS_FILE`: TOML file of extra or replacing coach personas.
@@ -227,6 +234,8 @@ impl Settings {
             realtime,
             jobs: jobs::read(&r)?,
             transcribe: transcribe::read(&r)?,
+            extract: extract::read(&r)?,
+            cluster: cluster::read(&r)?,
             max_transcript_chars: r.int("COACHD_MAX_TRANSCRIPT_CHARS", 200_000, 1, 10_000_000)?,
             personas_file: r.raw("COACHD_PERSONAS_FILE").map(PathBuf::from),
             supabase_jwt_secret: r.secret("SUPABASE_JWT_SECRET"),

@@ -190,3 +190,18 @@ fn secrets_are_hidden_from_debug() {
         assert!(!dump.contains(secret), "{secret} leaked into Debug output");
     }
 }
+
+#[test]
+fn the_node_id_is_generated_when_unset_and_checked_when_set() {
+    let a = load(&[]).unwrap().cluster.node_id;
+    let b = load(&[]).unwrap().cluster.node_id;
+    assert!(a.starts_with("node-") && a != b, "{a} {b}");
+    assert_eq!(
+        load(&[("COACHD_NODE_ID", "eu-1.a")]).unwrap().cluster.node_id,
+        "eu-1.a"
+    );
+    let e = load(&[("COACHD_NODE_ID", "a b")]).unwrap_err().to_string();
+    assert!(e.contains("COACHD_NODE_ID"), "{e}");
+    let c = load(&[("COACHD_CLUSTER_LEASE_MS", "2000")]).unwrap().cluster;
+    assert_eq!(c.renew_every(), std::time::Duration::from_millis(2000) / 3);
+}

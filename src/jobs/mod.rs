@@ -1,4 +1,4 @@
-//! Async jobs (transcription, analysis, chains of them) on an existing
+//! Async jobs (transcription, document extraction, analysis, chains of them) on an existing
 //! queue engine: **apalis**, with its PostgreSQL backend when `DATABASE_URL` is set and its
 //! in-memory storage when embedded. coachd keeps a table of its own (`coachd_jobs`, plus events and
 //! uploads) for what the job API shows; apalis owns the queue: fetching with `SKIP LOCKED`, worker
@@ -18,11 +18,13 @@
 //! - [`runner`]: one job run: claim, the kind's work under a cancel watch and a time limit,
 //!   retries with backoff, chains of child jobs.
 //! - [`analyze`]: the `analyze` kind: notes, insights, coach memories.
-//! - [`transcription`]: the `transcribe` kind, on `transcribe::Transcriber`.
+//! - [`transcription`]: the `transcribe` kind, on `transcribe::Transcriber`; [`extraction`]: the
+//!   `extract` kind, on `extract::Extractor`.
 
 pub mod analyze;
 pub mod backend;
 pub mod engine;
+pub mod extraction;
 pub mod in_process;
 pub mod pg;
 pub mod poller;
@@ -84,6 +86,8 @@ pub enum JobKind {
     Analyze,
     /// A recording → a transcript with timed segments (`transcribe::Transcriber`).
     Transcribe,
+    /// A document → Markdown with its page or section structure (`extract::Extractor`).
+    Extract,
     /// A parent of child jobs run one after another (`then` in the request); runs nothing itself.
     Chain,
     /// Does nothing but wait and report progress (`COACHD_JOBS_ENABLE_NOOP`): tests and the
@@ -93,9 +97,10 @@ pub enum JobKind {
 
 impl JobKind {
     /// Every kind.
-    pub const ALL: [JobKind; 4] = [
+    pub const ALL: [JobKind; 5] = [
         JobKind::Analyze,
         JobKind::Transcribe,
+        JobKind::Extract,
         JobKind::Chain,
         JobKind::Noop,
     ];
@@ -105,6 +110,7 @@ impl JobKind {
         match self {
             JobKind::Analyze => "analyze",
             JobKind::Transcribe => "transcribe",
+            JobKind::Extract => "extract",
             JobKind::Chain => "chain",
             JobKind::Noop => "noop",
         }
@@ -121,6 +127,7 @@ impl JobKind {
         match self {
             JobKind::Analyze => &["store_notes", "store_memories", "insights", "source"],
             JobKind::Transcribe => &["language", "prompt", "model"],
+            JobKind::Extract => &[],
             JobKind::Noop => &["sleep_ms", "steps", "fail_attempts"],
             JobKind::Chain => &[],
         }
@@ -130,6 +137,7 @@ impl JobKind {
     pub fn produces(self) -> Option<&'static str> {
         match self {
             JobKind::Transcribe => Some("transcript"),
+            JobKind::Extract => Some("document"),
             _ => None,
         }
     }
@@ -139,6 +147,7 @@ impl JobKind {
         match self {
             JobKind::Analyze | JobKind::Noop => Some(Queue::Llm),
             JobKind::Transcribe => Some(Queue::Transcription),
+            JobKind::Extract => Some(Queue::Extraction),
             JobKind::Chain => None,
         }
     }
@@ -412,6 +421,8 @@ pub struct MaxAttempts {
     pub analyze: u32,
     /// `transcribe`.
     pub transcribe: u32,
+    /// `extract`.
+    pub extract: u32,
     /// `noop`.
     pub noop: u32,
 }
@@ -431,6 +442,7 @@ impl JobsSettings {
         match kind {
             JobKind::Analyze => self.max_attempts.analyze,
             JobKind::Transcribe => self.max_attempts.transcribe,
+            JobKind::Extract => self.max_attempts.extract,
             JobKind::Noop => self.max_attempts.noop,
             JobKind::Chain => 1,
         }
@@ -453,6 +465,7 @@ impl Default for JobsSettings {
             max_attempts: MaxAttempts {
                 analyze: 3,
                 transcribe: 3,
+                extract: 2,
                 noop: 3,
             },
             retry_base: Duration::from_secs(1),

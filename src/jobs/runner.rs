@@ -14,7 +14,10 @@ use uuid::Uuid;
 
 use super::analyze::{self, AnalyzeDeps};
 use super::backend::Claimed;
-use super::{Job, JobBackend, JobError, JobInput, JobKind, JobStatus, JobsSettings, NewJob, transcription};
+use super::{
+    Job, JobBackend, JobError, JobInput, JobKind, JobStatus, JobsSettings, NewJob, extraction, transcription,
+};
+use crate::extract::Extractor;
 use crate::transcribe::Transcriber;
 
 /// Reports a running job's progress.
@@ -41,6 +44,7 @@ pub struct Runner {
     settings: JobsSettings,
     analyze: AnalyzeDeps,
     transcriber: Transcriber,
+    extractor: Extractor,
     /// Cancel tokens of the runs in this process, so a cancel here stops them at once (a cancel
     /// on another node is seen by the status watch).
     running: Mutex<HashMap<Uuid, CancellationToken>>,
@@ -53,12 +57,14 @@ impl Runner {
         settings: JobsSettings,
         analyze: AnalyzeDeps,
         transcriber: Transcriber,
+        extractor: Extractor,
     ) -> Self {
         Runner {
             backend,
             settings,
             analyze,
             transcriber,
+            extractor,
             running: Mutex::new(HashMap::new()),
         }
     }
@@ -226,6 +232,7 @@ impl Runner {
             JobKind::Transcribe => {
                 transcription::run(&self.transcriber, self.backend.as_ref(), job, &progress).await
             }
+            JobKind::Extract => extraction::run(&self.extractor, self.backend.as_ref(), job, &progress).await,
             JobKind::Noop => noop(job, &claimed.input, &progress).await,
             JobKind::Chain => Err(JobError::permanent("invalid_job", "a chain does not run itself")),
         }

@@ -119,7 +119,7 @@ async fn respond(
     let sse = wants_sse(&headers);
     let (session, one_turn) = match &body.session_id {
         Some(id) => {
-            let session = live(&state, &caller, id)?;
+            let session = live(&state, &caller, id).await?;
             if *session.user_id != body.user_id || *session.coach_id != body.coach_id {
                 return Err(Error::bad_request(
                     "session_mismatch",
@@ -131,7 +131,8 @@ async fn respond(
         None => (
             state
                 .sessions
-                .create(&body.user_id, &body.coach_id, TransportKind::Http)?,
+                .open(&body.user_id, &body.coach_id, TransportKind::Http)
+                .await?,
             true,
         ),
     };

@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use crate::auth::{ApiCaller, Caller};
 use crate::error::{Error, ErrorBody};
+use crate::extract::DocFormat;
 use crate::jobs::analyze::AnalyzeOptions;
 use crate::jobs::transcription;
 use crate::jobs::{Job, JobEvent, JobFilter, JobInput, JobKind, JobStatus, NewJob, Upload};
@@ -113,7 +114,7 @@ fn kind_of(state: &AppState, name: &str) -> Result<JobKind, Error> {
 
 fn submittable(state: &AppState, kind: JobKind) -> bool {
     match kind {
-        JobKind::Analyze | JobKind::Transcribe => true,
+        JobKind::Analyze | JobKind::Transcribe | JobKind::Extract => true,
         JobKind::Noop => state.settings.jobs.enable_noop,
         JobKind::Chain => false,
     }
@@ -335,6 +336,18 @@ fn validate(
         })?;
         check_audio_upload(state, upload)?;
     }
+    if kind == JobKind::Extract {
+        if r.text.is_some() {
+            return Err(Error::bad_request(
+                "invalid_input",
+                "extract takes a document file, not text",
+            ));
+        }
+        let upload = upload.ok_or_else(|| {
+            Error::bad_request("missing_input", "extract needs a document (multipart field file)")
+        })?;
+        check_document_upload(state, upload)?;
+    }
     if let Some(text) = &r.text {
         if text.trim().is_empty() {
             return Err(Error::bad_request("empty_text", "text must not be empty"));
@@ -429,6 +442,25 @@ fn check_audio_upload(state: &AppState, u: &Upload) -> Result<(), Error> {
         return Err(Error::bad_request(
             "unsupported_type",
             "transcribe takes wav, mp3, m4a, webm, ogg or flac audio",
+        ));
+    }
+    Ok(())
+}
+
+/// An uploaded document must be one of the formats `extract` reads, non-empty and within its limit.
+fn check_document_upload(state: &AppState, u: &Upload) -> Result<(), Error> {
+    if u.bytes.is_empty() {
+        return Err(Error::bad_request("empty_file", "the uploaded file is empty"));
+    }
+    let limit = state.settings.extract.max_bytes;
+    if u.bytes.len() > limit {
+        return Err(Error::PayloadTooLarge { limit });
+    }
+    let head = &u.bytes[..u.bytes.len().min(4096)];
+    if DocFormat::detect(u.content_type.as_deref(), u.filename.as_deref(), head).is_none() {
+        return Err(Error::bad_request(
+            "unsupported_type",
+            "extract takes PDF, DOCX, PPTX, XLSX, HTML, Markdown or plain text",
         ));
     }
     Ok(())

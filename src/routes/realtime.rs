@@ -18,6 +18,7 @@ use crate::auth::Caller;
 use crate::error::Error;
 #[allow(unused_imports, reason = "named by the OpenAPI annotations")]
 use crate::error::ErrorBody;
+use crate::session::cluster::node::Found;
 use crate::session::event::{SessionStatus, TransportKind};
 use crate::session::manager::Gauge;
 use crate::session::{SessionHandle, TurnMode};
@@ -75,7 +76,10 @@ async fn create(
             format!("transport must be http, sse or websocket, not {name:?}"),
         ));
     };
-    let session = state.sessions.create(&body.user_id, &body.coach_id, transport)?;
+    let session = state
+        .sessions
+        .open(&body.user_id, &body.coach_id, transport)
+        .await?;
     let (token, expires) = state.session_tokens.issue(&session.id, &session.user_id);
     let persona = state.personas.resolve(&body.coach_id);
     let id = &session.id;
@@ -101,19 +105,18 @@ async fn create(
 }
 
 /// A live session the caller may act on (a JWT user only on their own: 403 otherwise).
-pub(crate) fn live(state: &AppState, caller: &Caller, id: &str) -> Result<SessionHandle, Error> {
-    match state.sessions.get(id) {
-        Some(session) => {
+/// With a cluster the session may live on another node (its handle is then this node's relay).
+pub(crate) async fn live(state: &AppState, caller: &Caller, id: &str) -> Result<SessionHandle, Error> {
+    match state.sessions.find(id).await? {
+        Found::Live(session) => {
             caller.authorize_user(&session.user_id)?;
             Ok(session)
         }
-        None => match state.sessions.ended(id) {
-            Some(ended) => {
-                caller.authorize_user(&ended.user_id)?;
-                Err(Error::SessionEnded)
-            }
-            None => Err(Error::NotFound("session".to_owned())),
-        },
+        Found::Ended(ended) => {
+            caller.authorize_user(&ended.user_id)?;
+            Err(Error::SessionEnded)
+        }
+        Found::Missing => Err(Error::NotFound("session".to_owned())),
     }
 }
 
@@ -134,16 +137,16 @@ async fn status(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, Error> {
-    if let Some(session) = state.sessions.get(&id) {
-        caller.authorize_user(&session.user_id)?;
-        return Ok(Json(session.info().await?).into_response());
-    }
-    match state.sessions.ended(&id) {
-        Some(ended) => {
+    match state.sessions.find(&id).await? {
+        Found::Live(session) => {
+            caller.authorize_user(&session.user_id)?;
+            Ok(Json(session.info().await?).into_response())
+        }
+        Found::Ended(ended) => {
             caller.authorize_user(&ended.user_id)?;
             Ok(Json(ended).into_response())
         }
-        None => Err(Error::NotFound("session".to_owned())),
+        Found::Missing => Err(Error::NotFound("session".to_owned())),
     }
 }
 
@@ -209,7 +212,7 @@ async fn turn(
     headers: HeaderMap,
     JsonBody(body): JsonBody<TurnBody>,
 ) -> Result<Response, Error> {
-    let session = live(&state, &caller, &id)?;
+    let session = live(&state, &caller, &id).await?;
     run_turn(
         &state,
         session,
@@ -277,7 +280,7 @@ async fn cancel(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, Error> {
-    let session = live(&state, &caller, &id)?;
+    let session = live(&state, &caller, &id).await?;
     let cancelled = session.cancel().await?;
     Ok(Json(json!({ "session_id": id, "cancelled": cancelled })))
 }
@@ -314,7 +317,7 @@ async fn end(
     } else {
         EndBody::default()
     };
-    let session = live(&state, &caller, &id)?;
+    let session = live(&state, &caller, &id).await?;
     let generate_notes = body.generate_notes;
     let outcome = session.end(generate_notes).await?;
     state.sessions.note_ended();
@@ -385,7 +388,7 @@ async fn events(
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     // The session token is the credential here: browsers cannot send headers on these routes.
-    let session = live(&state, &Caller::Anonymous, &id)?;
+    let session = live(&state, &Caller::Anonymous, &id).await?;
     authorize_attach(&state, &session, &query, &headers)?;
     // Without a position the whole retained log is replayed: a new follower sees the session so far.
     let sub = session.subscribe(Some(after_seq(&query, &headers)?.unwrap_or(0)));
@@ -411,7 +414,7 @@ async fn websocket(
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, Error> {
     // The session token is the credential here: browsers cannot send headers on these routes.
-    let session = live(&state, &Caller::Anonymous, &id)?;
+    let session = live(&state, &Caller::Anonymous, &id).await?;
     authorize_attach(&state, &session, &query, &headers)?;
     let rt = state.settings.realtime.clone();
     let after = after_seq(&query, &headers)?;
@@ -472,7 +475,24 @@ async fn stats(State(state): State<AppState>, caller: Caller) -> Result<Json<Val
         return Err(Error::Forbidden);
     }
     let wb = &state.write_behind;
+    let cluster = match state.sessions.cluster() {
+        None => Value::Null,
+        Some(cluster) => {
+            let nodes = match cluster.nodes().await {
+                Ok(nodes) => json!(nodes),
+                Err(e) => json!({ "error": Error::from(e).body().error }),
+            };
+            json!({
+                "node_id": cluster.node_id(),
+                "nodes": nodes,
+                "relayed_sessions": state.sessions.relay_count(),
+                "counters": cluster.stats(),
+            })
+        }
+    };
     Ok(Json(json!({
+        "node_id": state.settings.cluster.node_id,
+        "cluster": cluster,
         "active_sessions": state.sessions.live_count(),
         "max_sessions": state.settings.realtime.sessions.max_sessions,
         "sessions": state.sessions.stats(),

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use super::event::{EventBody, Published, envelope};
 
@@ -22,6 +22,8 @@ pub struct EventLog {
     envelope: String,
     capacity: usize,
     inner: Mutex<Inner>,
+    /// Woken after each publish when a shared-log writer follows this log (multi-node mode).
+    follower: Option<Arc<Notify>>,
 }
 
 #[derive(Debug)]
@@ -30,6 +32,8 @@ struct Inner {
     ring: VecDeque<Arc<Published>>,
     subscribers: Vec<Subscriber>,
     closed: bool,
+    /// Closed because another node runs the session now.
+    moved: bool,
 }
 
 #[derive(Debug)]
@@ -56,16 +60,29 @@ pub struct Subscription {
 impl EventLog {
     /// An empty log keeping the last `capacity` events.
     pub fn new(session_id: &str, capacity: usize) -> Self {
+        Self::starting_at(session_id, capacity, 0, None)
+    }
+
+    /// A log whose next seq follows `last_seq`, and whose publishes wake `follower` (the
+    /// session's writer to the shared log, which reads with [`EventLog::since`]).
+    pub fn starting_at(
+        session_id: &str,
+        capacity: usize,
+        last_seq: u64,
+        follower: Option<Arc<Notify>>,
+    ) -> Self {
         EventLog {
             session_id: session_id.to_owned(),
             envelope: envelope(session_id),
             capacity: capacity.max(1),
             inner: Mutex::new(Inner {
-                last_seq: 0,
+                last_seq,
                 ring: VecDeque::new(),
                 subscribers: Vec::new(),
                 closed: false,
+                moved: false,
             }),
+            follower,
         }
     }
 
@@ -80,7 +97,29 @@ impl EventLog {
         inner.last_seq += 1;
         let seq = inner.last_seq;
         let event = Arc::new(Published::with_envelope(&self.envelope, seq, body));
-        if inner.ring.len() == self.capacity {
+        Self::fan_out(&mut inner, self.capacity, event);
+        drop(inner);
+        if let Some(follower) = &self.follower {
+            // A stored permit when the writer is busy: it reads everything new when it looks.
+            follower.notify_one();
+        }
+        seq
+    }
+
+    /// Logs an event numbered elsewhere (a relay of another node's log) and hands it to every
+    /// live queue; an event at or below the last seq is a duplicate and dropped (`false`).
+    pub fn insert(&self, event: Arc<Published>) -> bool {
+        let mut inner = self.lock();
+        if event.seq <= inner.last_seq || inner.closed {
+            return false;
+        }
+        inner.last_seq = event.seq;
+        Self::fan_out(&mut inner, self.capacity, event);
+        true
+    }
+
+    fn fan_out(inner: &mut Inner, capacity: usize, event: Arc<Published>) {
+        if inner.ring.len() == capacity {
             inner.ring.pop_front();
         }
         inner.ring.push_back(event.clone());
@@ -92,7 +131,39 @@ impl EventLog {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         });
-        seq
+    }
+
+    /// Up to `max` logged events after `after_seq`, and whether some after it were already
+    /// dropped from the ring (a gap for whoever reads this late).
+    pub fn since(&self, after_seq: u64, max: usize) -> (Vec<Arc<Published>>, bool) {
+        let inner = self.lock();
+        let oldest = inner.ring.front().map_or(inner.last_seq + 1, |e| e.seq);
+        let gap = after_seq < inner.last_seq && after_seq + 1 < oldest;
+        let events = inner
+            .ring
+            .iter()
+            .filter(|e| e.seq > after_seq)
+            .take(max)
+            .cloned()
+            .collect();
+        (events, gap)
+    }
+
+    /// Closes the log because another node runs the session now (see [`EventLog::moved`]).
+    pub fn close_moved(&self) {
+        self.lock().moved = true;
+        self.close();
+    }
+
+    /// Whether the log was closed because the session moved to another node: its connections
+    /// should reconnect (and land on the new owner or a relay of it), not take the session as over.
+    pub fn moved(&self) -> bool {
+        self.lock().moved
+    }
+
+    /// Whether [`EventLog::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
     }
 
     /// Attaches a connection. With `after_seq`, logged events after it are replayed (or a resync is
@@ -146,6 +217,10 @@ impl EventLog {
         let mut inner = self.lock();
         inner.closed = true;
         inner.subscribers.clear();
+        drop(inner);
+        if let Some(follower) = &self.follower {
+            follower.notify_one();
+        }
     }
 
     /// The session id.
@@ -189,6 +264,43 @@ mod tests {
         assert!(log.subscribe(Some(2), 4).resync_needed);
         assert!(!log.subscribe(Some(7), 4).resync_needed);
         assert_eq!(log.subscribe(Some(7), 4).replay.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn events_numbered_elsewhere_go_in_by_seq_and_duplicates_are_dropped() {
+        let log = EventLog::starting_at("s", 100, 10, None);
+        let mut sub = log.subscribe(None, 16);
+        let numbered = |seq| Arc::new(Published::new("s", seq, token(seq as u32)));
+        assert!(!log.insert(numbered(10)), "at or below the last seq");
+        assert!(log.insert(numbered(11)));
+        assert!(
+            log.insert(numbered(14)),
+            "a relay may jump (it logs a resync first)"
+        );
+        assert!(!log.insert(numbered(12)), "never back");
+        assert_eq!(sub.live.recv().await.unwrap().seq, 11);
+        assert_eq!(sub.live.recv().await.unwrap().seq, 14);
+        assert_eq!(log.publish(token(0)), 15, "publishing goes on from the last seq");
+    }
+
+    #[test]
+    fn a_follower_reads_what_is_new_and_learns_of_what_it_missed() {
+        let log = EventLog::new("s", 4);
+        for i in 0..3 {
+            log.publish(token(i));
+        }
+        let (events, gap) = log.since(1, 10);
+        assert_eq!(
+            (events.iter().map(|e| e.seq).collect::<Vec<_>>(), gap),
+            (vec![2, 3], false)
+        );
+        for i in 3..10 {
+            log.publish(token(i));
+        }
+        let (events, gap) = log.since(3, 2);
+        assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [7, 8]);
+        assert!(gap, "4..=6 are gone from the ring");
+        assert!(log.since(10, 10).0.is_empty());
     }
 
     #[test]

@@ -1,22 +1,26 @@
 //! The ConnectionManager: the registry of live sessions (one task each), the cap on how many may
-//! live at once, a short memory of recently ended sessions, and the statistics behind
-//! `/realtime/stats`.
+//! live at once, a short memory of recently ended sessions, and the handles and dependencies of
+//! session tasks (their counters are in [`super::stats`]; sharing with other nodes in
+//! [`super::cluster`]).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::TurnMode;
-use super::actor::{Actor, Command};
+use super::actor::{Actor, Command, Ownership};
+use super::cluster::Cluster;
+use super::cluster::takeover::Recovered;
+use super::cluster::writer::{OwnerSetup, Writer};
 use super::event::{EndedBy, PersonaInfo, SessionStatus, TransportKind};
 use super::log::{EventLog, Subscription};
+use super::store::SessionMeta;
 use crate::coach::Personas;
 use crate::coach::notes::{Notes, NotesStore};
 use crate::coach::prompt::PromptLimits;
@@ -51,97 +55,7 @@ pub struct SessionLimits {
     pub prompt: PromptLimits,
 }
 
-/// A monotonically increasing counter.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    /// Adds one.
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The value.
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-impl Serialize for Counter {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(self.get())
-    }
-}
-
-/// Session and connection counters.
-#[derive(Debug, Default, Serialize)]
-pub struct Stats {
-    /// Sessions created.
-    pub sessions_created: Counter,
-    /// Sessions ended by the client.
-    pub sessions_ended: Counter,
-    /// Sessions ended after idling.
-    pub expired: Counter,
-    /// Session creations refused at the cap.
-    pub rejected_at_capacity: Counter,
-    /// Turns begun.
-    pub turns_started: Counter,
-    /// Turns finished normally.
-    pub turns_completed: Counter,
-    /// Turns cancelled or interrupted.
-    pub turns_interrupted: Counter,
-    /// Turns that failed.
-    pub turns_failed: Counter,
-    /// Tokens streamed.
-    pub tokens: Counter,
-    /// Connections closed for not keeping up.
-    pub slow_clients: Counter,
-    /// WebSocket connections closed for not answering a ping in time.
-    pub no_pong_closes: Counter,
-    /// WebSocket connections open now.
-    pub ws_connections: Gauge,
-    /// SSE connections open now.
-    pub sse_connections: Gauge,
-    /// Prompt assembly per turn (context and memory reads), the part of the first token's wait
-    /// spent on storage.
-    pub prompt: super::latency::Latency,
-    /// From a turn's start to its first token being handed to the connections: prompt assembly
-    /// plus the provider's own time to first token.
-    pub first_token: super::latency::Latency,
-}
-
-/// A value that goes up and down.
-#[derive(Debug, Default)]
-pub struct Gauge(AtomicI64);
-
-impl Gauge {
-    /// Adds one to the gauge `pick` selects; the guard takes it away again when dropped.
-    pub fn enter(stats: &Arc<Stats>, pick: fn(&Stats) -> &Gauge) -> GaugeGuard {
-        pick(stats).0.fetch_add(1, Ordering::Relaxed);
-        GaugeGuard(stats.clone(), pick)
-    }
-
-    /// The value.
-    pub fn get(&self) -> i64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-impl Serialize for Gauge {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_i64(self.get())
-    }
-}
-
-/// Keeps a [`Gauge`] raised while alive.
-#[derive(Debug)]
-pub struct GaugeGuard(Arc<Stats>, fn(&Stats) -> &Gauge);
-
-impl Drop for GaugeGuard {
-    fn drop(&mut self) {
-        (self.1)(&self.0).0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+pub use super::stats::{Counter, Gauge, GaugeGuard, Stats};
 
 /// What a session task needs; cheap to clone.
 #[derive(Debug, Clone)]
@@ -167,7 +81,7 @@ pub struct Deps {
 }
 
 /// A session's state, as `GET /realtime/sessions/{id}` reports it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionInfo {
     /// Id.
     pub session_id: String,
@@ -196,7 +110,7 @@ pub struct SessionInfo {
 }
 
 /// The result of ending a session.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EndOutcome {
     /// Id.
     pub session_id: String,
@@ -223,7 +137,7 @@ pub struct SessionHandle {
     pub transport: TransportKind,
     /// Creation time.
     pub created_at: DateTime<Utc>,
-    /// The event log.
+    /// The event log (of this node's session task, or of its relay of another node's).
     pub log: Arc<EventLog>,
     tx: mpsc::Sender<Command>,
     client_queue: usize,
@@ -314,6 +228,14 @@ pub(super) struct Registry {
 }
 
 impl Registry {
+    /// Takes a session off the live list without an ended record: it lives on another node.
+    pub(super) fn forget(&self, id: &str) {
+        self.live
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+    }
+
     pub(super) fn remove(&self, id: &str, turn_count: u32, ended_by: EndedBy) {
         let removed = self
             .live
@@ -342,8 +264,14 @@ impl Registry {
 #[derive(Debug)]
 pub struct ConnectionManager {
     registry: Arc<Registry>,
-    deps: Deps,
-    tracker: TaskTracker,
+    pub(in crate::session) deps: Deps,
+    pub(in crate::session) tracker: TaskTracker,
+    /// Sessions shared with other nodes, when Redis is configured.
+    pub(in crate::session) cluster: Option<Arc<Cluster>>,
+    /// Relays of sessions owned by other nodes.
+    pub(in crate::session) remotes: Mutex<HashMap<Arc<str>, SessionHandle>>,
+    /// Serialises setting up relays and takeovers (rare, and each must happen once).
+    pub(in crate::session) relay_setup: tokio::sync::Mutex<()>,
 }
 
 impl ConnectionManager {
@@ -357,18 +285,57 @@ impl ConnectionManager {
             registry,
             deps,
             tracker,
+            cluster: None,
+            remotes: Mutex::new(HashMap::new()),
+            relay_setup: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// Starts a session for `user_id` with `coach_id` (an unknown coach gets the general persona).
+    /// The same manager, sharing its sessions with the other nodes of `cluster`.
+    pub fn with_cluster(mut self, cluster: Option<Arc<Cluster>>) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    /// Starts a session for `user_id` with `coach_id` (an unknown coach gets the general persona),
+    /// on this node only (see [`ConnectionManager::open`] for one shared with other nodes).
     pub fn create(
         &self,
         user_id: &str,
         coach_id: &str,
         transport: TransportKind,
     ) -> Result<SessionHandle, Error> {
-        let mut live = self.registry.live.write().unwrap_or_else(PoisonError::into_inner);
-        if live.len() >= self.deps.limits.max_sessions {
+        let meta = SessionMeta {
+            session_id: String::new(),
+            user_id: user_id.to_owned(),
+            coach_id: coach_id.to_owned(),
+            transport,
+            created_at: Utc::now(),
+            status: SessionStatus::Active,
+            ended_by: None,
+            ended_at: None,
+            progress: Default::default(),
+        };
+        self.start(Self::new_id(), &meta, None, None)
+    }
+
+    pub(in crate::session) fn new_id() -> Arc<str> {
+        Arc::from(format!("sess_{}", uuid::Uuid::new_v4().simple()))
+    }
+
+    /// Refuses a new session at the cap or during shutdown.
+    pub(in crate::session) fn check_capacity(&self) -> Result<(), Error> {
+        let live = self
+            .registry
+            .live
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        self.refuse_at(live)
+    }
+
+    fn refuse_at(&self, live: usize) -> Result<(), Error> {
+        if live >= self.deps.limits.max_sessions {
             self.deps.stats.rejected_at_capacity.inc();
             return Err(Error::Unavailable(format!(
                 "the server holds its maximum of {} live sessions; try again later",
@@ -378,31 +345,114 @@ impl ConnectionManager {
         if self.deps.shutdown.is_cancelled() {
             return Err(Error::Unavailable("the server is shutting down".to_owned()));
         }
-        let id: Arc<str> = Arc::from(format!("sess_{}", uuid::Uuid::new_v4().simple()));
+        Ok(())
+    }
+
+    /// Starts the task of a session this node owns (with `owner`, its shared-log writer beside
+    /// it), new or `recovered` from another node.
+    pub(in crate::session) fn spawn_session(
+        &self,
+        id: Arc<str>,
+        owner: Option<OwnerSetup>,
+        recovered: Option<Recovered>,
+    ) -> Result<SessionHandle, Error> {
+        let meta = match &owner {
+            Some(o) => o.meta.clone(),
+            None => return Err(Error::Internal(anyhow::anyhow!("a session without its metadata"))),
+        };
+        self.start(id, &meta, owner, recovered)
+    }
+
+    fn start(
+        &self,
+        id: Arc<str>,
+        meta: &SessionMeta,
+        owner: Option<OwnerSetup>,
+        recovered: Option<Recovered>,
+    ) -> Result<SessionHandle, Error> {
+        let mut live = self.registry.live.write().unwrap_or_else(PoisonError::into_inner);
+        self.refuse_at(live.len())?;
         let (tx, rx) = mpsc::channel(self.deps.limits.max_queued_turns + 8);
+        let capacity = self.deps.limits.log_events;
+        let (log, writer) = match owner {
+            None => (Arc::new(EventLog::new(&id, capacity)), None),
+            Some(setup) => {
+                let wake = Arc::new(Notify::new());
+                let log = Arc::new(EventLog::starting_at(
+                    &id,
+                    capacity,
+                    setup.written,
+                    Some(wake.clone()),
+                ));
+                let fenced = tokio_util::sync::CancellationToken::new();
+                let (ended_tx, ended_rx) = oneshot::channel();
+                let writer = Writer::new(setup, log.clone(), wake, fenced.clone(), ended_rx);
+                (
+                    log,
+                    Some((
+                        writer,
+                        Ownership {
+                            fenced,
+                            ended: ended_tx,
+                        },
+                    )),
+                )
+            }
+        };
         let handle = SessionHandle {
             id: id.clone(),
-            user_id: Arc::from(user_id),
-            coach_id: Arc::from(coach_id),
-            transport,
-            created_at: Utc::now(),
-            log: Arc::new(EventLog::new(&id, self.deps.limits.log_events)),
+            user_id: Arc::from(meta.user_id.as_str()),
+            coach_id: Arc::from(meta.coach_id.as_str()),
+            transport: meta.transport,
+            created_at: meta.created_at,
+            log,
             tx,
             client_queue: self.deps.limits.client_queue,
         };
-        let persona = self.deps.personas.resolve(coach_id).clone();
+        let persona = self.deps.personas.resolve(&meta.coach_id).clone();
+        let fresh = recovered.is_none();
+        let (writer, ownership) = match writer {
+            Some((w, o)) => (Some(w), Some(o)),
+            None => (None, None),
+        };
         let actor = Actor::new(
             handle.clone(),
             rx,
             self.deps.clone(),
             self.registry.clone(),
             persona,
-        );
+        )
+        .owned(ownership, recovered);
         live.insert(id, handle.clone());
         drop(live);
-        self.deps.stats.sessions_created.inc();
+        if fresh {
+            self.deps.stats.sessions_created.inc();
+        }
         self.tracker.spawn(actor.run());
+        if let Some(writer) = writer {
+            self.tracker.spawn(writer.run());
+        }
         Ok(handle)
+    }
+
+    /// The handle of a session relayed from another node: its commands go to `tx` (forwarded
+    /// to the owner), its log is the relay's.
+    pub(in crate::session) fn remote_handle(
+        &self,
+        meta: &SessionMeta,
+        tx: mpsc::Sender<Command>,
+    ) -> SessionHandle {
+        let id: Arc<str> = Arc::from(meta.session_id.as_str());
+        SessionHandle {
+            log: Arc::new(EventLog::new(&id, self.deps.limits.log_events)),
+            id,
+            user_id: Arc::from(meta.user_id.as_str()),
+            coach_id: Arc::from(meta.coach_id.as_str()),
+            transport: meta.transport,
+            created_at: meta.created_at,
+            tx,
+            client_queue: self.deps.limits.client_queue,
+        }
     }
 
     /// A live session.

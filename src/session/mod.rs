@@ -1,12 +1,16 @@
 //! Live sessions: the ConnectionManager (registry, cap, statistics), one task per session that
 //! owns turn order, cancellation and the event log, the wire frames of `proto/`, and the
-//! short-lived tokens browsers use to attach over SSE and WebSocket.
+//! short-lived tokens browsers use to attach over SSE and WebSocket; with Redis, the shared
+//! [`store`] and the [`cluster`] that let any node serve any session.
 
 mod actor;
+pub mod cluster;
 pub mod event;
 pub mod latency;
 pub mod log;
 pub mod manager;
+pub mod stats;
+pub mod store;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod token;

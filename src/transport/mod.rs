@@ -36,6 +36,8 @@ pub enum Detach {
     SessionEnded,
     /// The server is shutting down (close 1001).
     Shutdown,
+    /// Another node runs the session now (close 4003): reconnect and resume.
+    Moved,
     /// The client broke the protocol (close 1003, 1007, 1008 or 1009).
     Protocol {
         /// WebSocket close code.
@@ -216,6 +218,7 @@ async fn run<T: Transport>(
                     }
                 }
                 None if sub.lagged.load(Ordering::SeqCst) => return Detach::SlowClient,
+                None if session.log.moved() => return Detach::Moved,
                 None => return Detach::SessionEnded,
             },
             inbound = transport.recv() => match inbound {

@@ -32,6 +32,8 @@ pub mod close {
     pub const SLOW_CLIENT: u16 = 4001;
     /// No pong within the deadline.
     pub const NO_PONG: u16 = 4002;
+    /// The session moved to another node (this one lost its lease): reconnect and resume.
+    pub const MOVED: u16 = 4003;
 }
 
 /// A WebSocket connection attached to a session.
@@ -182,6 +184,10 @@ where
                 "client too slow for its event queue".to_owned(),
             ),
             Detach::NoPong => (close::NO_PONG, "no pong".to_owned()),
+            Detach::Moved => (
+                close::MOVED,
+                "session moved to another node; reconnect".to_owned(),
+            ),
             Detach::Protocol { code, reason } => (*code, reason.clone()),
             Detach::ClientGone => return,
         };

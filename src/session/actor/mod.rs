@@ -15,8 +15,10 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use self::turn::{Pending, Turn, next_step};
+use super::cluster::takeover::Recovered;
 use super::event::{EndedBy, ErrorCause, EventBody, FinishReason, PersonaInfo, SessionStatus};
 use super::manager::{Deps, EndOutcome, Registry, SessionInfo};
 use super::{SessionHandle, TurnMode};
@@ -64,6 +66,15 @@ enum Flow {
     Stop,
 }
 
+/// What the task of a session shared with other nodes holds besides its own state.
+#[derive(Debug)]
+pub(super) struct Ownership {
+    /// Cancelled by the session's shared-log writer when another node holds the lease.
+    pub(super) fenced: CancellationToken,
+    /// Tells the writer how the session ended (whether to mark it ended or hand it over).
+    pub(super) ended: oneshot::Sender<EndedBy>,
+}
+
 pub(super) struct Actor {
     handle: SessionHandle,
     rx: mpsc::Receiver<Command>,
@@ -80,6 +91,12 @@ pub(super) struct Actor {
     // Tokio's clock, not std's: paused-time tests move it, and the idle timer compares with it.
     last_activity: Instant,
     end_when_idle: bool,
+    /// Never cancelled for a session of this node only.
+    fenced: CancellationToken,
+    ended_tx: Option<oneshot::Sender<EndedBy>>,
+    /// A taken-over session's turn that was streaming on its old owner: number, user text,
+    /// partial reply; ended as interrupted when the task starts.
+    recovered_open: Option<(u32, String, String)>,
 }
 
 impl Actor {
@@ -105,7 +122,25 @@ impl Actor {
             writer,
             last_activity: Instant::now(),
             end_when_idle: false,
+            fenced: CancellationToken::new(),
+            ended_tx: None,
+            recovered_open: None,
         }
+    }
+
+    /// The task of a shared session (with `ownership`), possibly `recovered` from another node.
+    pub(super) fn owned(mut self, ownership: Option<Ownership>, recovered: Option<Recovered>) -> Self {
+        if let Some(o) = ownership {
+            self.fenced = o.fenced;
+            self.ended_tx = Some(o.ended);
+        }
+        if let Some(r) = recovered {
+            self.turns_done = r.turns_done;
+            self.next_turn = r.next_turn;
+            self.transcript = r.transcript;
+            self.recovered_open = r.open;
+        }
+        self
     }
 
     fn persona_info(&self) -> PersonaInfo {
@@ -128,6 +163,9 @@ impl Actor {
     }
 
     pub(super) async fn run(mut self) {
+        if let Some((number, user_text, partial)) = self.recovered_open.take() {
+            self.end_recovered_turn(number, user_text, partial);
+        }
         self.handle.log.publish(self.session_event(SessionStatus::Active));
         let idle = self.deps.limits.idle_timeout;
         let shutdown = self.deps.shutdown.clone();
@@ -137,9 +175,21 @@ impl Actor {
         tokio::pin!(cancelled);
         let idle_timer = tokio::time::sleep_until(self.last_activity + idle);
         tokio::pin!(idle_timer);
+        let fenced = self.fenced.clone();
+        let moved = fenced.cancelled();
+        tokio::pin!(moved);
         let mut ended_by = EndedBy::Ended;
         loop {
             tokio::select! {
+                () = &mut moved => {
+                    // Another node holds the lease: it runs the session now, and ends the turn
+                    // streaming here. Stop without a word (this node may not write any more).
+                    self.current = None;
+                    self.handle.log.close_moved();
+                    self.registry.forget(&self.handle.id);
+                    self.writer.flush().await;
+                    return;
+                }
                 () = &mut cancelled => {
                     self.interrupt_current(FinishReason::ServerShutdown);
                     self.handle.log.publish(EventBody::error(ErrorCause::ServerShutdown, None));
@@ -184,8 +234,14 @@ impl Actor {
                 }
             }
         }
-        if ended_by != EndedBy::Ended {
+        // A shared session outlives its node's shutdown: another node takes it over on its next
+        // command, so its relays there must not hear that it ended.
+        let handed_over = ended_by == EndedBy::Shutdown && self.ended_tx.is_some();
+        if ended_by != EndedBy::Ended && !handed_over {
             self.handle.log.publish(self.session_event(SessionStatus::Ended));
+        }
+        if let Some(tx) = self.ended_tx.take() {
+            let _ = tx.send(ended_by);
         }
         self.handle.log.close();
         self.registry.remove(&self.handle.id, self.turns_done, ended_by);

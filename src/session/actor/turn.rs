@@ -200,6 +200,40 @@ impl Actor {
         }
     }
 
+    /// Ends the turn a taken-over session's old owner was streaming: interrupted, with the
+    /// partial reply its log kept, stored like any interrupted turn.
+    pub(super) fn end_recovered_turn(&mut self, number: u32, user_text: String, partial: String) {
+        self.deps.stats.turns_interrupted.inc();
+        let actions = extract_actions(&partial, self.deps.limits.max_actions);
+        self.handle.log.publish(EventBody::TurnEnd {
+            turn_number: number,
+            reply_text: partial.clone(),
+            actions,
+            usage: None,
+            finish_reason: FinishReason::Interrupted,
+            interrupted: true,
+            provider: None,
+            model: None,
+        });
+        self.turns_done += 1;
+        self.transcript.push_back((user_text.clone(), partial.clone()));
+        while self.transcript.len() > self.deps.limits.notes_max_turns {
+            self.transcript.pop_front();
+        }
+        self.writer.push(TurnRecord {
+            session_id: self.handle.id.to_string(),
+            user_id: self.handle.user_id.to_string(),
+            coach_id: self.handle.coach_id.to_string(),
+            turn_number: number,
+            user_text,
+            reply_text: partial,
+            interrupted: true,
+            finish_reason: FinishReason::Interrupted.to_string(),
+            usage: None,
+            at: Utc::now(),
+        });
+    }
+
     /// Stops the current reply (dropping it aborts the upstream request, in either phase) and
     /// stores the partial turn as interrupted.
     pub(super) fn interrupt_current(&mut self, reason: FinishReason) {
