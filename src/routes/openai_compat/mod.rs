@@ -437,13 +437,16 @@ mod tests {
                 include_usage,
             );
             let expected = |delta: Value, finish: Option<&str>| {
+                // Keys in sorted order, so the string is the same whether serde_json's maps sort
+                // (the default) or keep insertion order (`preserve_order`, which a dependency
+                // may switch on for the whole build).
                 let mut v = json!({
-                    "id": "chatcmpl-1",
-                    "object": "chat.completion.chunk",
+                    "choices": [{"delta": delta, "finish_reason": finish, "index": 0, "logprobs": null}],
                     "created": 1_700_000_000u64,
+                    "id": "chatcmpl-1",
                     "model": "openai/gpt \"4\"",
+                    "object": "chat.completion.chunk",
                     "system_fingerprint": null,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
                 });
                 if include_usage {
                     v["usage"] = Value::Null;
@@ -452,7 +455,7 @@ mod tests {
             };
             assert_eq!(
                 data(c.start()),
-                expected(json!({"role": "assistant", "content": ""}), None)
+                expected(json!({"content": "", "role": "assistant"}), None)
             );
             for text in [
                 "Hello",
