@@ -182,10 +182,10 @@ async fn kill_owner_mid_turn(
     // WebSocket waits for the interrupted turn's end.
     let ended = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(Ok(msg)) = ws.next().await {
-            if let Message::Text(t) = msg {
-                if t.as_str().contains(r#""type":"turn_end""#) {
-                    return Ok(killed.elapsed());
-                }
+            if let Message::Text(t) = msg
+                && t.as_str().contains(r#""type":"turn_end""#)
+            {
+                return Ok(killed.elapsed());
             }
         }
         Err::<Duration, BoxError>("B's client closed before the turn_end".into())

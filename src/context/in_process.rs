@@ -30,7 +30,7 @@ struct Inner {
 impl Inner {
     fn after_write(&mut self, now: Instant) {
         self.writes += 1;
-        if self.writes % SWEEP_EVERY == 0 {
+        if self.writes.is_multiple_of(SWEEP_EVERY) {
             self.lists.retain(|_, e| e.expires_at > now);
             self.pointers.retain(|_, e| e.expires_at > now);
         }

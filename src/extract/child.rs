@@ -96,13 +96,13 @@ pub(super) async fn run(
             });
         }
     };
-    if status.success() {
-        if let Ok(reply) = serde_json::from_slice::<Reply>(&out) {
-            return match reply {
-                Reply::Ok(extracted) => Ok(extracted),
-                Reply::Err(e) => Err(e),
-            };
-        }
+    if status.success()
+        && let Ok(reply) = serde_json::from_slice::<Reply>(&out)
+    {
+        return match reply {
+            Reply::Ok(extracted) => Ok(extracted),
+            Reply::Err(e) => Err(e),
+        };
     }
     Err(ExtractError::Crashed(describe_exit(status, &err)))
 }

@@ -99,18 +99,17 @@ impl DocFormat {
                     .to_ascii_lowercase()
             })
             .filter(|ct| !ct.is_empty() && ct != "application/octet-stream");
-        if let Some(ct) = declared.as_deref() {
-            if let Some(format) = Self::from_content_type(ct) {
-                return Some(format);
-            }
+        if let Some(ct) = declared.as_deref()
+            && let Some(format) = Self::from_content_type(ct)
+        {
+            return Some(format);
         }
         if let Some(ext) = filename
             .and_then(|f| f.rsplit_once('.'))
             .map(|(_, e)| e.to_ascii_lowercase())
+            && let Some(format) = Self::from_extension(&ext)
         {
-            if let Some(format) = Self::from_extension(&ext) {
-                return Some(format);
-            }
+            return Some(format);
         }
         // A declared type we do not extract (image/png, say) is not second-guessed by sniffing.
         if declared.is_some() {

@@ -470,10 +470,10 @@ fn error_response(dialect: Dialect, status: u16, retry_after: Option<u64>) -> Re
         if let Ok(v) = secs.to_string().parse() {
             h.insert(header::RETRY_AFTER, v);
         }
-        if dialect == Dialect::OpenAi {
-            if let Ok(v) = (secs * 1000).to_string().parse() {
-                h.insert("retry-after-ms", v);
-            }
+        if dialect == Dialect::OpenAi
+            && let Ok(v) = (secs * 1000).to_string().parse()
+        {
+            h.insert("retry-after-ms", v);
         }
     }
     if dialect == Dialect::Anthropic {

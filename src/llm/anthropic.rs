@@ -240,11 +240,10 @@ pub fn decode_stream(response: reqwest::Response) -> EventStream {
                     }
                 }
                 "content_block_delta" => {
-                    if let Some(text) = wire.delta.and_then(|d| d.text) {
-                        if !text.is_empty() {
+                    if let Some(text) = wire.delta.and_then(|d| d.text)
+                        && !text.is_empty() {
                             yield Ok(LlmEvent::Delta(text.into_owned()));
                         }
-                    }
                 }
                 "message_delta" => {
                     if let Some(reason) = wire.delta.and_then(|d| d.stop_reason) {

@@ -96,15 +96,15 @@ fn parse_lenient(text: &str) -> Result<Value, String> {
 /// required, properties, additionalProperties: false, items, min/max, minItems/maxItems,
 /// minLength/maxLength.
 pub fn validate(value: &Value, schema: &Value, path: &str) -> Result<(), String> {
-    if let Some(c) = schema.get("const") {
-        if c != value {
-            return Err(format!("{path} must be {c}"));
-        }
+    if let Some(c) = schema.get("const")
+        && c != value
+    {
+        return Err(format!("{path} must be {c}"));
     }
-    if let Some(options) = schema.get("enum").and_then(Value::as_array) {
-        if !options.contains(value) {
-            return Err(format!("{path} must be one of {}", Value::Array(options.clone())));
-        }
+    if let Some(options) = schema.get("enum").and_then(Value::as_array)
+        && !options.contains(value)
+    {
+        return Err(format!("{path} must be one of {}", Value::Array(options.clone())));
     }
     if let Some(ty) = schema.get("type") {
         let types: Vec<&str> = match ty {
@@ -124,10 +124,10 @@ pub fn validate(value: &Value, schema: &Value, path: &str) -> Result<(), String>
                 .into_iter()
                 .flatten()
             {
-                if let Some(name) = name.as_str() {
-                    if !obj.contains_key(name) {
-                        return Err(format!("{path}.{name} is required"));
-                    }
+                if let Some(name) = name.as_str()
+                    && !obj.contains_key(name)
+                {
+                    return Err(format!("{path}.{name} is required"));
                 }
             }
             let props = schema.get("properties").and_then(Value::as_object);

@@ -293,11 +293,10 @@ pub fn decode_stream(provider: ProviderKind, response: reqwest::Response) -> Eve
                 usage = Some(Usage { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens });
             }
             for choice in chunk.choices {
-                if let Some(text) = choice.delta.and_then(|d| d.content) {
-                    if !text.is_empty() {
+                if let Some(text) = choice.delta.and_then(|d| d.content)
+                    && !text.is_empty() {
                         yield Ok(LlmEvent::Delta(text.into_owned()));
                     }
-                }
                 if let Some(reason) = choice.finish_reason {
                     if reason == "error" {
                         yield Err(LlmError::Stream { provider, kind: "error".into(), message: "finish_reason error".into() });

@@ -419,10 +419,10 @@ fn quietest_cut(samples: &[i16], target: usize) -> usize {
             _ => {}
         }
     }
-    if let Some(s) = run_start {
-        if windows.len() - s >= best.1 - best.0 {
-            best = (s, windows.len());
-        }
+    if let Some(s) = run_start
+        && windows.len() - s >= best.1 - best.0
+    {
+        best = (s, windows.len());
     }
     let first = windows[best.0].0;
     let last = windows[best.1.max(best.0 + 1) - 1].0 + QUIET_WINDOW;

@@ -452,11 +452,11 @@ impl Transcriber {
 
     fn headers(&self) -> HeaderMap {
         let mut h = HeaderMap::new();
-        if let Some(key) = &self.settings.api_key {
-            if let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {}", key.expose())) {
-                v.set_sensitive(true);
-                h.insert(AUTHORIZATION, v);
-            }
+        if let Some(key) = &self.settings.api_key
+            && let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+        {
+            v.set_sensitive(true);
+            h.insert(AUTHORIZATION, v);
         }
         h
     }

@@ -255,11 +255,10 @@ async fn run<T: Transport>(
                             None
                         }
                     };
-                    if let Some(event) = reply {
-                        if let Err(why) = transport.send(&event).await {
+                    if let Some(event) = reply
+                        && let Err(why) = transport.send(&event).await {
                             return why;
                         }
-                    }
                 }
             },
             _ = heartbeat.tick() => {

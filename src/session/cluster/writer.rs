@@ -159,7 +159,7 @@ impl Writer {
                 Err(e) => {
                     self.setup.stats.append_failures.inc();
                     self.failures += 1;
-                    if self.failures == 1 || self.failures % 100 == 0 {
+                    if self.failures == 1 || self.failures.is_multiple_of(100) {
                         tracing::warn!(session_id = %self.setup.meta.session_id, error = %e, failures = self.failures, "cannot append to the shared log; cross-node delivery is behind");
                     }
                     return Drained::Behind;
@@ -192,7 +192,7 @@ impl Writer {
             }
             Err(e) => {
                 self.failures += 1;
-                if self.failures == 1 || self.failures % 100 == 0 {
+                if self.failures == 1 || self.failures.is_multiple_of(100) {
                     tracing::warn!(session_id = %self.setup.meta.session_id, error = %e, "cannot register the session in the shared store");
                 }
                 false
