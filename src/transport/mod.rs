@@ -179,7 +179,13 @@ pub async fn drive<T: Transport>(
     transport: &mut T,
     opts: DriveOptions,
 ) {
-    let why = run(&session, &mut sub, transport, &opts).await;
+    let mut why = run(&session, &mut sub, transport, &opts).await;
+    // At shutdown the session's task stops too, and its log may close before this loop sees the
+    // shutdown token: the client must still learn that the server went away (1001, reconnect
+    // elsewhere), not that its session ended (1000).
+    if why == Detach::SessionEnded && opts.shutdown.is_cancelled() {
+        why = Detach::Shutdown;
+    }
     match why {
         Detach::SlowClient => {
             opts.stats.slow_clients.inc();
