@@ -707,6 +707,11 @@ async fn embedded_mode_runs_jobs_on_the_in_memory_engine() {
 
 /// A `coachd worker` process on the test's database.
 fn worker_process(database_url: &str) -> Child {
+    worker_process_with(database_url, &[])
+}
+
+/// A `coachd worker` process on the test's database, with `extra` settings.
+fn worker_process_with(database_url: &str, extra: &[(&str, &str)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_coachd"))
         .args(["worker", "--queues", "llm"])
         .env_clear()
@@ -718,10 +723,57 @@ fn worker_process(database_url: &str) -> Child {
         .env("COACHD_JOBS_HEARTBEAT_SECS", "1")
         .env("COACHD_JOBS_ORPHAN_AFTER_SECS", "3")
         .env("COACHD_LOG", "warn")
+        .envs(extra.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start coachd worker")
+}
+
+#[tokio::test]
+async fn a_worker_told_to_stop_finishes_its_run_and_takes_no_new_job() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let app = app(&fake, Services::Real, &[("COACHD_JOBS_WORKERS", "false")]).await;
+    let db = app.database_url.clone().unwrap();
+    let mut worker = worker_process_with(
+        &db,
+        &[
+            ("COACHD_SHUTDOWN_DRAIN_DELAY_SECS", "0"),
+            ("COACHD_SHUTDOWN_GRACE_SECS", "20"),
+        ],
+    );
+    let (_, body) = submit(
+        &app,
+        json!({"kind": "noop", "user_id": "u1", "coach_id": "c", "text": "in flight", "options": {"sleep_ms": 2000, "steps": 2}}),
+    )
+    .await;
+    let running = id_of(&body);
+    wait_for(&app, &running, "ran", |j| j["status"] == "running").await;
+
+    // SIGTERM, as an orchestrator stops a container.
+    let term = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let job = wait_status(&app, &running, "succeeded").await;
+    assert_eq!(job["attempts"], 1, "the stopping worker finished its run: {job}");
+
+    // It takes nothing new while it stops, and exits cleanly.
+    let (_, body) = submit(&app, json!({"kind": "noop", "user_id": "u1", "coach_id": "c"})).await;
+    let later = id_of(&body);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = worker.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the worker did not exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get_job(&app, &later).await["status"], "queued");
+    app.stop().await.unwrap();
 }
 
 #[tokio::test]
@@ -848,6 +900,169 @@ async fn a_job_started_from_a_live_session_reports_job_events_to_its_clients() {
         ["queued", "started", "progress", "progress", "succeeded"],
         "{jobs:?}"
     );
+    app.stop().await.unwrap();
+}
+
+/// The `job` events of a session's SSE stream, read until the job's final `succeeded`, with the
+/// seqs of every event seen on the way.
+async fn session_job_events(app: &TestApp, session: &common::realtime::Session) -> (Vec<Value>, Vec<u64>) {
+    let resp = app
+        .client
+        .get(app.url(&format!(
+            "/realtime/sessions/{}/events?token={}&after_seq=0",
+            session.id, session.token
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut reader = common::realtime::SseReader::new(resp);
+    let (mut jobs, mut seqs) = (Vec::new(), Vec::new());
+    let read = async {
+        while let Some(ev) = reader.next().await {
+            if let Some(seq) = ev.data["seq"].as_u64() {
+                seqs.push(seq);
+            }
+            if ev.event == "job" {
+                let last = ev.data["status"] == "succeeded";
+                jobs.push(ev.data);
+                if last {
+                    return;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("the session's stream carries the job to its end");
+    (jobs, seqs)
+}
+
+#[tokio::test]
+async fn a_job_submitted_on_another_node_reports_to_the_session_through_its_owner() {
+    // Two nodes on one database and one Redis prefix: the session lives on `a`, the job is
+    // submitted on `b`. Its events must reach the session's clients on both nodes, published by
+    // the session's own task on `a` (one writer: seqs strictly increasing, none twice).
+    let fake = FakeUpstream::start().await.unwrap();
+    let db = common::fresh_database().await;
+    let prefix = common::fresh_prefix();
+    let redis = common::redis_url();
+    let node = |id: &'static str| {
+        vec![
+            ("DATABASE_URL", db.as_str()),
+            ("REDIS_URL", redis.as_str()),
+            ("COACHD_REDIS_KEY_PREFIX", prefix.as_str()),
+            ("COACHD_NODE_ID", id),
+        ]
+    };
+    let a = app(&fake, Services::Embedded, &node("node-a")).await;
+    let b = app(&fake, Services::Embedded, &node("node-b")).await;
+    let (s, created) = send(
+        &a,
+        a.client
+            .post(a.url("/realtime/sessions"))
+            .json(&json!({"user_id": "u1", "coach_id": "c", "transport": "sse"})),
+        None,
+    )
+    .await;
+    assert_eq!(s, 201, "{created}");
+    let session = common::realtime::Session {
+        id: created["session_id"].as_str().unwrap().to_owned(),
+        token: created["token"].as_str().unwrap().to_owned(),
+        body: created.clone(),
+    };
+
+    // The session is checked on `b` too (it is not in b's memory): wrong user, then a real job.
+    let (s, body) = submit(
+        &b,
+        json!({"kind": "noop", "user_id": "u2", "coach_id": "c", "session_id": session.id}),
+    )
+    .await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (400, Some("session_mismatch")),
+        "{body}"
+    );
+    let (s, body) = submit(
+        &b,
+        json!({"kind": "noop", "user_id": "u1", "coach_id": "c", "session_id": session.id,
+               "options": {"sleep_ms": 200, "steps": 2}}),
+    )
+    .await;
+    assert_eq!(s, 202, "{body}");
+    let id = id_of(&body);
+
+    for (node, app) in [("owner a", &a), ("relay b", &b)] {
+        let (jobs, seqs) = session_job_events(app, &session).await;
+        let names: Vec<&str> = jobs.iter().map(|j| j["event"].as_str().unwrap()).collect();
+        assert_eq!(
+            names,
+            ["queued", "started", "progress", "progress", "succeeded"],
+            "{node}: {jobs:?}"
+        );
+        assert!(
+            jobs.iter().all(|j| j["job_id"] == id.as_str()),
+            "{node}: {jobs:?}"
+        );
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "{node}: seqs strictly increasing: {seqs:?}"
+        );
+    }
+    b.stop().await.unwrap();
+    a.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn finished_jobs_and_their_queue_entries_are_swept_after_the_retention() {
+    let fake = FakeUpstream::start().await.unwrap();
+    let app = app(
+        &fake,
+        Services::Real,
+        &[
+            ("COACHD_JOBS_RETENTION_SECS", "5"),
+            ("COACHD_JOBS_SWEEP_SECS", "1"),
+        ],
+    )
+    .await;
+    let pool = sqlx::PgPool::connect(app.database_url.as_deref().unwrap())
+        .await
+        .unwrap();
+    let entries = |id: String| {
+        let pool = pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(
+                "select count(*) from apalis.jobs where convert_from(job, 'UTF8')::jsonb ->> 'job_id' = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            n
+        }
+    };
+    let (s, body) = submit(&app, json!({"kind": "noop", "user_id": "u1", "coach_id": "c"})).await;
+    assert_eq!(s, 202, "{body}");
+    let id = id_of(&body);
+    wait_status(&app, &id, "succeeded").await;
+    assert_eq!(
+        entries(id.clone()).await,
+        1,
+        "the run's queue entry is there while the job is new"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, _) = send(&app, app.client.get(app.url(&format!("/api/v1/jobs/{id}"))), None).await;
+        if status == 404 && entries(id.clone()).await == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} was not swept (status {status})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     app.stop().await.unwrap();
 }
 

@@ -27,7 +27,7 @@ use crate::jobs::{Job, JobEvent, JobFilter, JobInput, JobKind, JobStatus, NewJob
 use crate::routes::validate::Id;
 use crate::routes::{JsonBody, QueryParams, sse_response};
 use crate::session::SessionHandle;
-use crate::session::event::{EventBody, JobUpdate};
+use crate::session::event::JobUpdate;
 use crate::state::AppState;
 use crate::transcribe::AudioFormat;
 use futures::StreamExt;
@@ -173,10 +173,9 @@ async fn submit_inner(
     let job = validate(state, caller, request, header_key, upload.as_ref())?;
     let session = match &job.job.session_id {
         Some(sid) => {
-            let session = state
-                .sessions
-                .get(sid)
-                .ok_or_else(|| Error::NotFound("session".to_owned()))?;
+            // Wherever the session lives: on another node the handle is this node's relay, and
+            // the job events go to the owner as commands.
+            let session = crate::routes::realtime::live(state, caller, sid).await?;
             if *session.user_id != job.job.user_id || *session.coach_id != job.job.coach_id {
                 return Err(Error::bad_request(
                     "session_mismatch",
@@ -867,26 +866,29 @@ async fn relay_to_session(state: AppState, session: SessionHandle, job: Uuid, ki
     let events = follow(state.clone(), job, 0, poll);
     tokio::pin!(events);
     while let Some(item) = events.next().await {
-        if state.sessions.get(&session.id).is_none() {
-            return;
-        }
-        match item {
-            Ok(ev) => {
-                session.log.publish(EventBody::Job(JobUpdate {
-                    job_id: job.to_string(),
-                    kind: kind.as_str().to_owned(),
-                    event: ev.event,
-                    status: ev.status.as_str().to_owned(),
-                    progress: ev.progress,
-                    stage: ev.stage,
-                    attempt: ev.attempt,
-                    error: ev.error.and_then(|e| serde_json::to_value(e).ok()),
-                }));
-            }
+        let ev = match item {
+            Ok(ev) => ev,
             Err(e) => {
                 tracing::warn!(job_id = %job, error = %e, "cannot relay job events to the session");
                 return;
             }
+        };
+        let update = JobUpdate {
+            job_id: job.to_string(),
+            kind: kind.as_str().to_owned(),
+            event: ev.event,
+            status: ev.status.as_str().to_owned(),
+            progress: ev.progress,
+            stage: ev.stage,
+            attempt: ev.attempt,
+            error: ev.error.and_then(|e| serde_json::to_value(e).ok()),
+        };
+        // The session's own task publishes it (here or on its owner's node), so its log keeps
+        // one writer; awaiting each keeps the job's events in order. A session that ended (or
+        // cannot be reached) stops the relay: the job goes on, its own stream still has it all.
+        if let Err(e) = session.job_update(update).await {
+            tracing::debug!(job_id = %job, session_id = %session.id, error = %e, "job events no longer go to the session");
+            return;
         }
     }
 }

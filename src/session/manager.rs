@@ -18,7 +18,7 @@ use super::actor::{Actor, Command, Ownership};
 use super::cluster::Cluster;
 use super::cluster::takeover::Recovered;
 use super::cluster::writer::{OwnerSetup, Writer};
-use super::event::{EndedBy, PersonaInfo, SessionStatus, TransportKind};
+use super::event::{EndedBy, JobUpdate, PersonaInfo, SessionStatus, TransportKind};
 use super::log::{EventLog, Subscription};
 use super::store::SessionMeta;
 use crate::coach::Personas;
@@ -187,6 +187,12 @@ impl SessionHandle {
     /// Ends the session once its current and queued turns are over.
     pub async fn end_when_idle(&self) -> Result<(), Error> {
         self.tx.send(Command::EndWhenIdle).await.map_err(|_| gone())
+    }
+
+    /// Publishes a job's progress in the session (wherever its task runs); returns once it is
+    /// in the log, so awaiting each update keeps them in order.
+    pub async fn job_update(&self, update: JobUpdate) -> Result<(), Error> {
+        self.ask(|reply| Command::Job { update, reply }).await
     }
 
     /// The session's state.

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::turn::{Pending, Turn, next_step};
 use super::cluster::takeover::Recovered;
-use super::event::{EndedBy, ErrorCause, EventBody, FinishReason, PersonaInfo, SessionStatus};
+use super::event::{EndedBy, ErrorCause, EventBody, FinishReason, JobUpdate, PersonaInfo, SessionStatus};
 use super::manager::{Deps, EndOutcome, Registry, SessionInfo};
 use super::{SessionHandle, TurnMode};
 use crate::coach::Persona;
@@ -58,6 +58,14 @@ pub enum Command {
     Info {
         /// The state.
         reply: oneshot::Sender<SessionInfo>,
+    },
+    /// Publish a job's progress as a `job` event: the session's task is the one writer of its
+    /// log, so the event gets its seq in order with the turns and reaches the shared log.
+    Job {
+        /// What the job did.
+        update: JobUpdate,
+        /// Answered once published, so a caller that awaits each keeps their order.
+        reply: oneshot::Sender<()>,
     },
 }
 
@@ -275,6 +283,11 @@ impl Actor {
             }
             Command::Info { reply } => {
                 let _ = reply.send(self.info());
+                Flow::Continue
+            }
+            Command::Job { update, reply } => {
+                self.handle.log.publish(EventBody::Job(update));
+                let _ = reply.send(());
                 Flow::Continue
             }
             Command::End {

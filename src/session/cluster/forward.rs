@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use super::{Cluster, lock};
 use crate::error::Error;
 use crate::session::TurnMode;
+use crate::session::event::JobUpdate;
 use crate::session::manager::SessionHandle;
 
 /// A command as it travels.
@@ -40,6 +41,11 @@ pub enum WireCommand {
     EndWhenIdle,
     /// The session's state.
     Info,
+    /// A job's progress, for the session's log.
+    Job {
+        /// What the job did.
+        update: JobUpdate,
+    },
 }
 
 /// An error as it travels: enough to rebuild the typed error on the other side.
@@ -216,6 +222,7 @@ pub(crate) async fn serve(
         WireCommand::End { generate_notes } => session.end(generate_notes).await.map(|o| json(&o)),
         WireCommand::EndWhenIdle => session.end_when_idle().await.map(|()| Value::Null),
         WireCommand::Info => session.info().await.map(|i| json(&i)),
+        WireCommand::Job { update } => session.job_update(update).await.map(|()| Value::Null),
     };
     result.map_err(|e| WireError::from(&e))
 }

@@ -325,6 +325,11 @@ async fn run_forwarded(manager: &Arc<ConnectionManager>, id: &str, command: Comm
                 let _ = reply.send(v);
             }
         }
+        Command::Job { update, reply } => {
+            if manager.command(id, WireCommand::Job { update }).await.is_ok() {
+                let _ = reply.send(());
+            }
+        }
     }
 }
 
