@@ -678,6 +678,21 @@ impl JobBackend for PgJobBackend {
                 .execute(&self.pool)
                 .await?
                 .rows_affected();
+        // The engine's queue entries of finished runs: apalis never deletes them (its `vacuum`
+        // deletes every finished entry at once, new ones too), so they go after the same
+        // retention as the job records. Each coachd run is one entry of one attempt, so a
+        // `Failed` entry is finished too.
+        let entries = sqlx::query(
+            "delete from apalis.jobs where done_at < now() - $1 \
+             and (status in ('Done', 'Killed') or (status = 'Failed' and attempts >= max_attempts))",
+        )
+        .bind(chrono::Duration::from_std(retention).unwrap_or_default())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if entries > 0 {
+            tracing::debug!(entries, "jobs: swept finished queue entries");
+        }
         let uploads = expired.len() as u64;
         if let Some(dir) = &self.upload_dir {
             let mut paths: Vec<String> = expired.into_iter().flatten().collect();
