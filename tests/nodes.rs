@@ -16,32 +16,44 @@ use common::realtime::{Session, WsRead, tokens_text, ws_connect, ws_next, ws_sen
 use fred::interfaces::{ClientLike, KeysInterface, ListInterface};
 use serde_json::{Value, json};
 
+/// The settings of one node on the fake upstream, database `db` and key prefix `prefix` at `redis`.
+fn node_env(fake: &FakeUpstream, node: &str, db: &str, prefix: &str, redis: &str) -> Vec<(String, String)> {
+    [
+        ("LLM_PROVIDER", "openai"),
+        ("OPENAI_API_KEY", "test-key"),
+        ("OPENAI_MODEL", "gpt-test"),
+        ("COACHD_OPENAI_BASE_URL", fake.base_url().as_str()),
+        ("COACHD_LLM_MAX_RETRIES", "0"),
+        ("COACHD_LLM_RETRY_BASE_MS", "1"),
+        ("COACHD_REDIS_KEY_PREFIX", prefix),
+        ("DATABASE_URL", db),
+        ("REDIS_URL", redis),
+        ("COACHD_NODE_ID", node),
+        // Short enough for takeovers within a test, long enough for a loaded machine to renew.
+        ("COACHD_CLUSTER_LEASE_MS", "1500"),
+        ("COACHD_CLUSTER_HEARTBEAT_SECS", "1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// An app instance in this process with `vars`.
+async fn node_app(vars: &[(String, String)]) -> TestApp {
+    let pairs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    common::spawn_app_with(common::Services::Embedded, &pairs).await
+}
+
 /// `n` nodes (`node-a`, `node-b`, ...) on the fake upstream, one database and one key prefix
 /// (on the shared Redis, or the one at `redis_url`).
 async fn nodes(n: usize, fake: &FakeUpstream, redis_url: Option<&str>) -> Vec<TestApp> {
     let prefix = common::fresh_prefix();
     let db = common::fresh_database().await;
-    let base = fake.base_url();
     let redis = redis_url.map_or_else(common::redis_url, str::to_owned);
     let mut apps = Vec::new();
     for i in 0..n {
         let node = format!("node-{}", (b'a' + i as u8) as char);
-        let vars: Vec<(&str, &str)> = vec![
-            ("LLM_PROVIDER", "openai"),
-            ("OPENAI_API_KEY", "test-key"),
-            ("OPENAI_MODEL", "gpt-test"),
-            ("COACHD_OPENAI_BASE_URL", &base),
-            ("COACHD_LLM_MAX_RETRIES", "0"),
-            ("COACHD_LLM_RETRY_BASE_MS", "1"),
-            ("COACHD_REDIS_KEY_PREFIX", &prefix),
-            ("DATABASE_URL", &db),
-            ("REDIS_URL", &redis),
-            ("COACHD_NODE_ID", &node),
-            // Short enough for takeovers within a test, long enough for a loaded machine to renew.
-            ("COACHD_CLUSTER_LEASE_MS", "1500"),
-            ("COACHD_CLUSTER_HEARTBEAT_SECS", "1"),
-        ];
-        apps.push(common::spawn_app_with(common::Services::Embedded, &vars).await);
+        apps.push(node_app(&node_env(fake, &node, &db, &prefix, &redis)).await);
     }
     apps
 }
@@ -406,6 +418,147 @@ async fn when_the_owner_loses_its_lease_mid_turn_another_node_takes_over_and_sto
     for app in apps {
         app.stop().await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn a_coachd_process_killed_mid_turn_hands_its_session_to_another_node() {
+    // The owner is a real `coachd serve` process, killed with SIGKILL mid-turn: no shutdown
+    // code runs, its lease simply stops being renewed.
+    let fake = FakeUpstream::start().await.unwrap();
+    fake.set_default(Script::counted(1000).paced(Duration::ZERO, Duration::from_millis(10)));
+    let (db, prefix, redis) = (
+        common::fresh_database().await,
+        common::fresh_prefix(),
+        common::redis_url(),
+    );
+    let port = free_port();
+    let mut owner = std::process::Command::new(env!("CARGO_BIN_EXE_coachd"))
+        .arg("serve")
+        .env_clear()
+        .envs(node_env(&fake, "node-proc", &db, &prefix, &redis))
+        .env("PORT", port.to_string())
+        .env("COACHD_HOST", "127.0.0.1")
+        .env("COACHD_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start coachd serve");
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..300 {
+        if client
+            .get(format!("{base}/health/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "coachd serve answered /health/ready on {port}");
+    let b = node_app(&node_env(&fake, "node-b", &db, &prefix, &redis)).await;
+
+    let created: Value = client
+        .post(format!("{base}/realtime/sessions"))
+        .json(&json!({"user_id": "u9", "coach_id": "sales", "transport": "websocket"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let session = Session {
+        id: created["session_id"].as_str().unwrap().to_owned(),
+        token: created["token"].as_str().unwrap().to_owned(),
+        body: created.clone(),
+    };
+    // The client is on b; the turn runs in the owner process.
+    let mut ws_b = ws_connect(&b, &session, "").await;
+    ws_send(
+        &mut ws_b,
+        json!({"type": "user_message", "text": "tell me everything"}),
+    )
+    .await;
+    let mut seen = Vec::new();
+    while turn_tokens(&seen, 1).len() < 20 {
+        match ws_next(&mut ws_b).await {
+            WsRead::Event(e) => seen.push(e),
+            WsRead::Close(code) => panic!("closed {code:?}"),
+        }
+    }
+
+    owner.kill().unwrap();
+    let killed = Instant::now();
+    owner.wait().unwrap();
+    assert_eq!(
+        fake.wait_disconnects(1, Duration::from_secs(5)).await,
+        1,
+        "the killed owner's upstream request is gone"
+    );
+
+    // b's relay sees the lease lapse and takes the session over: turn 1 ends interrupted with
+    // the partial text of the log, and b's client never saw a gap or a duplicate.
+    seen.extend(ws_turn(&mut ws_b, 1).await);
+    let end = seen
+        .iter()
+        .rev()
+        .find(|e| e["type"] == "turn_end")
+        .unwrap()
+        .clone();
+    assert_eq!(end["finish_reason"], "interrupted", "{end}");
+    let partial = end["reply_text"].as_str().unwrap().to_owned();
+    assert!(partial.starts_with("t0 t1"), "{partial}");
+    assert_eq!(
+        partial,
+        tokens_text(&seen),
+        "the partial text is what the client saw"
+    );
+    let logged: Vec<u64> = seqs(
+        &seen
+            .iter()
+            .filter(|e| e["type"] != "session")
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
+    assert!(logged.windows(2).all(|w| w[0] < w[1]), "{logged:?}");
+
+    // The next turn is served by b.
+    fake.set_default(Script::text("back again"));
+    let (status, reply) = post(
+        &b,
+        &format!("/realtime/sessions/{}/turn", session.id),
+        json!({"text": "still there?"}),
+    )
+    .await;
+    let took = killed.elapsed();
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        (reply["turn_number"].as_u64(), reply["reply_text"].as_str()),
+        (Some(2), Some("back again"))
+    );
+    println!("kill -9 of the owner process -> next turn served on b: {took:?} (lease 1.5 s)");
+
+    // The interrupted turn went through b's write-behind like any other.
+    let redis = redis_client(&redis).await;
+    let context_key = format!("{prefix}session:{}:context", session.id);
+    let mut stored: Vec<String> = Vec::new();
+    for _ in 0..100 {
+        stored = redis.lrange(&context_key, 0, -1).await.unwrap();
+        if stored.len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let contents: Vec<Value> = stored.iter().map(|s| serde_json::from_str(s).unwrap()).collect();
+    assert_eq!(contents.len(), 4, "{contents:?}");
+    assert_eq!(contents[0]["content"], "tell me everything");
+    assert_eq!(contents[1]["content"], partial.as_str());
+    assert_eq!(contents[3]["content"], "back again");
+    redis.quit().await.unwrap();
+    b.stop().await.unwrap();
 }
 
 /// A Redis of this test's own (no persistence), so it can be killed and restarted.
