@@ -66,7 +66,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(&settings);
+    if let Err(e) = telemetry::init(&settings) {
+        eprintln!("coachd: {e}");
+        return ExitCode::from(2);
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -82,6 +85,8 @@ fn main() -> ExitCode {
             serve(settings).await
         }
     });
+    // A no-op after a normal stop (the server flushed the traces last); here for the failures.
+    telemetry::shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
