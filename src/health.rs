@@ -120,3 +120,86 @@ pub async fn check_llm(llm: &Llm, configured: ProviderKind, timeout: Duration) -
     }
     timed(timeout, kind.as_str(), llm.check_default()).await
 }
+
+/// `coachd healthcheck`: one `GET /health/live` to the server at `addr`, for container health
+/// checks in images without curl. Plain blocking std I/O with `timeout` on connect, write and
+/// read: no runtime, no settings, nothing that could itself hang.
+pub fn probe_live(addr: std::net::SocketAddr, timeout: Duration) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| e.to_string())?;
+    let request = format!("GET /health/live HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("cannot send to {addr}: {e}"))?;
+    // The status line is all we need; a live answer is short, so 64 bytes hold it.
+    let mut head = [0u8; 64];
+    let mut read = 0;
+    while read < head.len() {
+        match stream.read(&mut head[read..]) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(e) => return Err(format!("no answer from {addr}: {e}")),
+        }
+        if head[..read].contains(&b'\n') {
+            break;
+        }
+    }
+    let line = String::from_utf8_lossy(&head[..read]);
+    let status = line.lines().next().unwrap_or_default();
+    if status.starts_with("HTTP/1.1 200") || status.starts_with("HTTP/1.0 200") {
+        Ok(())
+    } else {
+        Err(format!("/health/live answered {status:?}"))
+    }
+}
+
+#[cfg(test)]
+mod probe_tests {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    /// A one-shot server that answers `reply` to whatever it is sent, and returns the request.
+    fn serve_once(reply: &'static str) -> (std::net::SocketAddr, std::thread::JoinHandle<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let n = s.read(&mut buf).unwrap();
+            s.write_all(reply.as_bytes()).unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        (addr, server)
+    }
+
+    #[test]
+    fn a_200_is_live_and_anything_else_is_not() {
+        let (addr, server) =
+            serve_once("HTTP/1.1 200 OK\r\ncontent-length: 18\r\n\r\n{\"status\":\"alive\"}");
+        assert_eq!(super::probe_live(addr, Duration::from_secs(5)), Ok(()));
+        assert!(
+            server
+                .join()
+                .unwrap()
+                .starts_with("GET /health/live HTTP/1.1\r\n")
+        );
+
+        let (addr, server) = serve_once("HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n");
+        let err = super::probe_live(addr, Duration::from_secs(5)).unwrap_err();
+        assert!(err.contains("503"), "{err}");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn nothing_listening_is_an_error() {
+        let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let err = super::probe_live(addr, Duration::from_secs(5)).unwrap_err();
+        assert!(err.contains("cannot connect"), "{err}");
+    }
+}

@@ -1,7 +1,8 @@
 //! The `coachd` binary: `coachd serve` (default) runs the server (with job workers unless
 //! `COACHD_JOBS_WORKERS=false`), `coachd worker [--queues q1,q2]` runs job workers only (and the
-//! health routes), `coachd migrate` applies the database migrations and exits. All the work is in
-//! the library.
+//! health routes), `coachd migrate` applies the database migrations and exits, `coachd
+//! healthcheck` asks the local server's `/health/live` (the container health check). All the work
+//! is in the library.
 
 use std::process::ExitCode;
 
@@ -15,7 +16,7 @@ use coachd::{db, telemetry};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const USAGE: &str = "usage: coachd [serve | worker [--queues q1,q2] | migrate | help | version]\n\n  serve    run the server (default), with job workers unless COACHD_JOBS_WORKERS=false\n  worker   run job workers only (queues: extraction, transcription, llm; default all or\n           COACHD_JOBS_QUEUES), serving the health routes on PORT\n  migrate  apply database migrations to DATABASE_URL and exit\n\nSettings come from the environment and a .env file; see .env.example.";
+const USAGE: &str = "usage: coachd [serve | worker [--queues q1,q2] | migrate | healthcheck | help | version]\n\n  serve    run the server (default), with job workers unless COACHD_JOBS_WORKERS=false\n  worker   run job workers only (queues: extraction, transcription, llm; default all or\n           COACHD_JOBS_QUEUES), serving the health routes on PORT\n  migrate  apply database migrations to DATABASE_URL and exit\n  healthcheck  exit 0 when the server on PORT answers /health/live (for container health checks)\n\nSettings come from the environment and a .env file; see .env.example.";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
         },
         // Hidden: one document parse in a child process (see `extract`); no settings, no runtime.
         coachd::extract::CHILD_COMMAND => return coachd::extract::run_child(std::env::args().skip(2)),
+        "healthcheck" if args.len() == 1 => return healthcheck(),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -66,7 +68,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(&settings);
+    if let Err(e) = telemetry::init(&settings) {
+        eprintln!("coachd: {e}");
+        return ExitCode::from(2);
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -82,11 +87,41 @@ fn main() -> ExitCode {
             serve(settings).await
         }
     });
+    // A no-op after a normal stop (the server flushed the traces last); here for the failures.
+    telemetry::shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "coachd failed");
             eprintln!("coachd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `coachd healthcheck`: the server on `PORT` (default 8000) at `COACHD_HOST`, or at 127.0.0.1
+/// when it listens on every address, answers `/health/live` within 3 s. Reads only those two
+/// variables, so it works in the same environment as the server without starting anything.
+fn healthcheck() -> ExitCode {
+    let port = match std::env::var("PORT").ok().filter(|p| !p.trim().is_empty()) {
+        None => 8000,
+        Some(p) => match p.trim().parse::<u16>() {
+            Ok(p) if p != 0 => p,
+            _ => {
+                eprintln!("coachd healthcheck: PORT must name the server's port (got {p:?})");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let host = std::env::var("COACHD_HOST")
+        .ok()
+        .and_then(|h| h.trim().parse::<std::net::IpAddr>().ok())
+        .filter(|ip| !ip.is_unspecified())
+        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+    match coachd::health::probe_live((host, port).into(), std::time::Duration::from_secs(3)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("coachd healthcheck: {e}");
             ExitCode::FAILURE
         }
     }

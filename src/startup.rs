@@ -1,6 +1,7 @@
 //! Builds the application (storage, state, router), binds the listener and serves until a stop
 //! signal, then shuts down gracefully: report not ready for the drain delay while still serving,
-//! stop accepting, let in-flight requests finish within the grace period, close storage connections.
+//! stop accepting, let in-flight requests finish within the grace period, close storage connections,
+//! and export the last trace spans.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -462,6 +463,11 @@ impl Application {
         }
         if let Some(pool) = &state.db {
             pool.close().await;
+        }
+        // Last, when every span above has ended (the write-behind drain's included). It blocks
+        // on the exporter's own thread, so off the runtime's workers.
+        if let Err(e) = tokio::task::spawn_blocking(crate::telemetry::shutdown).await {
+            tracing::warn!(error = %e, "traces: flushing the exporter failed");
         }
         tracing::info!("coachd stopped");
         result

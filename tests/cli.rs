@@ -239,3 +239,42 @@ fn the_documented_env_example_is_a_valid_configuration() {
         ".env.example must parse: {stderr}"
     );
 }
+
+#[test]
+fn healthcheck_exits_0_while_the_server_is_live_and_1_once_it_is_gone() {
+    let port = free_port();
+    let port_s = port.to_string();
+    let mut child = coachd(&[("PORT", &port_s), ("COACHD_HOST", "127.0.0.1")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let probe = |host: &str| {
+        coachd(&[("PORT", &port_s), ("COACHD_HOST", host)])
+            .arg("healthcheck")
+            .output()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "coachd did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let live = probe("127.0.0.1");
+    assert_eq!(live.status.code(), Some(0), "{:?}", live);
+    // 0.0.0.0 (the container's COACHD_HOST) is probed on the loopback address.
+    assert_eq!(probe("0.0.0.0").status.code(), Some(0));
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let gone = probe("127.0.0.1");
+    assert_eq!(gone.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&gone.stderr);
+    assert!(
+        stderr.starts_with("coachd healthcheck: cannot connect"),
+        "{stderr}"
+    );
+
+    let bad = coachd(&[("PORT", "x")]).arg("healthcheck").output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}

@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use tracing::Instrument as _;
+
 use crate::context::{ContextCache, ContextMessage};
 use crate::llm::{Message, Role};
 use crate::memory::MemoryStore;
@@ -76,13 +78,19 @@ pub async fn assemble(
             .await
     };
     let query = crate::persist::clip(user_text, limits.query_max_bytes);
-    let memories = memory.search_similar(
-        scope.user_id,
-        scope.coach_id,
-        query,
-        limits.memories + 4,
-        limits.min_similarity,
-    );
+    // A child of the caller's span (a turn's `prompt.assemble`), for the trace.
+    let memories = memory
+        .search_similar(
+            scope.user_id,
+            scope.coach_id,
+            query,
+            limits.memories + 4,
+            limits.min_similarity,
+        )
+        .instrument(tracing::info_span!(
+            "memory.search",
+            k = (limits.memories + 4) as i64
+        ));
     let (recent, memories) = tokio::join!(
         tokio::time::timeout(limits.fetch_timeout, recent),
         tokio::time::timeout(limits.fetch_timeout, memories),

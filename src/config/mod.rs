@@ -13,6 +13,7 @@ mod llm;
 mod realtime;
 mod source;
 mod store;
+mod telemetry;
 #[cfg(test)]
 mod tests;
 mod transcribe;
@@ -26,6 +27,7 @@ pub use api::{DEFAULT_ENTITY_TYPES, DEFAULT_INTENT_LABELS, is_label};
 pub use jobs::parse_queues;
 pub use realtime::RealtimeSettings;
 pub use source::{Env, Source};
+pub use telemetry::TracesSettings;
 
 use crate::context::ContextLimits;
 use crate::embed::EmbeddingSettings;
@@ -141,6 +143,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// `COACHD_LOG`: a tracing filter directive; defaults from `DEBUG`.
     pub log_filter: String,
+    /// OpenTelemetry traces (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SERVICE_NAME`, …).
+    pub traces: TracesSettings,
     /// `COACHD_SHUTDOWN_GRACE_SECS`: how long in-flight requests may run after the listener closes.
     pub shutdown_grace: Duration,
     /// `COACHD_SHUTDOWN_DRAIN_DELAY_SECS`: how long the server serves on after a stop signal with
@@ -251,6 +255,7 @@ impl Settings {
             entity_types: r.labels("COACHD_ENTITY_TYPES", &DEFAULT_ENTITY_TYPES)?,
             log_format,
             log_filter,
+            traces: telemetry::read(&r)?,
             shutdown_grace: r.seconds("COACHD_SHUTDOWN_GRACE_SECS", 30, 0, 3_600)?,
             shutdown_drain_delay: r.seconds("COACHD_SHUTDOWN_DRAIN_DELAY_SECS", 5, 0, 600)?,
             health_timeout: r.millis("COACHD_HEALTH_TIMEOUT_MS", 2_000, 1, 60_000)?,

@@ -205,3 +205,54 @@ fn the_node_id_is_generated_when_unset_and_checked_when_set() {
     let c = load(&[("COACHD_CLUSTER_LEASE_MS", "2000")]).unwrap().cluster;
     assert_eq!(c.renew_every(), std::time::Duration::from_millis(2000) / 3);
 }
+
+#[test]
+fn traces_are_off_without_an_otlp_endpoint() {
+    let s = load(&[]).unwrap();
+    assert_eq!(s.traces.endpoint, None);
+    assert_eq!(s.traces.service_name, "coachd");
+}
+
+#[test]
+fn the_otlp_endpoint_gets_the_traces_path_and_the_traces_endpoint_is_kept_as_is() {
+    let s = load(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")]).unwrap();
+    assert_eq!(
+        s.traces.endpoint.as_deref(),
+        Some("http://collector:4318/v1/traces")
+    );
+    let s = load(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
+        (
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "https://traces.example/custom",
+        ),
+        ("OTEL_SERVICE_NAME", "coachd-eu"),
+    ])
+    .unwrap();
+    assert_eq!(
+        s.traces.endpoint.as_deref(),
+        Some("https://traces.example/custom")
+    );
+    assert_eq!(s.traces.service_name, "coachd-eu");
+}
+
+#[test]
+fn traces_settings_are_validated_and_can_be_switched_off() {
+    let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318");
+    let e = load(&[endpoint, ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]).unwrap_err();
+    assert_eq!(e.var, "OTEL_EXPORTER_OTLP_PROTOCOL");
+    let ok = load(&[endpoint, ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]).unwrap();
+    assert!(ok.traces.endpoint.is_some());
+    let e = load(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")]).unwrap_err();
+    assert_eq!((e.var.as_str(), e.shown), ("OTEL_EXPORTER_OTLP_ENDPOINT", None));
+    let off = load(&[endpoint, ("OTEL_SDK_DISABLED", "true")]).unwrap();
+    assert_eq!(off.traces.endpoint, None);
+    let off = load(&[endpoint, ("OTEL_TRACES_EXPORTER", "none")]).unwrap();
+    assert_eq!(off.traces.endpoint, None);
+    assert_eq!(
+        load(&[endpoint, ("OTEL_TRACES_EXPORTER", "zipkin")])
+            .unwrap_err()
+            .var,
+        "OTEL_TRACES_EXPORTER"
+    );
+}

@@ -15,6 +15,9 @@
 //! shutdown (sessions end, then write-behind drains) still stores it. Only a record refused by a
 //! queue that has already stopped (after the shutdown grace period) is lost, and that is counted
 //! in `failed` and logged with its session and turn.
+//!
+//! Each record is written inside a `write_behind` span whose parent is the turn's span (through
+//! the span context the record carries, so the turn span itself ends with the turn).
 
 use std::collections::VecDeque;
 use std::collections::hash_map::DefaultHasher;
@@ -25,7 +28,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
 use chrono::{DateTime, Utc};
+use opentelemetry::trace::{SpanContext, TraceContextExt as _};
 use serde::Serialize;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -75,6 +82,8 @@ pub struct TurnRecord {
     pub usage: Option<Usage>,
     /// When the turn ended.
     pub at: DateTime<Utc>,
+    /// The trace context of the turn's span, when traces are on: the write joins that trace.
+    pub trace: Option<SpanContext>,
 }
 
 /// Write-behind settings.
@@ -340,6 +349,21 @@ impl Worker {
     }
 
     async fn write(&self, r: TurnRecord) {
+        let span = tracing::info_span!(
+            "write_behind",
+            session_id = %r.session_id,
+            // i64: the OpenTelemetry bridge records unsigned integers as strings.
+            turn = i64::from(r.turn_number),
+            written = tracing::field::Empty,
+        );
+        if let Some(turn) = &r.trace {
+            // Fails only when the span is already started, which it cannot be yet.
+            let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(turn.clone()));
+        }
+        self.write_traced(r, &span).instrument(span.clone()).await;
+    }
+
+    async fn write_traced(&self, r: TurnRecord, span: &tracing::Span) {
         let meta = json!({
             "turn_number": r.turn_number,
             "interrupted": r.interrupted,
@@ -393,6 +417,7 @@ impl Worker {
                     .map(|_| ())
             }),
         );
+        span.record("written", session && user_coach && memory);
         if session && user_coach && memory {
             self.stats.written.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -465,6 +490,7 @@ pub(crate) mod tests {
             finish_reason: "stop".into(),
             usage: None,
             at: Utc::now(),
+            trace: None,
         }
     }
 

@@ -178,6 +178,7 @@ async fn a_redis_outage_does_not_skip_the_postgres_memory_write() {
         finish_reason: "stop".into(),
         usage: None,
         at: chrono::Utc::now(),
+        trace: None,
     })
     .await;
 

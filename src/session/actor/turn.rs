@@ -2,13 +2,21 @@
 //! (resolving to the chosen model and its stream, or the routing error), then that stream. The
 //! session loop polls whichever phase is current; dropping the turn in either phase aborts the
 //! upstream request, which is what cancel and interrupt do.
+//!
+//! Each turn is a `turn` span with `prompt.assemble` (and its `memory.search`) and `llm.call`
+//! under it (see `telemetry`). The spans are made once per turn and never entered on the token
+//! path: the first token adds one event to `llm.call`, later tokens touch no span.
 
 use std::future::Future;
 use std::pin::Pin;
 
 use chrono::Utc;
 use futures::StreamExt;
+use opentelemetry::trace::{SpanContext, TraceContextExt as _};
 use tokio::time::Instant;
+use tracing::Instrument as _;
+use tracing::field::{Empty, display};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::Actor;
 use crate::coach::prompt::{self, TurnScope};
@@ -24,8 +32,9 @@ pub(super) struct Pending {
     pub(super) client_id: Option<String>,
 }
 
-/// Prompt assembly and routing as one future, so dropping it drops whichever of them runs.
-type Assembling = Pin<Box<dyn Future<Output = Result<Routed, LlmError>> + Send>>;
+/// Prompt assembly and routing as one future, so dropping it drops whichever of them runs; it
+/// hands back the `llm.call` span with the result, for the stream that follows.
+type Assembling = Pin<Box<dyn Future<Output = (Result<Routed, LlmError>, tracing::Span)> + Send>>;
 
 /// Where the current turn is.
 enum Phase {
@@ -47,12 +56,18 @@ pub(super) struct Turn {
     model: Option<String>,
     usage: Option<Usage>,
     finish: Option<crate::llm::FinishReason>,
+    /// The `turn` span; closed when the turn is dropped.
+    span: tracing::Span,
+    /// The `llm.call` span, from routing to the stream's end; none while assembling.
+    llm_span: tracing::Span,
+    /// The turn span's context for its write-behind record; `None` when traces are off.
+    trace: Option<SpanContext>,
 }
 
 /// What the current turn did next.
 pub(super) enum Step {
-    /// Routing finished.
-    Routed(Result<Routed, LlmError>),
+    /// Routing finished, with the `llm.call` span.
+    Routed(Result<Routed, LlmError>, tracing::Span),
     /// The stream's next event; `None` when it ended.
     Event(Option<Result<LlmEvent, LlmError>>),
 }
@@ -62,7 +77,10 @@ pub(super) async fn next_step(current: &mut Option<Turn>) -> Step {
     match current.as_mut().map(|t| &mut t.phase) {
         Some(Phase::Streaming(stream)) => Step::Event(stream.next().await),
         // `on_step` replaces the phase as soon as this resolves, so it is never polled again.
-        Some(Phase::Assembling(routing)) => Step::Routed(routing.await),
+        Some(Phase::Assembling(routing)) => {
+            let (routed, span) = routing.await;
+            Step::Routed(routed, span)
+        }
         None => std::future::pending().await,
     }
 }
@@ -103,6 +121,20 @@ impl Actor {
             self.handle.coach_id.clone(),
         );
         let text = pending.text.clone();
+        let span = tracing::info_span!(
+            "turn",
+            session_id = %self.handle.id,
+            // Integers as i64: the OpenTelemetry bridge records unsigned ones as strings.
+            turn = i64::from(pending.number),
+            tokens = Empty,
+            finish_reason = Empty,
+            interrupted = Empty,
+            otel.status_code = Empty,
+        );
+        // Builds the span's trace context now (a no-op without the OpenTelemetry layer), so the
+        // turn's log lines carry its trace id and its write-behind can join the trace.
+        let trace = Some(span.context().span().span_context().clone()).filter(SpanContext::is_valid);
+        let turn_span = span.clone();
         let assembling: Assembling = Box::pin(async move {
             let scope = TurnScope {
                 session_id: &session_id,
@@ -110,6 +142,7 @@ impl Actor {
                 coach_id: &coach_id,
             };
             let began = Instant::now();
+            let prompt_span = tracing::info_span!(parent: &turn_span, "prompt.assemble", memories = Empty);
             let prompt = prompt::assemble(
                 &*deps.context,
                 &*deps.memory,
@@ -119,11 +152,28 @@ impl Actor {
                 &text,
                 deps.limits.prompt,
             )
+            .instrument(prompt_span.clone())
             .await;
+            prompt_span.record("memories", prompt.memories_used as i64);
             let took = began.elapsed();
             deps.stats.prompt.record(took);
-            tracing::debug!(session_id = %session_id, elapsed_us = took.as_micros() as u64, memories = prompt.memories_used, "prompt assembled");
-            deps.llm
+            tracing::debug!(parent: &turn_span, session_id = %session_id, elapsed_us = took.as_micros() as u64, memories = prompt.memories_used, "prompt assembled");
+            // Routing (retries and fallbacks up to the first text) and then the stream: the
+            // provider call as the client waits for it.
+            let llm_span = tracing::info_span!(
+                parent: &turn_span,
+                "llm.call",
+                task = "chat",
+                provider = Empty,
+                model = Empty,
+                first_token_ms = Empty,
+                prompt_tokens = Empty,
+                completion_tokens = Empty,
+                error = Empty,
+                otel.status_code = Empty,
+            );
+            let routed = deps
+                .llm
                 .route_task(
                     "chat",
                     &Params::default(),
@@ -131,7 +181,9 @@ impl Actor {
                     prompt.messages,
                     None,
                 )
-                .await
+                .instrument(llm_span.clone())
+                .await;
+            (routed, llm_span)
         });
         self.current = Some(Turn {
             number: pending.number,
@@ -144,6 +196,9 @@ impl Actor {
             model: None,
             usage: None,
             finish: None,
+            span,
+            llm_span: tracing::Span::none(),
+            trace,
         });
     }
 
@@ -152,7 +207,10 @@ impl Actor {
             return;
         };
         match step {
-            Step::Routed(Ok(routed)) => {
+            Step::Routed(Ok(routed), llm_span) => {
+                llm_span.record("provider", display(routed.provider));
+                llm_span.record("model", routed.model.as_str());
+                turn.llm_span = llm_span;
                 turn.provider = Some(routed.provider);
                 turn.model = Some(routed.model);
                 turn.phase = Phase::Streaming(routed.stream);
@@ -161,7 +219,12 @@ impl Actor {
             Step::Event(Some(Ok(LlmEvent::Delta(text)))) => {
                 let index = turn.tokens;
                 if index == 0 {
-                    self.deps.stats.first_token.record(turn.started.elapsed());
+                    let took = turn.started.elapsed();
+                    self.deps.stats.first_token.record(took);
+                    // Once per turn: the first-token marker of the trace.
+                    turn.llm_span.add_event("first_token", Vec::new());
+                    turn.llm_span
+                        .record("first_token_ms", took.as_secs_f64() * 1000.0);
                 }
                 turn.tokens += 1;
                 turn.reply.push_str(&text);
@@ -175,20 +238,19 @@ impl Actor {
             }
             Step::Event(Some(Ok(LlmEvent::Usage(u)))) => turn.usage = Some(u),
             Step::Event(Some(Ok(LlmEvent::Finish(reason)))) => turn.finish = Some(reason),
-            Step::Routed(Err(e)) | Step::Event(Some(Err(e))) => {
-                let number = turn.number;
-                tracing::warn!(session_id = %self.handle.id, turn = number, error = %e, "turn failed");
-                self.handle
-                    .log
-                    .publish(EventBody::error(ErrorCause::Provider(e), Some(number)));
-                self.finish_turn(true, FinishReason::Error);
-                self.start_next();
+            Step::Routed(Err(e), llm_span) => {
+                turn.llm_span = llm_span;
+                self.fail_turn(e);
             }
+            Step::Event(Some(Err(e))) => self.fail_turn(e),
             Step::Event(None) => {
                 match turn.finish.take() {
                     Some(reason) => self.finish_turn(false, reason.into()),
                     None => {
                         let (number, provider) = (turn.number, turn.provider);
+                        turn.llm_span
+                            .record("error", "stream ended without a finish reason");
+                        turn.llm_span.record("otel.status_code", "error");
                         self.handle
                             .log
                             .publish(EventBody::error(ErrorCause::Incomplete(provider), Some(number)));
@@ -198,6 +260,21 @@ impl Actor {
                 self.start_next();
             }
         }
+    }
+
+    /// Ends the current turn on a provider error, with an `error` event, and starts the next.
+    fn fail_turn(&mut self, e: LlmError) {
+        if let Some(turn) = &self.current {
+            let number = turn.number;
+            turn.llm_span.record("error", display(&e));
+            turn.llm_span.record("otel.status_code", "error");
+            tracing::warn!(parent: &turn.span, session_id = %self.handle.id, turn = number, error = %e, "turn failed");
+            self.handle
+                .log
+                .publish(EventBody::error(ErrorCause::Provider(e), Some(number)));
+            self.finish_turn(true, FinishReason::Error);
+        }
+        self.start_next();
     }
 
     /// Ends the turn a taken-over session's old owner was streaming: interrupted, with the
@@ -231,6 +308,7 @@ impl Actor {
             finish_reason: FinishReason::Interrupted.to_string(),
             usage: None,
             at: Utc::now(),
+            trace: None,
         });
     }
 
@@ -250,6 +328,31 @@ impl Actor {
         };
         drop(turn.phase);
         self.last_activity = Instant::now();
+        // An exported span ends when it was last exited: `llm.call` was last entered while
+        // routing, so mark the end of its stream here.
+        turn.llm_span.in_scope(|| {});
+        if let Some(u) = &turn.usage {
+            turn.llm_span.record("prompt_tokens", i64::from(u.prompt_tokens));
+            turn.llm_span
+                .record("completion_tokens", i64::from(u.completion_tokens));
+        }
+        turn.span.record("tokens", i64::from(turn.tokens));
+        turn.span.record("finish_reason", display(&finish_reason));
+        turn.span.record("interrupted", interrupted);
+        if finish_reason == FinishReason::Error {
+            turn.span.record("otel.status_code", "error");
+        }
+        // One line per turn, inside its span: with JSON logs and traces on, it carries the
+        // turn's trace id.
+        let (span, number, tokens) = (&turn.span, turn.number, turn.tokens);
+        tracing::info!(
+            parent: span,
+            session_id = %self.handle.id,
+            turn = number,
+            tokens,
+            finish_reason = %finish_reason,
+            "turn ended"
+        );
         let stats = &self.deps.stats;
         match (interrupted, &finish_reason) {
             (false, _) => stats.turns_completed.inc(),
@@ -284,6 +387,7 @@ impl Actor {
             finish_reason: finish_reason.to_string(),
             usage: turn.usage,
             at: Utc::now(),
+            trace: turn.trace,
         });
     }
 }
