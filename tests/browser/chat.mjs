@@ -80,12 +80,21 @@ async function finished(p, turn, state = "done") {
   );
 }
 
-/** Records every change of the connection status line, from now on. */
+/** Records every change of the connection status line from now on, with the state of the
+ * latest reply at that moment. */
 async function watchConnection(p) {
   await p.evaluate(() => {
     const conn = document.getElementById("conn");
     window.__connLog = [];
-    const record = () => window.__connLog.push({ ...conn.dataset, text: conn.textContent });
+    const record = () => {
+      const replies = document.querySelectorAll(".msg.coach");
+      const last = replies[replies.length - 1];
+      window.__connLog.push({
+        ...conn.dataset,
+        text: conn.textContent,
+        reply: last && { state: last.dataset.state, text: last.querySelector(".body").textContent },
+      });
+    };
     new MutationObserver(record).observe(conn, { attributes: true, childList: true, characterData: true, subtree: true });
   });
 }
@@ -196,6 +205,8 @@ try {
   const lost = seen.findIndex((s) => s.state === "reconnecting");
   assert(lost >= 0, `the page showed the connection was lost: ${JSON.stringify(seen)}`);
   assert(seen[lost].code === "4004", `closed by the server with 4004: ${JSON.stringify(seen[lost])}`);
+  assert(seen[lost].reply.state === "streaming" && seen[lost].reply.text.length < echo(third).length,
+    `the socket closed mid-reply: ${JSON.stringify(seen[lost].reply)}`);
   assert(seen.slice(lost).some((s) => s.state === "open" && s.transport === "websocket"), "and reconnected over the WebSocket");
   assert((await page.locator(".msg.user").count()) === 3 && (await page.locator(".msg.coach").count()) === 3,
     "each message and reply shows once");
@@ -245,7 +256,10 @@ try {
   assert((await turnBody(page, 1)) === echo(sse), `the reply is whole and once: ${await turnBody(page, 1)}`);
   assert((await page.locator(coach(1)).getAttribute("data-source")) === "tokens", "no gap, no duplicate over SSE");
   const sseSeen = await connLog(page);
-  assert(sseSeen.some((s) => s.state === "reconnecting"), `the page showed the stream was lost: ${JSON.stringify(sseSeen)}`);
+  const sseLost = sseSeen.find((s) => s.state === "reconnecting");
+  assert(sseLost, `the page showed the stream was lost: ${JSON.stringify(sseSeen)}`);
+  assert(sseLost.reply.state === "streaming" && sseLost.reply.text.length < echo(sse).length,
+    `the stream closed mid-reply: ${JSON.stringify(sseLost.reply)}`);
   assert(sseSeen.at(-1).state === "open" && sseSeen.at(-1).transport === "sse", "and is connected again");
 
   step("stop works over SSE (POST cancel with the session token)");
