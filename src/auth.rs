@@ -9,6 +9,13 @@
 //! - `/v1/*` (OpenAI-compatible): an API key, also accepted as `Authorization: Bearer`.
 //! - `/ai/coach/*`, `/realtime/*`: an API key when any is configured; a JWT is optional and, when
 //!   sent, must be valid and pins the caller to its user ([`Caller`] itself).
+//! - Creating a realtime session, its turn, cancel, end and status, and the persona list: the
+//!   same, or instead of the key a valid end-user JWT when JWTs are verified ([`UserOrKey`],
+//!   [`Policy::KeyOrUser`]). A browser must never hold an API key, so this is how a browser
+//!   client (the `/chat` page) starts a session for its signed-in user in a keyed deployment: the
+//!   JWT pins it to that user. On a session's own routes the session token (`X-Session-Token`)
+//!   is accepted too (`routes::realtime`): it already lets its holder talk and cancel over the
+//!   WebSocket, so accepting it for the HTTP turn, cancel and end grants nothing more.
 
 use axum::http::HeaderMap;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -68,6 +75,9 @@ pub enum Policy {
     ApiKeyAndUser,
     /// An API key when any is configured (otherwise callers are anonymous); a JWT is optional.
     KeyIfConfigured,
+    /// As [`Policy::KeyIfConfigured`], except that a valid end-user JWT (when JWTs are verified)
+    /// replaces the key: the caller is then that user, on their own data only.
+    KeyOrUser,
 }
 
 /// Credentials presented by a request.
@@ -224,6 +234,8 @@ impl Authenticator {
         let key_needed = match policy {
             Policy::ApiKey | Policy::ApiKeyAndUser => true,
             Policy::KeyIfConfigured => self.has_keys(),
+            // The JWT itself is checked below; a bad one is refused there.
+            Policy::KeyOrUser => self.has_keys() && !(self.has_jwt() && creds.bearer.is_some()),
         };
         if key_needed && !key_ok {
             tracing::debug!(
@@ -272,6 +284,11 @@ fn jwt_reason(kind: &jsonwebtoken::errors::ErrorKind) -> &'static str {
         _ => "invalid token",
     }
 }
+
+/// The rule of the routes a browser client needs ([`Policy::KeyOrUser`]); its extractor is in
+/// `routes::extract`.
+#[derive(Debug, Clone)]
+pub struct UserOrKey(pub Caller);
 
 /// The rule of `/api/v1` status and tasks ([`Policy::ApiKey`]); its extractor is in
 /// `routes::extract`.
@@ -345,6 +362,51 @@ mod tests {
             both.authenticate(creds(Some("k"), Some("not.a.jwt")), Policy::ApiKey)
                 .is_err(),
             "a presented token is checked even where none is required"
+        );
+    }
+
+    #[test]
+    fn a_jwt_replaces_the_key_only_where_the_policy_says_and_only_when_verified() {
+        let secret = "jwt-secret";
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": "u1", "aud": "authenticated", "exp": 4_000_000_000u64}),
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap();
+        let both = auth(&[("COACHD_API_KEYS", "k"), ("SUPABASE_JWT_SECRET", secret)]);
+        assert_eq!(
+            both.authenticate(creds(None, Some(&token)), Policy::KeyOrUser)
+                .unwrap(),
+            Caller::User { user_id: "u1".into() }
+        );
+        assert!(
+            both.authenticate(creds(None, Some(&token)), Policy::KeyIfConfigured)
+                .is_err(),
+            "elsewhere the key is still needed"
+        );
+        assert!(
+            both.authenticate(creds(None, Some("not.a.jwt")), Policy::KeyOrUser)
+                .is_err()
+        );
+        assert!(both.authenticate(creds(None, None), Policy::KeyOrUser).is_err());
+        assert_eq!(
+            both.authenticate(creds(Some("k"), None), Policy::KeyOrUser)
+                .unwrap(),
+            Caller::Service
+        );
+        let keys_only = auth(&[("COACHD_API_KEYS", "k")]);
+        assert!(
+            keys_only
+                .authenticate(creds(None, Some(&token)), Policy::KeyOrUser)
+                .is_err(),
+            "a bearer nobody can verify never replaces the key"
+        );
+        assert_eq!(
+            auth(&[])
+                .authenticate(creds(None, None), Policy::KeyOrUser)
+                .unwrap(),
+            Caller::Anonymous
         );
     }
 

@@ -496,8 +496,11 @@ pub fn build_router(state: AppState) -> Router {
     let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
     let max_body = state.settings.max_body_bytes;
     let node_id: Arc<str> = Arc::from(state.settings.cluster.node_id.as_str());
-    routes::router()
-        .merge(routes::jobs::router(state.settings.jobs.max_upload_bytes))
+    let mut router = routes::router().merge(routes::jobs::router(state.settings.jobs.max_upload_bytes));
+    if state.settings.chat_ui {
+        router = router.merge(routes::chat::router());
+    }
+    router
         .fallback(|| async { Error::NotFound("route".to_owned()) })
         .method_not_allowed_fallback(|| async {
             (

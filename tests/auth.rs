@@ -1,7 +1,8 @@
 //! Auth over HTTP: API keys on /api/v1 (always), /v1 (also as a bearer) and the coach routes
 //! (only when keys are configured); end-user JWTs on the LLM routes (expired, not yet valid,
 //! wrong audience, wrong signature, `alg: none` and other algorithms all refused with one body);
-//! and a JWT user acting for another user refused with 403.
+//! a JWT user acting for another user refused with 403; and what a browser holds instead of a
+//! key: a JWT to list coaches and start its user's session, then the session token.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -302,6 +303,181 @@ async fn a_jwt_user_may_not_act_for_another_user() {
     assert!(caller.authorize_user("user-a").is_ok());
     let denied = caller.authorize_user("user-b").unwrap_err();
     assert_eq!(denied.status_code().as_u16(), 403);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_browser_starts_a_session_with_a_jwt_alone_and_acts_with_its_session_token() {
+    let fake = FakeUpstream::start().await.unwrap();
+    fake.set_default(Script::text("hi there"));
+    let app = app_with(
+        &fake,
+        &[("XENIOS_BACKEND_API_KEY", KEY), ("SUPABASE_JWT_SECRET", SECRET)],
+    )
+    .await;
+    let bearer = format!("Bearer {}", jwt("user-a"));
+    let as_user = [("authorization", bearer.as_str())];
+
+    let (status, body) = send(&app, "GET", "/ai/coach/personas", &as_user, None).await;
+    assert_eq!(status, 200, "a JWT lists the coaches: {body}");
+    let (status, _) = send(&app, "GET", "/ai/coach/personas/sales", &as_user, None).await;
+    assert_eq!(status, 401, "a system prompt still needs the key");
+    let (status, _) = send(&app, "GET", "/ai/coach/personas", &[], None).await;
+    assert_eq!(status, 401);
+
+    let create = |user: Option<&str>| match user {
+        Some(u) => json!({"user_id": u, "coach_id": "sales", "transport": "sse"}),
+        None => json!({"coach_id": "sales", "transport": "sse"}),
+    };
+    let (status, _) = send(&app, "POST", "/realtime/sessions", &[], Some(create(None))).await;
+    assert_eq!(status, 401, "nothing sent");
+    let (status, _) = send(
+        &app,
+        "POST",
+        "/realtime/sessions",
+        &[("authorization", "Bearer not.a.jwt")],
+        Some(create(None)),
+    )
+    .await;
+    assert_eq!(status, 401, "a bad JWT");
+    let (status, body) = send(
+        &app,
+        "POST",
+        "/realtime/sessions",
+        &as_user,
+        Some(create(Some("user-b"))),
+    )
+    .await;
+    assert_eq!(status, 403, "another user's session: {body}");
+    let (status, body) = send(
+        &app,
+        "POST",
+        "/realtime/sessions",
+        &as_user,
+        Some(create(Some("user-a"))),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = send(&app, "POST", "/realtime/sessions", &as_user, Some(create(None))).await;
+    assert_eq!(status, 201, "{body}");
+    let created: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(created["user_id"], "user-a", "the user is the token's");
+    let (status, body) = send(
+        &app,
+        "POST",
+        "/realtime/sessions",
+        &[("x-api-key", KEY)],
+        Some(create(None)),
+    )
+    .await;
+    assert_eq!(status, 400, "a backend must say whose session: {body}");
+    let odd = format!("Bearer {}", jwt("user:a"));
+    let (status, body) = send(
+        &app,
+        "POST",
+        "/realtime/sessions",
+        &[("authorization", odd.as_str())],
+        Some(create(None)),
+    )
+    .await;
+    assert_eq!(status, 400, "a sub that is no valid id: {body}");
+
+    // The session token works on the session's own routes, and only there.
+    let id = created["session_id"].as_str().unwrap();
+    let token = created["token"].as_str().unwrap();
+    let with_token = [("x-session-token", token)];
+    let path = |tail: &str| format!("/realtime/sessions/{id}{tail}");
+    let (status, body) = send(
+        &app,
+        "POST",
+        &path("/turn"),
+        &with_token,
+        Some(json!({"text": "hello"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["reply_text"],
+        "hi there"
+    );
+    let (status, body) = send(&app, "GET", &path(""), &with_token, None).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = send(&app, "POST", &path("/cancel"), &with_token, None).await;
+    assert_eq!(status, 200);
+
+    let other: Value = serde_json::from_str(
+        &send(&app, "POST", "/realtime/sessions", &as_user, Some(create(None)))
+            .await
+            .1,
+    )
+    .unwrap();
+    let (status, body) = send(
+        &app,
+        "POST",
+        &path("/turn"),
+        &[("x-session-token", other["token"].as_str().unwrap())],
+        Some(json!({"text": "hello"})),
+    )
+    .await;
+    assert_eq!(status, 401, "another session's token: {body}");
+    let (status, _) = send(
+        &app,
+        "POST",
+        &path("/turn"),
+        &[("x-session-token", "forged")],
+        Some(json!({"text": "hello"})),
+    )
+    .await;
+    assert_eq!(status, 401);
+
+    // Dropping a session's connections is for operators only.
+    let (status, _) = send(&app, "POST", &path("/disconnect"), &with_token, None).await;
+    assert_eq!(status, 401, "a session token is no operator");
+    let (status, _) = send(
+        &app,
+        "POST",
+        &path("/disconnect"),
+        &[("x-api-key", KEY), ("authorization", bearer.as_str())],
+        None,
+    )
+    .await;
+    assert_eq!(status, 403, "an end user is no operator");
+    let (status, body) = send(&app, "POST", &path("/disconnect"), &[("x-api-key", KEY)], None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["disconnected"], 0);
+
+    let (status, body) = send(&app, "POST", &path("/end"), &with_token, Some(json!({}))).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = send(
+        &app,
+        "POST",
+        &path("/turn"),
+        &with_token,
+        Some(json!({"text": "more"})),
+    )
+    .await;
+    assert_eq!(status, 410, "ended");
+    let (status, body) = send(&app, "GET", &path(""), &with_token, None).await;
+    assert_eq!(
+        (
+            status,
+            serde_json::from_str::<Value>(&body).unwrap()["status"].as_str()
+        ),
+        (200, Some("ended"))
+    );
+
+    // Without JWT verification a bearer can never stand in for the key.
+    let keys_only = app_with(&fake, &[("XENIOS_BACKEND_API_KEY", KEY)]).await;
+    let (status, _) = send(
+        &keys_only,
+        "POST",
+        "/realtime/sessions",
+        &as_user,
+        Some(create(Some("user-a"))),
+    )
+    .await;
+    assert_eq!(status, 401);
+    keys_only.stop().await.unwrap();
     app.stop().await.unwrap();
 }
 

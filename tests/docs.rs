@@ -1,5 +1,5 @@
-//! The OpenAPI 3.1 document (every route is in it), `/docs` served from vendored assets with no
-//! external URL, and the personas routes.
+//! The OpenAPI 3.1 document (every route is in it), `/docs` and `/chat` served from embedded
+//! assets with no external URL, and the personas routes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -52,6 +52,8 @@ async fn openapi_document_is_3_1_and_lists_every_route() {
         ("post", "/api/v1/jobs/{id}/cancel"),
         ("get", "/api/v1/jobs/{id}/events"),
         ("get", "/api/v1/jobs/stats"),
+        ("post", "/realtime/sessions"),
+        ("post", "/realtime/sessions/{id}/disconnect"),
     ];
     for (method, path) in routes {
         assert!(doc["paths"][path][method].is_object(), "{method} {path} missing");
@@ -59,6 +61,7 @@ async fn openapi_document_is_3_1_and_lists_every_route() {
     let schemes = &doc["components"]["securitySchemes"];
     assert_eq!(schemes["api_key"]["name"], "X-API-Key");
     assert_eq!(schemes["jwt"]["scheme"], "bearer");
+    assert_eq!(schemes["session_token"]["name"], "X-Session-Token");
     let schemas = &doc["components"]["schemas"];
     for name in [
         "CompleteRequest",
@@ -131,6 +134,86 @@ async fn docs_page_and_its_assets_are_served_locally() {
         }
     }
     app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_chat_page_and_its_modules_are_served_locally_and_can_be_switched_off() {
+    let app = spawn_app_with(Services::Embedded, &[]).await;
+    let resp = app.get("/chat").await;
+    assert_eq!(resp.status(), 200);
+    let csp = resp.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    for directive in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "connect-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(csp.contains(directive), "{directive} in {csp}");
+    }
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    let html = resp.text().await.unwrap();
+    assert!(!html.contains("http://") && !html.contains("https://"));
+    assert!(!html.contains("<script>"), "no inline script: the CSP forbids it");
+
+    // The page's assets, and every module they import, are served from /chat/.
+    let mut pending: Vec<String> = ["src=\"", "href=\""]
+        .iter()
+        .flat_map(|attr| {
+            html.split(attr)
+                .skip(1)
+                .map(|rest| rest.split('"').next().unwrap().to_owned())
+        })
+        .filter(|r| !r.starts_with("data:"))
+        .collect();
+    let mut seen = Vec::new();
+    while let Some(r) = pending.pop() {
+        if seen.contains(&r) {
+            continue;
+        }
+        assert!(r.starts_with("/chat/"), "{r}");
+        let asset = app.get(&r).await;
+        assert_eq!(asset.status(), 200, "{r}");
+        assert_eq!(asset.headers()["x-content-type-options"], "nosniff");
+        let ty = asset.headers()["content-type"].to_str().unwrap().to_owned();
+        let body = asset.text().await.unwrap();
+        assert!(!body.contains("http://"), "{r} loads nothing from elsewhere");
+        if r.ends_with(".js") {
+            assert!(ty.starts_with("text/javascript"), "{r}: {ty}");
+            for sink in [".innerHTML", ".outerHTML", "insertAdjacentHTML", "document.write"] {
+                assert!(
+                    !body.contains(sink),
+                    "{r}: no HTML is ever parsed from text ({sink})"
+                );
+            }
+            for import in body.split("from \"./").skip(1) {
+                pending.push(format!("/chat/{}", import.split('"').next().unwrap()));
+            }
+        } else {
+            assert!(ty.starts_with("text/css"), "{r}: {ty}");
+        }
+        seen.push(r);
+    }
+    for module in [
+        "/chat/app.js",
+        "/chat/coachd-client.js",
+        "/chat/markdown.js",
+        "/chat/style.css",
+    ] {
+        assert!(seen.iter().any(|s| s == module), "{module} in {seen:?}");
+    }
+    app.stop().await.unwrap();
+
+    let off = spawn_app_with(Services::Embedded, &[("COACHD_CHAT_UI", "false")]).await;
+    for path in ["/chat", "/chat/app.js"] {
+        let resp = off.get(path).await;
+        assert_eq!(resp.status(), 404, "{path}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "not_found");
+    }
+    off.stop().await.unwrap();
 }
 
 #[tokio::test]

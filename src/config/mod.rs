@@ -154,6 +154,8 @@ pub struct Settings {
     pub health_timeout: Duration,
     /// `COACHD_MAX_BODY_BYTES`: largest accepted request body.
     pub max_body_bytes: usize,
+    /// `COACHD_CHAT_UI`: serve the browser chat client at `/chat`.
+    pub chat_ui: bool,
     /// What the operator should change (a deprecated variable name, say): logged as warnings at
     /// start-up, once tracing is set up.
     pub warnings: Vec<String>,
@@ -260,6 +262,7 @@ impl Settings {
             shutdown_drain_delay: r.seconds("COACHD_SHUTDOWN_DRAIN_DELAY_SECS", 5, 0, 600)?,
             health_timeout: r.millis("COACHD_HEALTH_TIMEOUT_MS", 2_000, 1, 60_000)?,
             max_body_bytes: r.int("COACHD_MAX_BODY_BYTES", 1 << 20, 1_024, 1 << 30)?,
+            chat_ui: r.boolean("COACHD_CHAT_UI", true)?,
             warnings,
         })
     }

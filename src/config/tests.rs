@@ -24,6 +24,8 @@ fn defaults_match_the_reference_services() {
     assert_eq!(s.embedding.provider, EmbeddingProvider::Offline);
     assert_eq!(s.embedding.dimension, 384);
     assert_eq!(s.embedding.base_url.as_str(), "https://api.openai.com/v1");
+    assert!(s.chat_ui, "the chat page is on unless switched off");
+    assert!(!load(&[("COACHD_CHAT_UI", "false")]).unwrap().chat_ui);
 }
 
 #[test]

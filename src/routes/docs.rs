@@ -73,6 +73,13 @@ impl Modify for SecuritySchemes {
             ),
         );
         components.add_security_scheme(
+            "session_token",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "X-Session-Token",
+                "The token POST /realtime/sessions returned, on that session's own routes",
+            ))),
+        );
+        components.add_security_scheme(
             "bearer_api_key",
             SecurityScheme::Http(
                 HttpBuilder::new()

@@ -1,13 +1,13 @@
 //! The extractors that apply the auth rules to a request, with the state's [`Authenticator`]:
-//! `caller: Caller` ([`Policy::KeyIfConfigured`]), [`ApiCaller`] ([`Policy::ApiKey`]) and
-//! [`ApiUser`] ([`Policy::ApiKeyAndUser`]). `auth` itself never sees the state.
+//! `caller: Caller` ([`Policy::KeyIfConfigured`]), [`UserOrKey`] ([`Policy::KeyOrUser`]),
+//! [`ApiCaller`] ([`Policy::ApiKey`]) and [`ApiUser`] ([`Policy::ApiKeyAndUser`]). `auth` itself never sees the state.
 //!
 //! [`Authenticator`]: crate::auth::Authenticator
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 
-use crate::auth::{ApiCaller, ApiUser, Caller, Policy};
+use crate::auth::{ApiCaller, ApiUser, Caller, Policy, UserOrKey};
 use crate::error::Error;
 use crate::state::AppState;
 
@@ -19,6 +19,18 @@ impl FromRequestParts<AppState> for Caller {
         state
             .auth
             .authenticate_headers(&parts.headers, Policy::KeyIfConfigured)
+    }
+}
+
+/// The rule of the routes a browser client needs ([`Policy::KeyOrUser`]).
+impl FromRequestParts<AppState> for UserOrKey {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        state
+            .auth
+            .authenticate_headers(&parts.headers, Policy::KeyOrUser)
+            .map(UserOrKey)
     }
 }
 

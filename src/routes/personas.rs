@@ -1,5 +1,7 @@
 //! The coach personas: the list (built-ins plus `COACHD_PERSONAS_FILE`) and one persona by id or
-//! alias. Same access rule as every coach route: an API key when any is configured.
+//! alias. The list also takes an end user's JWT instead of the key ([`UserOrKey`]): a browser
+//! client picks its coach from it. One persona (with its system prompt) needs the key, as every
+//! coach route.
 
 use axum::extract::{Path, State};
 use axum::routing::get;
@@ -7,7 +9,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
-use crate::auth::Caller;
+use crate::auth::{Caller, UserOrKey};
 use crate::coach::Persona;
 use crate::error::{Error, ErrorBody};
 use crate::state::AppState;
@@ -77,13 +79,13 @@ impl From<&Persona> for PersonaSummary {
 /// Every coach persona.
 #[utoipa::path(
     get, path = "/ai/coach/personas", tag = "coach",
-    security((), ("api_key" = [])),
+    security((), ("api_key" = []), ("jwt" = [])),
     responses(
         (status = 200, description = "Every persona", body = PersonaList),
-        (status = 401, description = "API keys are configured and none valid was sent", body = ErrorBody),
+        (status = 401, description = "API keys are configured and neither a valid key nor (where JWTs are verified) a valid JWT was sent", body = ErrorBody),
     )
 )]
-async fn list(State(state): State<AppState>, _caller: Caller) -> Json<PersonaList> {
+async fn list(State(state): State<AppState>, _caller: UserOrKey) -> Json<PersonaList> {
     Json(PersonaList {
         personas: state.personas.all().map(Into::into).collect(),
     })

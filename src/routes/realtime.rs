@@ -1,10 +1,15 @@
 //! Realtime session routes: the reference service's HTTP turn routes (create, status, turn, end,
 //! stats), the SSE routes (a turn streamed with `Accept: text/event-stream`, and the whole session
-//! with replay from `Last-Event-ID`), the WebSocket route, and cancel. Handlers are thin: the
-//! session task and the transport drive loop do the work.
+//! with replay from `Last-Event-ID`), the WebSocket route, cancel, and the operator's disconnect.
+//! Handlers are thin: the session task and the transport drive loop do the work.
+//!
+//! Who may act on a session ([`SessionAccess`]): an API key (where keys are configured), an
+//! end user's JWT for their own sessions (where JWTs are verified), or the session's token in
+//! `X-Session-Token`. The last two are what a browser holds: it must never hold an API key.
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{FromRequest, Path, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -14,7 +19,7 @@ use serde_json::{Value, json};
 
 use super::validate::Id;
 use super::{JsonBody, QueryParams, wants_sse};
-use crate::auth::Caller;
+use crate::auth::{Caller, Policy, UserOrKey};
 use crate::error::Error;
 #[allow(unused_imports, reason = "named by the OpenAPI annotations")]
 use crate::error::ErrorBody;
@@ -36,6 +41,7 @@ pub fn router() -> Router<AppState> {
         .route("/realtime/sessions/{id}/turn", post(turn))
         .route("/realtime/sessions/{id}/cancel", post(cancel))
         .route("/realtime/sessions/{id}/end", post(end))
+        .route("/realtime/sessions/{id}/disconnect", post(disconnect))
         .route("/realtime/sessions/{id}/events", get(events))
         .route("/realtime/sessions/{id}/ws", get(websocket))
         .route("/realtime/stats", get(stats))
@@ -44,7 +50,9 @@ pub fn router() -> Router<AppState> {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateBody {
-    user_id: Id,
+    /// Optional for a caller with a JWT: the token's user is taken.
+    #[serde(default)]
+    user_id: Option<Id>,
     coach_id: Id,
     #[serde(default)]
     transport: Option<String>,
@@ -53,8 +61,8 @@ struct CreateBody {
 #[utoipa::path(
     post, path = "/realtime/sessions", tag = "realtime",
     request_body = CreateBody,
-    description = "Creates a session. Body: {user_id, coach_id (string or integer), transport: http|sse|websocket}. Returns session_id, a short-lived token for the SSE/WebSocket routes, persona and endpoints.",
-    security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
+    description = "Creates a session. Body: {user_id, coach_id (string or integer), transport: http|sse|websocket}. Returns session_id, a short-lived token for the SSE/WebSocket routes (and X-Session-Token on the session's routes), persona and endpoints. Where SUPABASE_JWT_SECRET is set, an end-user JWT (Authorization: Bearer) may replace the API key: the session is then the token's user's (user_id may be left out; another one answers 403).",
+    security((), ("api_key" = []), ("api_key" = [], "jwt" = []), ("jwt" = [])),
     responses(
         (status = 201, description = "The session"),
         (status = 400, description = "Invalid input", body = ErrorBody),
@@ -65,10 +73,21 @@ struct CreateBody {
 )]
 async fn create(
     State(state): State<AppState>,
-    caller: Caller,
+    UserOrKey(caller): UserOrKey,
     JsonBody(body): JsonBody<CreateBody>,
 ) -> Result<Response, Error> {
-    caller.authorize_user(&body.user_id)?;
+    let user_id = match (body.user_id, caller.user_id()) {
+        (Some(id), _) => {
+            caller.authorize_user(&id)?;
+            id
+        }
+        // A JWT's `sub` is the user; it must fit the id rule like any other user id.
+        (None, Some(sub)) => Id::parse(sub)
+            .map_err(|e| Error::bad_request("invalid_field", format!("the JWT's sub as user_id {e}")))?,
+        (None, None) => {
+            return Err(Error::bad_request("invalid_field", "user_id is required"));
+        }
+    };
     let name = body.transport.as_deref().unwrap_or("http");
     let Some(transport) = TransportKind::parse(name) else {
         return Err(Error::bad_request(
@@ -76,10 +95,7 @@ async fn create(
             format!("transport must be http, sse or websocket, not {name:?}"),
         ));
     };
-    let session = state
-        .sessions
-        .open(&body.user_id, &body.coach_id, transport)
-        .await?;
+    let session = state.sessions.open(&user_id, &body.coach_id, transport).await?;
     let (token, expires) = state.session_tokens.issue(&session.id, &session.user_id);
     let persona = state.personas.resolve(&body.coach_id);
     let id = &session.id;
@@ -104,6 +120,74 @@ async fn create(
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
+/// Who acts on one session: the session's token (`X-Session-Token`, checked against the session
+/// once it is found), else the caller by [`Policy::KeyOrUser`].
+#[derive(Debug, Clone)]
+pub(crate) enum SessionAccess {
+    /// An API key, a JWT user, or nobody where no key is configured.
+    Caller(Caller),
+    /// The token issued with the session.
+    Token(String),
+}
+
+impl FromRequestParts<AppState> for SessionAccess {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let token = parts
+            .headers
+            .get(SESSION_TOKEN_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|t| !t.is_empty());
+        match token {
+            Some(token) => Ok(SessionAccess::Token(token.to_owned())),
+            None => state
+                .auth
+                .authenticate_headers(&parts.headers, Policy::KeyOrUser)
+                .map(SessionAccess::Caller),
+        }
+    }
+}
+
+/// The header that carries a session token on the session's routes.
+const SESSION_TOKEN_HEADER: &str = "x-session-token";
+
+impl SessionAccess {
+    /// Allows acting on session `session_id` of `user_id`: a token only of that session (401
+    /// otherwise, like any refused credential), a caller by [`Caller::authorize_user`].
+    fn authorize(&self, state: &AppState, session_id: &str, user_id: &str) -> Result<(), Error> {
+        match self {
+            SessionAccess::Caller(caller) => caller.authorize_user(user_id),
+            SessionAccess::Token(token) => {
+                state
+                    .session_tokens
+                    .verify(token, session_id, user_id)
+                    .map_err(|e| {
+                        tracing::debug!(session_id, reason = ?e, "session token refused");
+                        Error::Unauthorized
+                    })
+            }
+        }
+    }
+}
+
+/// A live session `access` may act on; a known but ended one answers 410 only to whoever may
+/// see it.
+async fn live_for(state: &AppState, access: &SessionAccess, id: &str) -> Result<SessionHandle, Error> {
+    match state.sessions.find(id).await? {
+        Found::Live(session) => {
+            access.authorize(state, &session.id, &session.user_id)?;
+            Ok(session)
+        }
+        Found::Ended(ended) => {
+            access.authorize(state, &ended.session_id, &ended.user_id)?;
+            Err(Error::SessionEnded)
+        }
+        Found::Missing => Err(Error::NotFound("session".to_owned())),
+    }
+}
+
 /// A live session the caller may act on (a JWT user only on their own: 403 otherwise).
 /// With a cluster the session may live on another node (its handle is then this node's relay).
 pub(crate) async fn live(state: &AppState, caller: &Caller, id: &str) -> Result<SessionHandle, Error> {
@@ -123,7 +207,7 @@ pub(crate) async fn live(state: &AppState, caller: &Caller, id: &str) -> Result<
 #[utoipa::path(
     get, path = "/realtime/sessions/{id}", tag = "realtime",
     description = "State of a live session, or the record of a recently ended one.",
-    security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
+    security((), ("api_key" = []), ("api_key" = [], "jwt" = []), ("jwt" = []), ("session_token" = [])),
     params(("id" = String, Path, description = "Session id")),
     responses(
         (status = 200, description = "Session state"),
@@ -134,16 +218,16 @@ pub(crate) async fn live(state: &AppState, caller: &Caller, id: &str) -> Result<
 )]
 async fn status(
     State(state): State<AppState>,
-    caller: Caller,
+    access: SessionAccess,
     Path(id): Path<String>,
 ) -> Result<Response, Error> {
     match state.sessions.find(&id).await? {
         Found::Live(session) => {
-            caller.authorize_user(&session.user_id)?;
+            access.authorize(&state, &session.id, &session.user_id)?;
             Ok(Json(session.info().await?).into_response())
         }
         Found::Ended(ended) => {
-            caller.authorize_user(&ended.user_id)?;
+            access.authorize(&state, &ended.session_id, &ended.user_id)?;
             Ok(Json(ended).into_response())
         }
         Found::Missing => Err(Error::NotFound("session".to_owned())),
@@ -191,7 +275,7 @@ fn drive_options(state: &AppState, heartbeat: std::time::Duration) -> DriveOptio
     post, path = "/realtime/sessions/{id}/turn", tag = "realtime",
     request_body = TurnBody,
     description = "Sends a turn. Body: {text, mode?: queue|interrupt, client_id?}. JSON {reply_text, turn_number, actions, usage, finish_reason, interrupted}; with Accept: text/event-stream the turn's events (proto/server.schema.json).",
-    security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
+    security((), ("api_key" = []), ("api_key" = [], "jwt" = []), ("jwt" = []), ("session_token" = [])),
     params(("id" = String, Path, description = "Session id")),
     responses(
         (status = 200, description = "The reply, or its event stream"),
@@ -207,12 +291,12 @@ fn drive_options(state: &AppState, heartbeat: std::time::Duration) -> DriveOptio
 )]
 async fn turn(
     State(state): State<AppState>,
-    caller: Caller,
+    access: SessionAccess,
     Path(id): Path<String>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<TurnBody>,
 ) -> Result<Response, Error> {
-    let session = live(&state, &caller, &id).await?;
+    let session = live_for(&state, &access, &id).await?;
     run_turn(
         &state,
         session,
@@ -240,7 +324,7 @@ pub(crate) async fn run_turn(
     let rt = &state.settings.realtime;
     let id = session.id.to_string();
     // Subscribe before sending the message, so none of the turn's events can slip past.
-    let sub = session.subscribe(None);
+    let sub = session.subscribe_request(None);
     let accepted = session.user_message(text, mode, client_id).await;
     if end_after {
         session.end_when_idle().await?;
@@ -266,7 +350,7 @@ pub(crate) async fn run_turn(
 #[utoipa::path(
     post, path = "/realtime/sessions/{id}/cancel", tag = "realtime",
     description = "Cancels the reply streaming now; the upstream request is aborted and the partial turn stored as interrupted.",
-    security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
+    security((), ("api_key" = []), ("api_key" = [], "jwt" = []), ("jwt" = []), ("session_token" = [])),
     params(("id" = String, Path, description = "Session id")),
     responses(
         (status = 200, description = "{session_id, cancelled}"),
@@ -277,10 +361,10 @@ pub(crate) async fn run_turn(
 )]
 async fn cancel(
     State(state): State<AppState>,
-    caller: Caller,
+    access: SessionAccess,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, Error> {
-    let session = live(&state, &caller, &id).await?;
+    let session = live_for(&state, &access, &id).await?;
     let cancelled = session.cancel().await?;
     Ok(Json(json!({ "session_id": id, "cancelled": cancelled })))
 }
@@ -295,7 +379,7 @@ struct EndBody {
 #[utoipa::path(
     post, path = "/realtime/sessions/{id}/end", tag = "realtime",
     description = "Ends a session. Body: {generate_notes?}. Notes (summary, key_points, action_items) are generated on task session_summary and stored.",
-    security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
+    security((), ("api_key" = []), ("api_key" = [], "jwt" = []), ("jwt" = []), ("session_token" = [])),
     params(("id" = String, Path, description = "Session id")),
     responses(
         (status = 200, description = "{session_id, status, turn_count, notes, notes_id, notes_error}"),
@@ -306,7 +390,7 @@ struct EndBody {
 )]
 async fn end(
     State(state): State<AppState>,
-    caller: Caller,
+    access: SessionAccess,
     Path(id): Path<String>,
     request: Request,
 ) -> Result<Json<Value>, Error> {
@@ -317,7 +401,7 @@ async fn end(
     } else {
         EndBody::default()
     };
-    let session = live(&state, &caller, &id).await?;
+    let session = live_for(&state, &access, &id).await?;
     let generate_notes = body.generate_notes;
     let outcome = session.end(generate_notes).await?;
     state.sessions.note_ended();
@@ -460,6 +544,34 @@ async fn websocket(
 }
 
 #[utoipa::path(
+    post, path = "/realtime/sessions/{id}/disconnect", tag = "realtime",
+    description = "Drops this node's WebSocket and SSE connections of a session (WebSocket close 4004, an SSE `disconnected` error event); the session and a reply in flight go on, and clients reconnect and resume with after_seq. For operators and backends: 403 with a JWT; a session token does not count.",
+    security((), ("api_key" = [])),
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "{session_id, disconnected}: how many connections were dropped"),
+        (status = 401, description = "API keys are configured and none valid was sent", body = ErrorBody),
+        (status = 403, description = "An end user's JWT", body = ErrorBody),
+        (status = 404, description = "No such session", body = ErrorBody),
+        (status = 410, description = "The session has ended", body = ErrorBody),
+    )
+)]
+async fn disconnect(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, Error> {
+    // Cutting every client of a session is an operator's tool, not an end user's.
+    if caller.user_id().is_some() {
+        return Err(Error::Forbidden);
+    }
+    let session = live(&state, &caller, &id).await?;
+    let disconnected = session.disconnect_clients();
+    tracing::info!(session_id = %session.id, disconnected, "session's connections dropped on request");
+    Ok(Json(json!({ "session_id": id, "disconnected": disconnected })))
+}
+
+#[utoipa::path(
     get, path = "/realtime/stats", tag = "realtime",
     description = "Session, connection and write-behind counters. Not for end users (403 with a JWT).",
     security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
@@ -506,5 +618,5 @@ async fn stats(State(state): State<AppState>, caller: Caller) -> Result<Json<Val
 
 /// The OpenAPI description of these routes (merged in `routes::docs`).
 #[derive(Debug, utoipa::OpenApi)]
-#[openapi(paths(create, status, turn, cancel, end, events, websocket, stats))]
+#[openapi(paths(create, status, turn, cancel, end, disconnect, events, websocket, stats))]
 pub struct RealtimeDoc;

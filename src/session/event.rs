@@ -257,6 +257,8 @@ pub enum ErrorCause<'a> {
     ServerShutdown,
     /// This connection did not keep up with its queue and is closed.
     SlowClient,
+    /// This connection was dropped by the server (an operator's disconnect); the session goes on.
+    Disconnected,
 }
 
 /// The persona part of a `session` event.
@@ -443,6 +445,12 @@ impl EventBody {
                 "slow_client".to_owned(),
                 "stream closed: the client did not keep up; reconnect with Last-Event-ID to resume"
                     .to_owned(),
+                true,
+                None,
+            ),
+            ErrorCause::Disconnected => (
+                "disconnected".to_owned(),
+                "stream closed by the server; reconnect with Last-Event-ID to resume".to_owned(),
                 true,
                 None,
             ),

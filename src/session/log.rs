@@ -40,6 +40,9 @@ struct Inner {
 struct Subscriber {
     tx: mpsc::Sender<Arc<Published>>,
     lagged: Arc<AtomicBool>,
+    disconnected: Arc<AtomicBool>,
+    /// Held by one request (an HTTP turn), which [`EventLog::disconnect_all`] leaves alone.
+    request: bool,
 }
 
 /// A connection's view of the log.
@@ -53,6 +56,9 @@ pub struct Subscription {
     pub live: mpsc::Receiver<Arc<Published>>,
     /// Set when the live queue overflowed and the connection was detached.
     pub lagged: Arc<AtomicBool>,
+    /// Set when the connection was detached on purpose ([`EventLog::disconnect_all`]): the
+    /// session goes on and the client should reconnect and resume.
+    pub disconnected: Arc<AtomicBool>,
     /// The latest seq when subscribing.
     pub last_seq: u64,
 }
@@ -169,8 +175,19 @@ impl EventLog {
     /// Attaches a connection. With `after_seq`, logged events after it are replayed (or a resync is
     /// flagged when they are gone); without, only live events follow.
     pub fn subscribe(&self, after_seq: Option<u64>, queue: usize) -> Subscription {
+        self.attach(after_seq, queue, false)
+    }
+
+    /// [`EventLog::subscribe`] for one request that ends with its turn (an HTTP or SSE turn):
+    /// not a connection that [`EventLog::disconnect_all`] drops.
+    pub fn subscribe_request(&self, after_seq: Option<u64>, queue: usize) -> Subscription {
+        self.attach(after_seq, queue, true)
+    }
+
+    fn attach(&self, after_seq: Option<u64>, queue: usize, request: bool) -> Subscription {
         let (tx, live) = mpsc::channel(queue.max(1));
         let lagged = Arc::new(AtomicBool::new(false));
+        let disconnected = Arc::new(AtomicBool::new(false));
         let mut inner = self.lock();
         let oldest = inner.ring.front().map_or(inner.last_seq + 1, |e| e.seq);
         let (replay, resync_needed) = match after_seq {
@@ -187,6 +204,8 @@ impl EventLog {
             inner.subscribers.push(Subscriber {
                 tx,
                 lagged: lagged.clone(),
+                disconnected: disconnected.clone(),
+                request,
             });
         }
         Subscription {
@@ -194,6 +213,7 @@ impl EventLog {
             resync_needed,
             live,
             lagged,
+            disconnected,
             last_seq: inner.last_seq,
         }
     }
@@ -210,6 +230,28 @@ impl EventLog {
         let mut inner = self.lock();
         inner.subscribers.retain(|s| !s.tx.is_closed());
         inner.subscribers.len()
+    }
+
+    /// Detaches every attached connection while the session goes on: their live queues end after
+    /// what is already in them, flagged [`Subscription::disconnected`], so each transport closes
+    /// with "reconnect and resume" (WebSocket 4004, an SSE `disconnected` error event). Requests
+    /// waiting for their turn ([`EventLog::subscribe_request`]) stay. The operator's way to drop a
+    /// session's clients (and the browser test's way to make the server cut a socket mid-reply).
+    /// Returns how many connections were dropped.
+    pub fn disconnect_all(&self) -> usize {
+        let mut inner = self.lock();
+        let mut count = 0;
+        inner.subscribers.retain(|s| {
+            if s.request {
+                return true;
+            }
+            if !s.tx.is_closed() {
+                count += 1;
+            }
+            s.disconnected.store(true, Ordering::SeqCst);
+            false
+        });
+        count
     }
 
     /// Ends every live queue (the session is over); later subscribers get the replay only.
@@ -301,6 +343,37 @@ mod tests {
         assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [7, 8]);
         assert!(gap, "4..=6 are gone from the ring");
         assert!(log.since(10, 10).0.is_empty());
+    }
+
+    #[tokio::test]
+    async fn disconnecting_ends_every_queue_after_what_it_holds_and_the_log_goes_on() {
+        let log = EventLog::new("s", 100);
+        let mut a = log.subscribe(None, 8);
+        let mut b = log.subscribe(Some(0), 8);
+        let mut turn = log.subscribe_request(None, 8);
+        log.publish(token(0));
+        assert_eq!(log.disconnect_all(), 2);
+        assert_eq!(log.subscriber_count(), 1, "the request stays");
+        log.publish(token(1));
+        assert_eq!(turn.live.recv().await.unwrap().seq, 1);
+        assert_eq!(turn.live.recv().await.unwrap().seq, 2);
+        assert!(!turn.disconnected.load(Ordering::SeqCst));
+        drop(turn);
+        for sub in [&mut a, &mut b] {
+            assert_eq!(
+                sub.live.recv().await.unwrap().seq,
+                1,
+                "queued events still arrive"
+            );
+            assert!(sub.live.recv().await.is_none());
+            assert!(sub.disconnected.load(Ordering::SeqCst));
+            assert!(!sub.lagged.load(Ordering::SeqCst));
+        }
+        assert!(!log.is_closed(), "the session is not over");
+        let again = log.subscribe(Some(0), 8);
+        assert_eq!(again.replay.len(), 2);
+        assert!(!again.disconnected.load(Ordering::SeqCst));
+        assert_eq!(log.subscriber_count(), 1);
     }
 
     #[test]

@@ -204,6 +204,18 @@ impl SessionHandle {
     pub fn subscribe(&self, after_seq: Option<u64>) -> Subscription {
         self.log.subscribe(after_seq, self.client_queue)
     }
+
+    /// A subscription for one turn request (HTTP or SSE turn), which
+    /// [`SessionHandle::disconnect_clients`] leaves alone.
+    pub fn subscribe_request(&self, after_seq: Option<u64>) -> Subscription {
+        self.log.subscribe_request(after_seq, self.client_queue)
+    }
+
+    /// Drops this node's connections of the session (they are told to reconnect and resume);
+    /// the session and its reply in flight go on. Returns how many were attached.
+    pub fn disconnect_clients(&self) -> usize {
+        self.log.disconnect_all()
+    }
 }
 
 /// What is remembered of an ended session.

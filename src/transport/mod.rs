@@ -38,6 +38,8 @@ pub enum Detach {
     Shutdown,
     /// Another node runs the session now (close 4003): reconnect and resume.
     Moved,
+    /// The server dropped the session's connections (close 4004): reconnect and resume.
+    Disconnected,
     /// The client broke the protocol (close 1003, 1007, 1008 or 1009).
     Protocol {
         /// WebSocket close code.
@@ -224,6 +226,7 @@ async fn run<T: Transport>(
                     }
                 }
                 None if sub.lagged.load(Ordering::SeqCst) => return Detach::SlowClient,
+                None if sub.disconnected.load(Ordering::SeqCst) => return Detach::Disconnected,
                 None if session.log.moved() => return Detach::Moved,
                 None => return Detach::SessionEnded,
             },

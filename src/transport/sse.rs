@@ -68,6 +68,7 @@ enum Step {
     Event(Arc<crate::session::event::Published>),
     Keepalive,
     Lagged,
+    Disconnected,
     LogClosed,
     ShutdownStarted,
     DrainOver,
@@ -106,6 +107,7 @@ pub fn events(
                 event = sub.live.recv() => match event {
                     Some(event) => Step::Event(event),
                     None if sub.lagged.load(Ordering::SeqCst) => Step::Lagged,
+                    None if sub.disconnected.load(Ordering::SeqCst) => Step::Disconnected,
                     None => Step::LogClosed,
                 },
                 _ = heartbeat.tick(), if drain_until.is_none() => Step::Keepalive,
@@ -126,6 +128,12 @@ pub fn events(
                     // The client reads again eventually (or never): this frame is the next thing
                     // it sees, with the seq to resume after.
                     yield Ok(close_frame(&session, ErrorCause::SlowClient));
+                    return;
+                }
+                // Dropped by the server while the session goes on: say so, so the client
+                // reconnects instead of taking the session as over.
+                Step::Disconnected => {
+                    yield Ok(close_frame(&session, ErrorCause::Disconnected));
                     return;
                 }
                 // The session ended; its last events are out.

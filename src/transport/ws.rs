@@ -34,6 +34,9 @@ pub mod close {
     pub const NO_PONG: u16 = 4002;
     /// The session moved to another node (this one lost its lease): reconnect and resume.
     pub const MOVED: u16 = 4003;
+    /// The server dropped the session's connections (an operator's disconnect): reconnect and
+    /// resume.
+    pub const DISCONNECTED: u16 = 4004;
 }
 
 /// A WebSocket connection attached to a session.
@@ -187,6 +190,10 @@ where
             Detach::Moved => (
                 close::MOVED,
                 "session moved to another node; reconnect".to_owned(),
+            ),
+            Detach::Disconnected => (
+                close::DISCONNECTED,
+                "disconnected by the server; reconnect and resume".to_owned(),
             ),
             Detach::Protocol { code, reason } => (*code, reason.clone()),
             Detach::ClientGone => return,

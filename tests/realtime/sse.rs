@@ -186,3 +186,70 @@ async fn a_slow_sse_client_gets_a_schema_valid_slow_client_event_before_its_stre
     app.wait_written_for(1, Duration::from_secs(120)).await;
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_operators_disconnect_ends_the_stream_with_an_event_and_the_turn_request_stays() {
+    let (app, fake) = app_with_fake(Services::Embedded, &[]).await;
+    fake.set_default(Script::counted(30).paced(Duration::ZERO, Duration::from_millis(10)));
+    let s = app.create_session("u", "c", "sse").await;
+    let events_url = app.url(&format!("/realtime/sessions/{}/events?token={}", s.id, s.token));
+    let mut follow = SseReader::new(app.client.get(&events_url).send().await.unwrap());
+    assert_eq!(follow.next().await.unwrap().event, "session");
+    let turn = app
+        .client
+        .post(app.url(&format!("/realtime/sessions/{}/turn", s.id)))
+        .json(&json!({"text": "go"}))
+        .send();
+    let watch = async {
+        let mut seen = Vec::new();
+        while seen.len() < 4 {
+            seen.push(follow.next().await.unwrap());
+        }
+        let resp = app
+            .client
+            .post(app.url(&format!("/realtime/sessions/{}/disconnect", s.id)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["disconnected"], 1, "the follow stream; not the turn request");
+
+        // What was queued still arrives, then the reason, then the end of the stream.
+        let mut close = None;
+        while let Some(ev) = follow.next().await {
+            if ev.event == "error" {
+                close = Some(ev);
+                break;
+            }
+            seen.push(ev);
+        }
+        let close = close.expect("a disconnected event before the stream ends");
+        assert_eq!(
+            (close.data["code"].as_str(), close.data["retryable"].as_bool()),
+            (Some("disconnected"), Some(true))
+        );
+        assert!(follow.next().await.is_none(), "then the stream ends");
+        seen
+    };
+    let (turn, seen) = tokio::join!(turn, watch);
+
+    // The HTTP turn was not cut, and a resume from the last seq seen completes the reply.
+    let reply: Value = turn.unwrap().json().await.unwrap();
+    assert_eq!(
+        reply["reply_text"].as_str().unwrap().split_whitespace().count(),
+        30
+    );
+    let last = seen.last().unwrap().id.clone();
+    let mut resumed = SseReader::new(
+        app.client
+            .get(format!("{events_url}&after_seq={last}"))
+            .send()
+            .await
+            .unwrap(),
+    );
+    let rest = resumed.until("turn_end").await;
+    let all: Vec<Value> = seen.iter().chain(&rest).map(|e| e.data.clone()).collect();
+    assert_eq!(tokens_text(&all), reply["reply_text"].as_str().unwrap());
+    app.stop().await.unwrap();
+}

@@ -311,3 +311,51 @@ async fn shutdown_waits_for_websocket_connections_and_closes_them_with_1001_afte
         "the session's last events come before the close"
     );
 }
+
+#[tokio::test]
+async fn an_operators_disconnect_closes_with_4004_and_a_resume_loses_nothing() {
+    let (app, fake) = app_with_fake(Services::Real, &[]).await;
+    fake.set_default(Script::counted(30).paced(Duration::ZERO, Duration::from_millis(10)));
+    let s = app.create_session("u", "c", "websocket").await;
+    let mut ws = ws_connect(&app, &s, "").await;
+    ws_next(&mut ws).await;
+    ws_send(&mut ws, json!({"type": "user_message", "text": "go"})).await;
+    let mut seen = Vec::new();
+    while seen.iter().filter(|e: &&Value| e["type"] == "token").count() < 3 {
+        let WsRead::Event(ev) = ws_next(&mut ws).await else {
+            panic!("closed early")
+        };
+        seen.push(ev);
+    }
+
+    let resp = app
+        .client
+        .post(app.url(&format!("/realtime/sessions/{}/disconnect", s.id)))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["disconnected"], 1);
+    let code = loop {
+        match ws_next(&mut ws).await {
+            WsRead::Event(ev) => seen.push(ev),
+            WsRead::Close(code) => break code,
+        }
+    };
+    assert_eq!(code, Some(4004));
+
+    let last = seen.last().unwrap()["seq"].as_u64().unwrap();
+    let mut ws = ws_connect(&app, &s, &format!("&after_seq={last}")).await;
+    ws_next(&mut ws).await;
+    let rest = ws_until(&mut ws, "turn_end").await;
+    let all: Vec<Value> = seen.into_iter().chain(rest).collect();
+    let seqs: Vec<u64> = all.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "no gap, no duplicate: {seqs:?}"
+    );
+    let text = crate::common::realtime::tokens_text(&all);
+    assert_eq!(text, all.last().unwrap()["reply_text"].as_str().unwrap());
+    assert_eq!(text.split_whitespace().count(), 30);
+    app.stop().await.unwrap();
+}
