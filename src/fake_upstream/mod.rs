@@ -77,6 +77,9 @@ pub struct Script {
     pub tokens: Vec<String>,
     /// Reply with `echo: ` + the last user message instead of `tokens`.
     pub echo: bool,
+    /// Answer a request that asks for a JSON schema (OpenAI's structured outputs) with the
+    /// smallest instance of that schema, as a model that obeys it would; others get `tokens`.
+    pub structured: bool,
     /// Delay before the first token (after the response headers).
     pub first_token_delay: Duration,
     /// Delay between tokens.
@@ -112,6 +115,7 @@ impl Script {
         Script {
             tokens: split_tokens(text),
             echo: false,
+            structured: false,
             first_token_delay: Duration::ZERO,
             token_interval: Duration::ZERO,
             header_delay: Duration::ZERO,
@@ -123,6 +127,12 @@ impl Script {
             finish_reason: None,
             raw_chunks: None,
         }
+    }
+
+    /// This script, answering requests with a JSON schema by the schema's smallest instance.
+    pub fn structured(mut self) -> Self {
+        self.structured = true;
+        self
     }
 
     /// A reply of `n` tokens `t0 t1 …`.
@@ -539,10 +549,61 @@ fn prompt_tokens(body: &Value) -> u64 {
 
 /// The reply tokens a script produces for a request.
 fn reply_tokens(script: &Script, body: &Value) -> Vec<String> {
-    if script.echo {
+    let schema = &body["response_format"]["json_schema"]["schema"];
+    if script.structured && schema.is_object() {
+        vec![smallest_instance(schema).to_string()]
+    } else if script.echo {
         split_tokens(&format!("echo: {}", last_user_text(body)))
     } else {
         script.tokens.clone()
+    }
+}
+
+/// The smallest value `schema` accepts, for the schemas coachd sends: `const`, `enum` (its first
+/// value), the first of `oneOf`/`anyOf`, objects with their required properties, arrays of
+/// `minItems`, strings of `minLength`, numbers at their `minimum`.
+fn smallest_instance(schema: &Value) -> Value {
+    if let Some(c) = schema.get("const") {
+        return c.clone();
+    }
+    if let Some(first) = schema["enum"].as_array().and_then(|e| e.first()) {
+        return first.clone();
+    }
+    for key in ["oneOf", "anyOf"] {
+        if let Some(first) = schema[key].as_array().and_then(|e| e.first()) {
+            return smallest_instance(first);
+        }
+    }
+    let kind = match &schema["type"] {
+        Value::String(t) => t.as_str(),
+        Value::Array(ts) => ts
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|t| *t != "null")
+            .unwrap_or("null"),
+        _ if schema["properties"].is_object() => "object",
+        _ => "null",
+    };
+    let count = |key: &str| schema[key].as_u64().unwrap_or(0) as usize;
+    match kind {
+        "object" => {
+            let mut out = serde_json::Map::new();
+            for name in schema["required"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
+                out.insert(name.to_owned(), smallest_instance(&schema["properties"][name]));
+            }
+            Value::Object(out)
+        }
+        "array" => Value::Array(vec![smallest_instance(&schema["items"]); count("minItems")]),
+        "string" => Value::String("x".repeat(count("minLength").max(1))),
+        "integer" => serde_json::json!(schema["minimum"].as_i64().unwrap_or(0)),
+        "number" => serde_json::json!(schema["minimum"].as_f64().unwrap_or(0.0)),
+        "boolean" => Value::Bool(false),
+        _ => Value::Null,
     }
 }
 
@@ -651,4 +712,30 @@ fn sse_response(body: Body) -> Response {
         body,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::smallest_instance;
+
+    #[test]
+    fn the_smallest_instance_meets_required_enum_and_length_rules() {
+        let schema = json!({
+            "type": "object",
+            "required": ["intent", "confidence", "items", "note"],
+            "properties": {
+                "intent": {"type": "string", "enum": ["goal_setting", "other"]},
+                "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+                "items": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["task"], "properties": {"task": {"type": "string", "minLength": 2}}}},
+                "note": {"type": ["string", "null"]},
+                "optional": {"type": "string"},
+            },
+        });
+        assert_eq!(
+            smallest_instance(&schema),
+            json!({"intent": "goal_setting", "confidence": 0.0, "items": [{"task": "xx"}], "note": "x"})
+        );
+    }
 }

@@ -91,6 +91,106 @@ impl Modify for SecuritySchemes {
     }
 }
 
+/// A schema written as JSON (used where the derive cannot say it, such as the events of a
+/// stream). The values are fixed at compile time; one that does not parse is a bug the docs test
+/// catches, and shows as an empty schema rather than a panic.
+pub(crate) fn schema_from_json(
+    v: serde_json::Value,
+) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    serde_json::from_value(v)
+        .unwrap_or_else(|_| utoipa::openapi::RefOr::T(utoipa::openapi::schema::Schema::default()))
+}
+
+/// The schema of one server-sent event: its `event` name and its `data`, JSON of `data` (an
+/// OpenAPI 3.1 `schema` of an event stream describes one event, as schemathesis reads it).
+pub(crate) fn sse_events(
+    events: &[(&str, serde_json::Value)],
+) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    let one_of: Vec<serde_json::Value> = events
+        .iter()
+        .map(|(name, data)| {
+            serde_json::json!({
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {
+                    "event": {"const": name},
+                    "id": {"type": "string"},
+                    "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
+                },
+            })
+        })
+        .collect();
+    schema_from_json(serde_json::json!({ "oneOf": one_of }))
+}
+
+/// `{error: {code, message}}`, as the data of an `error` event.
+pub(crate) fn error_data() -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"type": "object", "required": ["code", "message"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}},
+    })
+}
+
+/// The answers every route can give whatever its own annotation lists, added to each operation
+/// that lacks them: 400 where the request has a path, query or body the route parses (the
+/// extractors refuse bad ones before the handler runs), 401 where a credential is asked for.
+/// Listing them once here keeps the document true to what the server sends (schemathesis checks
+/// every status it receives against the document).
+fn add_common_responses(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+    for (path, item) in doc.paths.paths.iter_mut() {
+        // The /v1 routes answer in OpenAI's error shape, every other route in coachd's.
+        let body = if path.starts_with("/v1/") {
+            "OpenAiErrorBody"
+        } else {
+            "ErrorBody"
+        };
+        let response = |description: &str| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(description)
+                    .content(
+                        "application/json",
+                        ContentBuilder::new()
+                            .schema(Some(Ref::from_schema_name(body)))
+                            .build(),
+                    )
+                    .build(),
+            )
+        };
+        let operations = [
+            item.get.as_mut(),
+            item.post.as_mut(),
+            item.put.as_mut(),
+            item.delete.as_mut(),
+            item.patch.as_mut(),
+        ];
+        for op in operations.into_iter().flatten() {
+            let parses_input =
+                op.request_body.is_some() || op.parameters.as_ref().is_some_and(|p| !p.is_empty());
+            let responses = &mut op.responses.responses;
+            if parses_input && !responses.contains_key("400") {
+                responses.insert(
+                    "400".to_owned(),
+                    response("Bad input: a path, query or body value the route refuses"),
+                );
+            }
+            // A requirement with no scheme (`()`) makes credentials optional, yet a configured
+            // key still makes a wrong one answer 401: any named scheme can.
+            let asks_credentials = op.security.as_ref().is_some_and(|reqs| {
+                reqs.iter().any(|r| {
+                    serde_json::to_value(r).is_ok_and(|v| v.as_object().is_some_and(|m| !m.is_empty()))
+                })
+            });
+            if asks_credentials && !responses.contains_key("401") {
+                responses.insert("401".to_owned(), response("Missing or invalid credentials"));
+            }
+        }
+    }
+}
+
 /// The whole document: the frame plus every route module's part.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
@@ -102,8 +202,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(super::coach::CoachDoc::openapi());
     doc.merge(super::memory::MemoryDoc::openapi());
     doc.merge(super::jobs::JobsDoc::openapi());
-    // Realtime, coach (respond, notes) and memory routes: derive a `*Doc` with `#[openapi(paths(..))]`
-    // in their module, as above, and merge it here; add its tag to `ApiDoc` too.
+    // A new route module: derive a `*Doc` with `#[openapi(paths(..))]` in it, as above, merge it
+    // here and add its tag to `ApiDoc`.
+    add_common_responses(&mut doc);
     doc
 }
 

@@ -758,6 +758,31 @@ async fn cancel(
     shown.map(Json).ok_or_else(|| Error::NotFound("job".to_owned()))
 }
 
+/// An event of `/api/v1/jobs/{id}/events`, for the API description.
+struct JobStreamEvent;
+
+impl utoipa::PartialSchema for JobStreamEvent {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        crate::routes::docs::sse_events(&[(
+            "job",
+            json!({"type": "object", "required": ["seq", "job_id", "event", "status", "progress", "attempt", "at"],
+            "properties": {
+                "seq": {"type": "integer", "minimum": 1},
+                "job_id": {"type": "string"},
+                "event": {"enum": ["queued", "started", "progress", "retrying", "succeeded", "failed", "cancelled"]},
+                "status": {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+                "progress": {"type": "number", "minimum": 0, "maximum": 1},
+                "stage": {"type": ["string", "null"]},
+                "attempt": {"type": "integer", "minimum": 0},
+                "error": {"type": ["object", "null"]},
+                "at": {"type": "string"},
+            }}),
+        )])
+    }
+}
+
+impl utoipa::ToSchema for JobStreamEvent {}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
@@ -772,7 +797,7 @@ struct EventsQuery {
     ),
     description = "Server-sent events: `event: job`, `id:` = seq, data {seq, job_id, event, status, progress, stage, attempt, error?, at}; ends after the final status.",
     responses(
-        (status = 200, description = "The event stream", content_type = "text/event-stream"),
+        (status = 200, description = "The event stream", content_type = "text/event-stream", body = JobStreamEvent),
         (status = 404, description = "No such job (or another user's)", body = ErrorBody),
     )
 )]

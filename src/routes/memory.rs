@@ -76,7 +76,7 @@ impl MemoryView {
     get, path = "/ai/coach/memory/{user_id}/{coach_id}", tag = "memory",
     description = "The pair's memories, newest first; with ?query= a similarity search. ?limit=&offset=&min_similarity=. Rate-limited per user.",
     security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
-    params(("user_id" = String, Path), ("coach_id" = String, Path)),
+    params(("user_id" = Id, Path), ("coach_id" = Id, Path)),
     responses(
         (status = 200, description = "{user_id, coach_id, total, memories}"),
         (status = 400, description = "Invalid input", body = ErrorBody),
@@ -154,7 +154,7 @@ async fn list(
     delete, path = "/ai/coach/memory/{user_id}/{coach_id}", tag = "memory",
     description = "Forgets every memory of the pair.",
     security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
-    params(("user_id" = String, Path), ("coach_id" = String, Path)),
+    params(("user_id" = Id, Path), ("coach_id" = Id, Path)),
     responses(
         (status = 200, description = "{user_id, coach_id, deleted}"),
         (status = 400, description = "Invalid input", body = ErrorBody),
@@ -184,7 +184,7 @@ async fn clear(
     delete, path = "/ai/coach/memory/{user_id}/{coach_id}/{memory_id}", tag = "memory",
     description = "Forgets one memory.",
     security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
-    params(("user_id" = String, Path), ("coach_id" = String, Path), ("memory_id" = String, Path)),
+    params(("user_id" = Id, Path), ("coach_id" = Id, Path), ("memory_id" = String, Path, description = "Memory id (a UUID)")),
     responses(
         (status = 200, description = "{user_id, coach_id, id, deleted}"),
         (status = 400, description = "Invalid input", body = ErrorBody),
@@ -221,7 +221,7 @@ async fn delete_one(
     delete, path = "/ai/coach/memory/{user_id}", tag = "memory",
     description = "Erases every memory of the user, with every coach.",
     security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
-    params(("user_id" = String, Path)),
+    params(("user_id" = Id, Path)),
     responses(
         (status = 200, description = "{user_id, deleted}"),
         (status = 400, description = "Invalid input", body = ErrorBody),

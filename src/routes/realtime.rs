@@ -8,6 +8,7 @@
 //! `X-Session-Token`. The last two are what a browser holds: it must never hold an API key.
 
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
@@ -214,6 +215,7 @@ pub(crate) async fn live(state: &AppState, caller: &Caller, id: &str) -> Result<
         (status = 401, description = "API keys are configured and none valid was sent", body = ErrorBody),
         (status = 403, description = "A JWT user acting on another user's data", body = ErrorBody),
         (status = 404, description = "No such session", body = ErrorBody),
+        (status = 410, description = "The session has ended", body = ErrorBody),
     )
 )]
 async fn status(
@@ -357,6 +359,7 @@ pub(crate) async fn run_turn(
         (status = 401, description = "API keys are configured and none valid was sent", body = ErrorBody),
         (status = 403, description = "A JWT user acting on another user's data", body = ErrorBody),
         (status = 404, description = "No such session", body = ErrorBody),
+        (status = 410, description = "The session has ended", body = ErrorBody),
     )
 )]
 async fn cancel(
@@ -386,6 +389,7 @@ struct EndBody {
         (status = 401, description = "API keys are configured and none valid was sent", body = ErrorBody),
         (status = 403, description = "A JWT user acting on another user's data", body = ErrorBody),
         (status = 404, description = "No such session", body = ErrorBody),
+        (status = 410, description = "The session has ended", body = ErrorBody),
     )
 )]
 async fn end(
@@ -463,6 +467,7 @@ fn after_seq(query: &AttachQuery, headers: &HeaderMap) -> Result<Option<u64>, Er
         (status = 200, description = "text/event-stream"),
         (status = 401, description = "Missing or invalid session token", body = ErrorBody),
         (status = 404, description = "No such session", body = ErrorBody),
+        (status = 410, description = "The session has ended", body = ErrorBody),
     )
 )]
 async fn events(
@@ -488,6 +493,7 @@ async fn events(
         (status = 101, description = "Switching protocols"),
         (status = 401, description = "Missing or invalid session token", body = ErrorBody),
         (status = 404, description = "No such session", body = ErrorBody),
+        (status = 410, description = "The session has ended", body = ErrorBody),
     )
 )]
 async fn websocket(
@@ -495,8 +501,10 @@ async fn websocket(
     Path(id): Path<String>,
     QueryParams(query): QueryParams<AttachQuery>,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, Error> {
+    // axum's own rejection is plain text; a client that did not ask to upgrade gets the JSON error.
+    let upgrade = upgrade.map_err(|e| Error::bad_request("websocket_upgrade_required", e.body_text()))?;
     // The session token is the credential here: browsers cannot send headers on these routes.
     let session = live(&state, &Caller::Anonymous, &id).await?;
     authorize_attach(&state, &session, &query, &headers)?;

@@ -22,10 +22,38 @@ const ID_RULE: &str = "1 to 128 letters, digits, '-', '_', '.' or '@'";
 /// integers, UUIDs and e-mail-like tokens fit. Anything else, `:` above all (the separator of
 /// Redis keys, which would let two different pairs share a key), is refused before it reaches a
 /// store. In a JSON body it may be a string or an integer, as the reference services send both.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(transparent)]
-#[schema(value_type = String, example = "user-42")]
 pub struct Id(String);
+
+/// The id rule as a JSON Schema pattern (the same check as [`Id::parse`]).
+const ID_PATTERN: &str = "^[A-Za-z0-9._@-]{1,128}$";
+
+// Written out rather than derived: the document must say both forms (a string of the rule, or a
+// 64-bit integer), or a fuzzer reading it takes an accepted integer for a bug.
+impl utoipa::PartialSchema for Id {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(ID_PATTERN))
+                    .examples(["user-42"]),
+            )
+            .item(
+                // What serde_json reads as an integer: i64 or u64.
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(i64::MIN as f64))
+                    .maximum(Some(u64::MAX as f64)),
+            )
+            .description(Some(format!("A user or coach id: {ID_RULE}, or an integer")))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Id {}
 
 /// Why a value is not an [`Id`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -183,6 +183,38 @@ pub(super) async fn complete(
     }))
 }
 
+/// An event of `/api/v1/llm/stream`, for the API description.
+pub(super) struct LlmStreamEvent;
+
+impl utoipa::PartialSchema for LlmStreamEvent {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use serde_json::json;
+        let served = json!({"type": "string"});
+        crate::routes::docs::sse_events(&[
+            (
+                "start",
+                json!({"type": "object", "required": ["task", "provider", "model"],
+                "properties": {"task": served, "provider": served, "model": served}}),
+            ),
+            (
+                "token",
+                json!({"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}}),
+            ),
+            (
+                "done",
+                json!({"type": "object", "required": ["finish_reason", "provider", "model", "usage"],
+                "properties": {"finish_reason": served, "provider": served, "model": served,
+                    "usage": {"type": ["object", "null"], "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+                        "properties": {"prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
+                            "total_tokens": {"type": "integer"}}}}}),
+            ),
+            ("error", crate::routes::docs::error_data()),
+        ])
+    }
+}
+
+impl utoipa::ToSchema for LlmStreamEvent {}
+
 /// One completion, streamed as server-sent events (format in the README): `start`, then `token`
 /// events, then `done`; or an `error` event when it fails after the stream began. A failure
 /// before the first token answers with an HTTP error status instead.
@@ -193,7 +225,7 @@ pub(super) async fn complete(
     responses(
         (status = 200, description = "`event: start` {task, provider, model}; `event: token` {text} per \
             piece of text; `event: done` {finish_reason, provider, model, usage}; or `event: error` \
-            {error: {code, message}} after the stream began", content_type = "text/event-stream", body = String),
+            {error: {code, message}} after the stream began", content_type = "text/event-stream", body = LlmStreamEvent),
         (status = 400, description = "Invalid input or unknown task", body = ErrorBody),
         (status = 401, description = "Missing or invalid credentials", body = ErrorBody),
         (status = 403, description = "A JWT caller named another user's user_id", body = ErrorBody),
