@@ -44,6 +44,7 @@ pub fn router() -> Router<AppState> {
         (name = "realtime", description = "Realtime sessions over HTTP turns, SSE and WebSocket"),
         (name = "memory", description = "Long-term coach memory"),
         (name = "jobs", description = "Async jobs: transcription, extraction, analysis"),
+        (name = "metrics", description = "Prometheus metrics"),
     )
 )]
 struct ApiDoc;
@@ -73,6 +74,15 @@ impl Modify for SecuritySchemes {
             ),
         );
         components.add_security_scheme(
+            "metrics_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("COACHD_METRICS_TOKEN (/metrics only, when set)"))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
             "bearer_api_key",
             SecurityScheme::Http(
                 HttpBuilder::new()
@@ -95,6 +105,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(super::coach::CoachDoc::openapi());
     doc.merge(super::memory::MemoryDoc::openapi());
     doc.merge(super::jobs::JobsDoc::openapi());
+    doc.merge(super::prometheus::MetricsDoc::openapi());
     // Realtime, coach (respond, notes) and memory routes: derive a `*Doc` with `#[openapi(paths(..))]`
     // in their module, as above, and merge it here; add its tag to `ApiDoc` too.
     doc

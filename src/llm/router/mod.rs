@@ -4,10 +4,11 @@
 //!
 //! `route.rs` holds the routing function, `tasks.rs` the task table and the tasks file.
 
+mod metered;
 mod route;
 mod tasks;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,9 @@ pub struct Llm {
     default_provider: ProviderKind,
     timeouts: LlmTimeouts,
     retry: RetryPolicy,
+    /// Every model a task names and every provider's default: the values the `model` label of
+    /// the metrics may take.
+    known_models: Arc<HashMap<ProviderKind, HashSet<String>>>,
 }
 
 impl Llm {
@@ -37,12 +41,43 @@ impl Llm {
         timeouts: LlmTimeouts,
         retry: RetryPolicy,
     ) -> Self {
+        let mut known_models: HashMap<ProviderKind, HashSet<String>> = HashMap::new();
+        for p in &providers {
+            known_models
+                .entry(p.kind())
+                .or_default()
+                .insert(p.default_model().to_owned());
+        }
+        for task in &tasks {
+            for m in std::iter::once(&task.primary).chain(&task.fallbacks) {
+                known_models
+                    .entry(m.provider)
+                    .or_default()
+                    .insert(m.model.clone());
+            }
+        }
         Llm {
             providers: providers.into_iter().map(|p| (p.kind(), p)).collect(),
             tasks: tasks.into_iter().map(|t| (t.name.clone(), t)).collect(),
             default_provider,
             timeouts,
             retry,
+            known_models: Arc::new(known_models),
+        }
+    }
+
+    /// The `model` label of the metrics for `provider`'s `model`: its name when a task or the
+    /// provider's default names it, `other` for a model a client named directly
+    /// (`/v1/chat/completions` with `provider/model`), so clients cannot grow the label set.
+    pub fn model_label(&self, provider: ProviderKind, model: &str) -> String {
+        if self
+            .known_models
+            .get(&provider)
+            .is_some_and(|models| models.contains(model))
+        {
+            model.to_owned()
+        } else {
+            "other".to_owned()
         }
     }
 

@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use chrono::Utc;
 use futures::StreamExt;
@@ -14,6 +15,7 @@ use super::Actor;
 use crate::coach::prompt::{self, TurnScope};
 use crate::llm::ProviderKind;
 use crate::llm::{EventStream, LlmError, LlmEvent, Message, Params, Routed, Usage};
+use crate::metric::FirstToken;
 use crate::persist::TurnRecord;
 use crate::session::event::{ErrorCause, EventBody, FinishReason, extract_actions};
 
@@ -25,7 +27,14 @@ pub(super) struct Pending {
 }
 
 /// Prompt assembly and routing as one future, so dropping it drops whichever of them runs.
-type Assembling = Pin<Box<dyn Future<Output = Result<Routed, LlmError>> + Send>>;
+type Assembling = Pin<Box<dyn Future<Output = Routing> + Send>>;
+
+/// What assembling ended with: the routing outcome, and how long routing itself took (the wait
+/// on providers up to the first text), which the overhead metric leaves out.
+pub(super) struct Routing {
+    result: Result<Routed, LlmError>,
+    waited: Duration,
+}
 
 /// Where the current turn is.
 enum Phase {
@@ -47,12 +56,16 @@ pub(super) struct Turn {
     model: Option<String>,
     usage: Option<Usage>,
     finish: Option<crate::llm::FinishReason>,
+    /// The time routing waited on providers, once routed.
+    routing: Duration,
+    /// The first-token histograms of the model that serves, once routed.
+    first_token: Option<FirstToken>,
 }
 
 /// What the current turn did next.
 pub(super) enum Step {
     /// Routing finished.
-    Routed(Result<Routed, LlmError>),
+    Routed(Routing),
     /// The stream's next event; `None` when it ended.
     Event(Option<Result<LlmEvent, LlmError>>),
 }
@@ -123,7 +136,9 @@ impl Actor {
             let took = began.elapsed();
             deps.stats.prompt.record(took);
             tracing::debug!(session_id = %session_id, elapsed_us = took.as_micros() as u64, memories = prompt.memories_used, "prompt assembled");
-            deps.llm
+            let routing = Instant::now();
+            let result = deps
+                .llm
                 .route_task(
                     "chat",
                     &Params::default(),
@@ -131,7 +146,11 @@ impl Actor {
                     prompt.messages,
                     None,
                 )
-                .await
+                .await;
+            Routing {
+                result,
+                waited: routing.elapsed(),
+            }
         });
         self.current = Some(Turn {
             number: pending.number,
@@ -144,6 +163,8 @@ impl Actor {
             model: None,
             usage: None,
             finish: None,
+            routing: Duration::ZERO,
+            first_token: None,
         });
     }
 
@@ -152,7 +173,17 @@ impl Actor {
             return;
         };
         match step {
-            Step::Routed(Ok(routed)) => {
+            Step::Routed(Routing {
+                result: Ok(routed),
+                waited,
+            }) => {
+                let label = self.deps.llm.model_label(routed.provider, &routed.model);
+                turn.first_token = Some(FirstToken::new(
+                    routed.provider.as_str(),
+                    label,
+                    self.handle.transport.as_str(),
+                ));
+                turn.routing = waited;
                 turn.provider = Some(routed.provider);
                 turn.model = Some(routed.model);
                 turn.phase = Phase::Streaming(routed.stream);
@@ -161,7 +192,11 @@ impl Actor {
             Step::Event(Some(Ok(LlmEvent::Delta(text)))) => {
                 let index = turn.tokens;
                 if index == 0 {
-                    self.deps.stats.first_token.record(turn.started.elapsed());
+                    let took = turn.started.elapsed();
+                    self.deps.stats.first_token.record(took);
+                    if let Some(histograms) = &turn.first_token {
+                        histograms.record(took, turn.routing);
+                    }
                 }
                 turn.tokens += 1;
                 turn.reply.push_str(&text);
@@ -175,7 +210,7 @@ impl Actor {
             }
             Step::Event(Some(Ok(LlmEvent::Usage(u)))) => turn.usage = Some(u),
             Step::Event(Some(Ok(LlmEvent::Finish(reason)))) => turn.finish = Some(reason),
-            Step::Routed(Err(e)) | Step::Event(Some(Err(e))) => {
+            Step::Routed(Routing { result: Err(e), .. }) | Step::Event(Some(Err(e))) => {
                 let number = turn.number;
                 tracing::warn!(session_id = %self.handle.id, turn = number, error = %e, "turn failed");
                 self.handle
