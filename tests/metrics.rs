@@ -660,6 +660,9 @@ async fn every_metric_of_the_readme_is_described_with_its_type() {
     app.stop().await.unwrap();
 }
 
+/// A series' labels, as sorted pairs.
+type LabelSet = Vec<(String, String)>;
+
 /// One sample line.
 #[derive(Debug)]
 struct Sample {
@@ -859,11 +862,11 @@ impl Exposition {
                 continue;
             }
             let bucket = format!("{family}_bucket");
-            let mut series: BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>> = BTreeMap::new();
+            let mut series: BTreeMap<LabelSet, Vec<(f64, f64)>> = BTreeMap::new();
             for s in self.samples.iter().filter(|s| s.name == bucket) {
                 let le =
                     parse_value(s.labels.get("le").expect("a bucket without le")).expect("le is a number");
-                let rest: Vec<(String, String)> = s
+                let rest: LabelSet = s
                     .labels
                     .iter()
                     .filter(|(k, _)| *k != "le")
