@@ -232,3 +232,54 @@ impl Llm {
         collect(routed).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_model_label_is_a_configured_model_or_other() {
+        let offline: Arc<dyn Provider> = Arc::new(Offline::new(Duration::ZERO));
+        let default_model = offline.default_model().to_owned();
+        let task = TaskSpec {
+            name: "chat".to_owned(),
+            description: String::new(),
+            primary: ModelRef {
+                provider: ProviderKind::Offline,
+                model: "named-by-a-task".to_owned(),
+                params: Params::default(),
+            },
+            fallbacks: Vec::new(),
+            params: Params::default(),
+        };
+        let timeouts = LlmTimeouts {
+            connect: Duration::from_secs(1),
+            first_token: Duration::from_secs(1),
+            idle: Duration::from_secs(1),
+            total: Duration::from_secs(1),
+        };
+        let retry = RetryPolicy {
+            max_retries: 0,
+            base: Duration::from_millis(1),
+            max_wait: Duration::from_millis(1),
+        };
+        let llm = Llm::new(vec![offline], vec![task], ProviderKind::Offline, timeouts, retry);
+        assert_eq!(
+            llm.model_label(ProviderKind::Offline, &default_model),
+            default_model
+        );
+        assert_eq!(
+            llm.model_label(ProviderKind::Offline, "named-by-a-task"),
+            "named-by-a-task"
+        );
+        assert_eq!(
+            llm.model_label(ProviderKind::Offline, "a-client-chose-this"),
+            "other"
+        );
+        assert_eq!(
+            llm.model_label(ProviderKind::Openai, "named-by-a-task"),
+            "other",
+            "per provider"
+        );
+    }
+}
