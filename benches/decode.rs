@@ -12,7 +12,9 @@
 //! instructions (callgrind's total) and in allocations (the `calls=` to `__rust_alloc` and
 //! `__rust_realloc` in the callgrind file).
 //! The stage (`sse`, `decode`, `timeouts`, `relay`) says how far down the path the tokens go;
-//! `body` only builds the input, to subtract.
+//! `body` only builds the input, to subtract. `routed` is `relay` through the real routing
+//! (`Llm::route_model`, with the per-attempt metering of `llm::router` and the Prometheus recorder
+//! installed, as a server with metrics on runs it) instead of the hand-made chain.
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -65,6 +67,12 @@ fn response(chunks: Vec<Bytes>) -> reqwest::Response {
 async fn run(stage: &str, chunks: Vec<Bytes>) -> usize {
     use coachd::llm::{LlmTimeouts, ProviderKind};
     let provider = ProviderKind::Openai;
+    let t = LlmTimeouts {
+        connect: Duration::from_secs(10),
+        first_token: Duration::from_secs(30),
+        idle: Duration::from_secs(30),
+        total: Duration::from_secs(300),
+    };
     match stage {
         // Only the setup (building and dropping the body), to subtract from the others.
         "body" => chunks.len(),
@@ -77,13 +85,39 @@ async fn run(stage: &str, chunks: Vec<Bytes>) -> usize {
                 .count()
                 .await
         }
-        _ => {
-            let t = LlmTimeouts {
-                connect: Duration::from_secs(10),
-                first_token: Duration::from_secs(30),
-                idle: Duration::from_secs(30),
-                total: Duration::from_secs(300),
+        "routed" => {
+            let _ = coachd::metric::install();
+            let retry = coachd::llm::router::RetryPolicy {
+                max_retries: 0,
+                base: Duration::from_millis(1),
+                max_wait: Duration::from_secs(1),
             };
+            let prepared = Prepared(std::sync::Mutex::new(Some(chunks)));
+            let llm = coachd::llm::Llm::new(
+                vec![std::sync::Arc::new(prepared)],
+                Vec::new(),
+                provider,
+                t,
+                retry,
+            );
+            let model = coachd::llm::ModelRef {
+                provider,
+                model: "gpt-4o-mini".to_owned(),
+                params: Default::default(),
+            };
+            let Ok(routed) = llm
+                .route_model(model, None, vec![coachd::llm::Message::user("hi")], None)
+                .await
+            else {
+                return 0;
+            };
+            drain(coachd::routes::openai_compat::stream_response(
+                routed.stream,
+                true,
+            ))
+            .await
+        }
+        _ => {
             let start = async move { Ok(coachd::llm::openai::decode_stream(provider, response(chunks))) };
             let mut stream =
                 coachd::llm::timeout::with_timeouts(provider, t, Instant::now() + t.total, start);
@@ -93,14 +127,51 @@ async fn run(stage: &str, chunks: Vec<Bytes>) -> usize {
             if stage == "timeouts" {
                 return routed.count().await;
             }
-            let body = coachd::routes::openai_compat::stream_response(routed, true).into_body();
-            let mut data = body.into_data_stream();
-            let mut bytes = 0;
-            while let Some(Ok(b)) = data.next().await {
-                bytes += b.len();
-            }
-            bytes
+            drain(coachd::routes::openai_compat::stream_response(routed, true)).await
         }
+    }
+}
+
+/// Reads a response body to its end; returns its length.
+async fn drain(response: axum::response::Response) -> usize {
+    let mut data = response.into_body().into_data_stream();
+    let mut bytes = 0;
+    while let Some(Ok(b)) = data.next().await {
+        bytes += b.len();
+    }
+    bytes
+}
+
+/// A provider whose one stream decodes the prepared upstream body.
+#[derive(Debug)]
+struct Prepared(std::sync::Mutex<Option<Vec<Bytes>>>);
+
+#[async_trait::async_trait]
+impl coachd::llm::Provider for Prepared {
+    fn kind(&self) -> coachd::llm::ProviderKind {
+        coachd::llm::ProviderKind::Openai
+    }
+    fn default_model(&self) -> &str {
+        "gpt-4o-mini"
+    }
+    fn supports_json_schema(&self) -> bool {
+        true
+    }
+    fn supports_json_object(&self) -> bool {
+        true
+    }
+    async fn stream(
+        &self,
+        _request: coachd::llm::ChatRequest,
+    ) -> Result<coachd::llm::EventStream, coachd::llm::LlmError> {
+        let chunks = self.0.lock().ok().and_then(|mut c| c.take()).unwrap_or_default();
+        Ok(coachd::llm::openai::decode_stream(
+            coachd::llm::ProviderKind::Openai,
+            response(chunks),
+        ))
+    }
+    async fn check(&self) -> Result<(), coachd::llm::LlmError> {
+        Ok(())
     }
 }
 

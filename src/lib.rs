@@ -11,7 +11,8 @@
 //! - [`error`]: the one error type; HTTP status, JSON body, SSE event and WebSocket close code,
 //!   and the store errors' mapping into it.
 //! - [`auth`]: API keys and end-user JWTs, with one rule per route family.
-//! - [`telemetry`]: tracing set-up (text or JSON).
+//! - [`telemetry`]: tracing set-up (text or JSON); [`metric`]: the Prometheus metrics (names,
+//!   the process-wide recorder, the handles the token path keeps), served at `/metrics`.
 //! - [`startup`]: builds state and router, binds, serves, shuts down gracefully.
 //! - [`state`]: the shared handles every handler gets.
 //! - [`db`], [`redis`]: connections to PostgreSQL (with migrations) and Redis.
@@ -37,7 +38,7 @@
 //! # Layers
 //! Imports point down; no two modules import each other (`tests/layers.rs` checks both). From the
 //! bottom:
-//! 1. `secret`, `redis`, `embed`, `error`: leaves every layer may use.
+//! 1. `secret`, `redis`, `embed`, `error`, `metric`: leaves every layer may use.
 //! 2. `context`, `memory`, `llm`, `transcribe`, `extract`: the stores, the LLM gateway, the
 //!    speech-to-text client and document extraction, each owning its settings type.
 //! 3. `persist`, `coach`, `session`, `transport`: the realtime core; `jobs` on top of `coach`.
@@ -73,6 +74,7 @@ pub mod health;
 pub mod jobs;
 pub mod llm;
 pub mod memory;
+pub mod metric;
 pub mod persist;
 pub mod redis;
 pub mod routes;

@@ -45,6 +45,9 @@ use crate::{db, embed, redis, routes};
 /// The request-id header, set when the client sent none and echoed on every response.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
+/// How often the metrics recorder folds recorded samples into its histograms.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
 /// Why coachd could not start. Each message is one line meant for an operator.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -131,6 +134,21 @@ impl Application {
                 None
             }
         };
+
+        if settings.metrics.enabled {
+            // Once per process: a second app in the same process (tests) shares the recorder.
+            match crate::metric::install() {
+                Ok(_) => tracing::info!(
+                    token = settings.metrics.token.is_some(),
+                    "metrics: Prometheus text format at /metrics"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics: cannot install the recorder; /metrics answers 503")
+                }
+            }
+        } else {
+            tracing::info!("metrics: off (COACHD_METRICS_ENABLED=false)");
+        }
 
         let llm = crate::llm::Llm::from_settings(&settings.llm).map_err(StartupError::Llm)?;
         tracing::info!(
@@ -376,6 +394,14 @@ impl Application {
         let workers = Workers::start(job_engine, state.job_runner.clone(), &state.settings.jobs);
         state.sessions.start_cluster();
         let token = state.shutdown.clone();
+        if state.settings.metrics.enabled
+            && let Some(handle) = crate::metric::handle()
+        {
+            // On the session tracker, stopped by the shutdown token: shutdown waits for it.
+            state
+                .tasks
+                .spawn(crate::metric::upkeep(handle, METRICS_UPKEEP, token.clone()));
+        }
         let draining = state.draining.clone();
         let grace = state.settings.shutdown_grace;
         let drain_delay = state.settings.shutdown_drain_delay;
@@ -496,6 +522,7 @@ pub fn build_router(state: AppState) -> Router {
     let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
     let max_body = state.settings.max_body_bytes;
     let node_id: Arc<str> = Arc::from(state.settings.cluster.node_id.as_str());
+    let metrics = state.settings.metrics.enabled;
     let mut router = routes::router().merge(routes::jobs::router(state.settings.jobs.max_upload_bytes));
     if state.settings.chat_ui {
         router = router.merge(routes::chat::router());
@@ -525,8 +552,15 @@ pub fn build_router(state: AppState) -> Router {
             tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id, node_id = %node_id)
         }))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
-        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
-        .with_state(state)
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid));
+    // A layer on the router wraps each route, so it sees the matched route template; added last,
+    // it is the outermost, so answers made by the layers inside (a caught panic) are counted too.
+    let router = if metrics {
+        router.layer(axum::middleware::from_fn(routes::prometheus::track))
+    } else {
+        router
+    };
+    router.with_state(state)
 }
 
 /// The HTTP client of the transcription upstream and of docling-serve: TCP_NODELAY, the LLM connect timeout (each
@@ -542,6 +576,7 @@ fn transcribe_http(settings: &Settings) -> Result<reqwest::Client, StartupError>
 /// The router of `coachd worker`: the health routes only (for liveness and readiness probes).
 pub fn build_health_router(state: AppState) -> Router {
     routes::health::router()
+        .merge(routes::prometheus::router())
         .fallback(|| async { Error::NotFound("route".to_owned()) })
         .with_state(state)
 }

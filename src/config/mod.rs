@@ -35,6 +35,7 @@ use crate::extract::ExtractSettings;
 use crate::jobs::JobsSettings;
 use crate::llm::LlmSettings;
 use crate::memory::MemorySettings;
+pub use crate::metric::MetricsSettings;
 pub use crate::secret::{Secret, ServiceUrl};
 use crate::transcribe::TranscribeSettings;
 use source::{DAY_SECS, Reader, invalid};
@@ -156,6 +157,8 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// `COACHD_CHAT_UI`: serve the browser chat client at `/chat`.
     pub chat_ui: bool,
+    /// `/metrics`: `COACHD_METRICS_ENABLED`, `COACHD_METRICS_TOKEN`.
+    pub metrics: MetricsSettings,
     /// What the operator should change (a deprecated variable name, say): logged as warnings at
     /// start-up, once tracing is set up.
     pub warnings: Vec<String>,
@@ -212,6 +215,21 @@ impl Settings {
         }
         let mut api_keys: Vec<Secret> = backend_api_key.iter().cloned().collect();
         api_keys.extend(r.api_keys("COACHD_API_KEYS")?);
+        let metrics = MetricsSettings {
+            enabled: r.boolean("COACHD_METRICS_ENABLED", true)?,
+            token: r.secret("COACHD_METRICS_TOKEN"),
+        };
+        if metrics
+            .token
+            .as_ref()
+            .is_some_and(|t| !t.expose().bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(invalid(
+                "COACHD_METRICS_TOKEN",
+                "a token of visible ASCII characters",
+                None,
+            ));
+        }
 
         Ok(Settings {
             host: r.parse(
@@ -263,6 +281,7 @@ impl Settings {
             health_timeout: r.millis("COACHD_HEALTH_TIMEOUT_MS", 2_000, 1, 60_000)?,
             max_body_bytes: r.int("COACHD_MAX_BODY_BYTES", 1 << 20, 1_024, 1 << 30)?,
             chat_ui: r.boolean("COACHD_CHAT_UI", true)?,
+            metrics,
             warnings,
         })
     }

@@ -258,3 +258,22 @@ fn traces_settings_are_validated_and_can_be_switched_off() {
         "OTEL_TRACES_EXPORTER"
     );
 }
+
+#[test]
+fn metrics_are_on_and_open_by_default_and_the_token_is_a_hidden_secret() {
+    let s = load(&[]).unwrap();
+    assert!(s.metrics.enabled && s.metrics.token.is_none());
+    let s = load(&[
+        ("COACHD_METRICS_ENABLED", "false"),
+        ("COACHD_METRICS_TOKEN", "t0k3n"),
+    ])
+    .unwrap();
+    assert!(!s.metrics.enabled);
+    assert_eq!(s.metrics.token.as_ref().map(Secret::expose), Some("t0k3n"));
+    assert!(!format!("{:?}", s.metrics).contains("t0k3n"));
+    let e = load(&[("COACHD_METRICS_TOKEN", "two words")]).unwrap_err();
+    assert_eq!(e.var, "COACHD_METRICS_TOKEN");
+    assert!(e.shown.is_none(), "the token is never echoed");
+    let e = load(&[("COACHD_METRICS_ENABLED", "maybe")]).unwrap_err();
+    assert_eq!(e.var, "COACHD_METRICS_ENABLED");
+}

@@ -18,6 +18,7 @@ use super::{
     Job, JobBackend, JobError, JobInput, JobKind, JobStatus, JobsSettings, NewJob, extraction, transcription,
 };
 use crate::extract::Extractor;
+use crate::metric;
 use crate::transcribe::Transcriber;
 
 /// Reports a running job's progress.
@@ -117,11 +118,20 @@ impl Runner {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id, token.clone());
+        let began = std::time::Instant::now();
         let outcome = self.guarded(&claimed, &token).await;
         self.running
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&id);
+        let status = match &outcome {
+            None => "cancelled",
+            Some(Ok(_)) => "succeeded",
+            Some(Err(e)) if e.retryable && job.attempts < job.max_attempts => "retrying",
+            Some(Err(_)) => "failed",
+        };
+        metrics::histogram!(metric::JOB_DURATION, "kind" => job.kind.as_str(), "status" => status)
+            .record(began.elapsed().as_secs_f64());
 
         match outcome {
             None => {

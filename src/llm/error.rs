@@ -198,6 +198,32 @@ impl LlmError {
         }
     }
 
+    /// The variant, as the `kind` label of `coachd_llm_upstream_errors_total`: one value per
+    /// variant (timeouts per phase), so the label set is fixed whatever the providers say.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LlmError::Authentication { .. } => "authentication",
+            LlmError::RateLimited { .. } => "rate_limited",
+            LlmError::QuotaExceeded { .. } => "quota_exceeded",
+            LlmError::ContextTooLong { .. } => "context_too_long",
+            LlmError::BadRequest { .. } => "bad_request",
+            LlmError::Unavailable { .. } => "unavailable",
+            LlmError::Timeout { phase, .. } => match phase {
+                TimeoutPhase::Connect => "timeout_connect",
+                TimeoutPhase::FirstToken => "timeout_first_token",
+                TimeoutPhase::Idle => "timeout_idle",
+                TimeoutPhase::Total => "timeout_total",
+            },
+            LlmError::Stream { .. } => "stream",
+            LlmError::Incomplete { .. } => "incomplete",
+            LlmError::Protocol { .. } => "protocol",
+            LlmError::NotConfigured { .. } => "not_configured",
+            LlmError::InvalidJson { .. } => "invalid_json",
+            LlmError::AllFailed { .. } => "all_failed",
+            LlmError::UnknownTask(_) => "unknown_task",
+        }
+    }
+
     /// The stable code sent to clients.
     pub fn code(&self) -> &'static str {
         if self.timed_out() {

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::{
     Memory, MemoryLimits, MemoryStore, NewMemory, Prepared, ScoredMemory, StoreError, StoreOutcome,
-    check_query, cosine_similarity, prepare,
+    check_query, cosine_similarity, prepare, timed_search,
 };
 use crate::embed::Embedder;
 
@@ -193,36 +193,39 @@ impl MemoryStore for InProcessMemoryStore {
         limit: usize,
         min_similarity: f32,
     ) -> Result<Vec<ScoredMemory>, StoreError> {
-        check_query(query, &self.limits)?;
-        let limit = limit.min(self.limits.list_max);
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let q = self
-            .embedder
-            .embed(&[query.to_owned()])
-            .await?
-            .into_iter()
-            .next()
-            .unwrap_or_default();
-        let inner = self.read()?;
-        let mut scored: Vec<ScoredMemory> = inner
-            .pair_ids(user_id, coach_id)
-            .into_iter()
-            .filter_map(|id| inner.entries.get(&id))
-            .map(|e| ScoredMemory {
-                memory: e.memory.clone(),
-                similarity: cosine_similarity(&e.embedding, &q),
-            })
-            .filter(|s| s.similarity >= min_similarity)
-            .collect();
-        scored.sort_by(|a, b| {
-            b.similarity
-                .total_cmp(&a.similarity)
-                .then_with(|| b.memory.id.cmp(&a.memory.id))
-        });
-        scored.truncate(limit);
-        Ok(scored)
+        timed_search("in_process", async {
+            check_query(query, &self.limits)?;
+            let limit = limit.min(self.limits.list_max);
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            let q = self
+                .embedder
+                .embed(&[query.to_owned()])
+                .await?
+                .into_iter()
+                .next()
+                .unwrap_or_default();
+            let inner = self.read()?;
+            let mut scored: Vec<ScoredMemory> = inner
+                .pair_ids(user_id, coach_id)
+                .into_iter()
+                .filter_map(|id| inner.entries.get(&id))
+                .map(|e| ScoredMemory {
+                    memory: e.memory.clone(),
+                    similarity: cosine_similarity(&e.embedding, &q),
+                })
+                .filter(|s| s.similarity >= min_similarity)
+                .collect();
+            scored.sort_by(|a, b| {
+                b.similarity
+                    .total_cmp(&a.similarity)
+                    .then_with(|| b.memory.id.cmp(&a.memory.id))
+            });
+            scored.truncate(limit);
+            Ok(scored)
+        })
+        .await
     }
 
     async fn list(

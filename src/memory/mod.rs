@@ -232,6 +232,20 @@ pub(crate) fn prepare(m: NewMemory, limits: &MemoryLimits) -> Result<Prepared, S
 }
 
 /// Checks a search query against the limits.
+/// Runs one similarity search, timed into `coachd_memory_search_duration_seconds` by backend and
+/// outcome (embedding the query included: it is part of what the prompt waits for).
+pub(crate) async fn timed_search<F>(backend: &'static str, search: F) -> Result<Vec<ScoredMemory>, StoreError>
+where
+    F: std::future::Future<Output = Result<Vec<ScoredMemory>, StoreError>>,
+{
+    let began = std::time::Instant::now();
+    let result = search.await;
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    metrics::histogram!(crate::metric::MEMORY_SEARCH, "backend" => backend, "outcome" => outcome)
+        .record(began.elapsed().as_secs_f64());
+    result
+}
+
 pub(crate) fn check_query(query: &str, limits: &MemoryLimits) -> Result<(), StoreError> {
     if query.trim().is_empty() {
         return Err(StoreError::Invalid("query is empty".to_owned()));

@@ -43,6 +43,7 @@ use crate::context::{ContextCache, ContextMessage};
 use crate::error::StoreError;
 use crate::llm::Usage;
 use crate::memory::{MemoryStore, NewMemory};
+use crate::metric;
 
 /// The longest prefix of `text` within `max` bytes, cut at a character boundary.
 pub(crate) fn clip(text: &str, max: usize) -> &str {
@@ -268,6 +269,7 @@ impl SessionWriter {
     fn refused(&self, record: &TurnRecord) {
         tracing::error!(session_id = %record.session_id, turn = record.turn_number, "write-behind stopped: turn not stored");
         self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(metric::WRITE_BEHIND_FAILURES, "store" => "queue").increment(1);
     }
 
     /// Whether records wait for room.
@@ -385,12 +387,12 @@ impl Worker {
         // Each store on its own and at once: one that is down neither skips nor delays the others.
         let given_up = &self.stats.given_up;
         let (session, user_coach, memory) = tokio::join!(
-            self.retry("session context", &given_up.session_context, || async {
+            self.retry("session_context", &given_up.session_context, || async {
                 self.context
                     .append_messages(&r.session_id, &r.user_id, &r.coach_id, messages.clone())
                     .await
             }),
-            self.retry("user-coach context", &given_up.user_coach_context, || async {
+            self.retry("user_coach_context", &given_up.user_coach_context, || async {
                 self.context
                     .append_user_coach_messages(&r.user_id, &r.coach_id, messages.clone())
                     .await
@@ -420,6 +422,7 @@ impl Worker {
         span.record("written", session && user_coach && memory);
         if session && user_coach && memory {
             self.stats.written.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(metric::WRITE_BEHIND_WRITTEN).increment(1);
         } else {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
@@ -431,8 +434,9 @@ impl Worker {
     }
 
     /// Runs `op` until it succeeds or the attempts run out; invalid input is not retried. A record
-    /// given up is counted in `given_up` and logged.
-    async fn retry<F, Fut>(&self, what: &str, given_up: &AtomicU64, op: F) -> bool
+    /// given up is counted in `given_up` (and the metrics, with `what` as the `store` label) and
+    /// logged.
+    async fn retry<F, Fut>(&self, what: &'static str, given_up: &AtomicU64, op: F) -> bool
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<(), StoreError>>,
@@ -444,12 +448,14 @@ impl Worker {
                 Err(StoreError::Invalid(reason)) => {
                     tracing::warn!(what, reason, "write-behind: record rejected by the store");
                     given_up.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(metric::WRITE_BEHIND_FAILURES, "store" => what).increment(1);
                     return false;
                 }
                 Err(e) => {
                     tracing::warn!(what, attempt, error = %e, "write-behind: store failed; retrying");
                     if attempt < self.config.max_attempts {
                         self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!(metric::WRITE_BEHIND_RETRIES, "store" => what).increment(1);
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_secs(5));
                     }
@@ -462,6 +468,7 @@ impl Worker {
             "write-behind: store given up for this record"
         );
         given_up.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(metric::WRITE_BEHIND_FAILURES, "store" => what).increment(1);
         false
     }
 }

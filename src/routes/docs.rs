@@ -44,6 +44,7 @@ pub fn router() -> Router<AppState> {
         (name = "realtime", description = "Realtime sessions over HTTP turns, SSE and WebSocket"),
         (name = "memory", description = "Long-term coach memory"),
         (name = "jobs", description = "Async jobs: transcription, extraction, analysis"),
+        (name = "metrics", description = "Prometheus metrics"),
     )
 )]
 struct ApiDoc;
@@ -78,6 +79,15 @@ impl Modify for SecuritySchemes {
                 "X-Session-Token",
                 "The token POST /realtime/sessions returned, on that session's own routes",
             ))),
+        );
+        components.add_security_scheme(
+            "metrics_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("COACHD_METRICS_TOKEN (/metrics only, when set)"))
+                    .build(),
+            ),
         );
         components.add_security_scheme(
             "bearer_api_key",
@@ -202,6 +212,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(super::coach::CoachDoc::openapi());
     doc.merge(super::memory::MemoryDoc::openapi());
     doc.merge(super::jobs::JobsDoc::openapi());
+    doc.merge(super::prometheus::MetricsDoc::openapi());
     // A new route module: derive a `*Doc` with `#[openapi(paths(..))]` in it, as above, merge it
     // here and add its tag to `ApiDoc`.
     add_common_responses(&mut doc);

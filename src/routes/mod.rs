@@ -12,6 +12,7 @@ pub mod jobs;
 pub mod memory;
 pub mod openai_compat;
 pub mod personas;
+pub mod prometheus;
 pub mod rate_limit;
 pub mod realtime;
 pub mod validate;
@@ -41,6 +42,7 @@ pub fn router() -> Router<AppState> {
         .merge(openai_compat::router())
         .merge(personas::router())
         .merge(docs::router())
+        .merge(prometheus::router())
 }
 
 /// A JSON request body whose rejections (bad JSON, missing or mistyped fields, wrong content type,

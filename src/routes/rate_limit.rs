@@ -6,6 +6,7 @@ use axum::response::{IntoResponseParts, ResponseParts};
 
 use crate::context::rate_limit::RateDecision;
 use crate::error::{Error, insert_rate_limit_headers};
+use crate::metric;
 use crate::state::AppState;
 
 /// The `X-RateLimit-*` headers of an admitted request; empty when rate limiting is off.
@@ -38,17 +39,22 @@ pub async fn enforce(state: &AppState, user_id: &str, endpoint: &str) -> Result<
     }
     match limiter.check(user_id, endpoint).await {
         Ok(d) if d.allowed => Ok(RateHeaders(Some(d))),
-        Ok(d) => Err(Error::RateLimited {
-            limit: d.limit,
-            remaining: d.remaining,
-            retry_after_secs: d.reset_secs().max(1),
-        }),
+        Ok(d) => {
+            metrics::counter!(metric::RATE_LIMIT_REFUSALS, "endpoint" => endpoint.to_owned()).increment(1);
+            Err(Error::RateLimited {
+                limit: d.limit,
+                remaining: d.remaining,
+                retry_after_secs: d.reset_secs().max(1),
+            })
+        }
         Err(e) if state.settings.rate_limit_fail_open => {
             tracing::warn!(error = %e, endpoint, "rate limiter unavailable: admitting the request");
+            metrics::counter!(metric::RATE_LIMITER_ERRORS, "action" => "admitted").increment(1);
             Ok(RateHeaders(None))
         }
         Err(e) => {
             tracing::warn!(error = %e, endpoint, "rate limiter unavailable: refusing the request");
+            metrics::counter!(metric::RATE_LIMITER_ERRORS, "action" => "refused").increment(1);
             Err(Error::Unavailable(
                 "the rate limiter is unavailable; retry shortly".to_owned(),
             ))

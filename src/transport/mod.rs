@@ -191,10 +191,12 @@ pub async fn drive<T: Transport>(
     match why {
         Detach::SlowClient => {
             opts.stats.slow_clients.inc();
+            crate::metric::disconnect(transport.kind().as_str(), "slow_client");
             tracing::info!(session_id = %session.id, kind = ?transport.kind(), "slow client detached");
         }
         Detach::NoPong => {
             opts.stats.no_pong_closes.inc();
+            crate::metric::disconnect(transport.kind().as_str(), "no_pong");
             tracing::info!(session_id = %session.id, "no pong in time: connection closed");
         }
         _ => {}

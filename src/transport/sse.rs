@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{SHUTDOWN_DRAIN, per_connection, resync_event};
-use crate::session::event::{ErrorCause, EventBody};
+use crate::session::event::{ErrorCause, EventBody, TransportKind};
 use crate::session::log::Subscription;
 use crate::session::manager::GaugeGuard;
 use crate::session::{SessionHandle, Stats};
@@ -124,6 +124,7 @@ pub fn events(
                 Step::Keepalive => yield Ok(Bytes::from_static(KEEPALIVE)),
                 Step::Lagged => {
                     opts.stats.slow_clients.inc();
+                    crate::metric::disconnect(TransportKind::Sse.as_str(), "slow_client");
                     tracing::info!(session_id = %session.id, "slow SSE client detached");
                     // The client reads again eventually (or never): this frame is the next thing
                     // it sees, with the seq to resume after.

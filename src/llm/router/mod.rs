@@ -4,10 +4,11 @@
 //!
 //! `route.rs` holds the routing function, `tasks.rs` the task table and the tasks file.
 
+mod metered;
 mod route;
 mod tasks;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,9 @@ pub struct Llm {
     default_provider: ProviderKind,
     timeouts: LlmTimeouts,
     retry: RetryPolicy,
+    /// Every model a task names and every provider's default: the values the `model` label of
+    /// the metrics may take.
+    known_models: Arc<HashMap<ProviderKind, HashSet<String>>>,
 }
 
 impl Llm {
@@ -37,12 +41,43 @@ impl Llm {
         timeouts: LlmTimeouts,
         retry: RetryPolicy,
     ) -> Self {
+        let mut known_models: HashMap<ProviderKind, HashSet<String>> = HashMap::new();
+        for p in &providers {
+            known_models
+                .entry(p.kind())
+                .or_default()
+                .insert(p.default_model().to_owned());
+        }
+        for task in &tasks {
+            for m in std::iter::once(&task.primary).chain(&task.fallbacks) {
+                known_models
+                    .entry(m.provider)
+                    .or_default()
+                    .insert(m.model.clone());
+            }
+        }
         Llm {
             providers: providers.into_iter().map(|p| (p.kind(), p)).collect(),
             tasks: tasks.into_iter().map(|t| (t.name.clone(), t)).collect(),
             default_provider,
             timeouts,
             retry,
+            known_models: Arc::new(known_models),
+        }
+    }
+
+    /// The `model` label of the metrics for `provider`'s `model`: its name when a task or the
+    /// provider's default names it, `other` for a model a client named directly
+    /// (`/v1/chat/completions` with `provider/model`), so clients cannot grow the label set.
+    pub fn model_label(&self, provider: ProviderKind, model: &str) -> String {
+        if self
+            .known_models
+            .get(&provider)
+            .is_some_and(|models| models.contains(model))
+        {
+            model.to_owned()
+        } else {
+            "other".to_owned()
         }
     }
 
@@ -195,5 +230,56 @@ impl Llm {
             )
             .await?;
         collect(routed).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_model_label_is_a_configured_model_or_other() {
+        let offline: Arc<dyn Provider> = Arc::new(Offline::new(Duration::ZERO));
+        let default_model = offline.default_model().to_owned();
+        let task = TaskSpec {
+            name: "chat".to_owned(),
+            description: String::new(),
+            primary: ModelRef {
+                provider: ProviderKind::Offline,
+                model: "named-by-a-task".to_owned(),
+                params: Params::default(),
+            },
+            fallbacks: Vec::new(),
+            params: Params::default(),
+        };
+        let timeouts = LlmTimeouts {
+            connect: Duration::from_secs(1),
+            first_token: Duration::from_secs(1),
+            idle: Duration::from_secs(1),
+            total: Duration::from_secs(1),
+        };
+        let retry = RetryPolicy {
+            max_retries: 0,
+            base: Duration::from_millis(1),
+            max_wait: Duration::from_millis(1),
+        };
+        let llm = Llm::new(vec![offline], vec![task], ProviderKind::Offline, timeouts, retry);
+        assert_eq!(
+            llm.model_label(ProviderKind::Offline, &default_model),
+            default_model
+        );
+        assert_eq!(
+            llm.model_label(ProviderKind::Offline, "named-by-a-task"),
+            "named-by-a-task"
+        );
+        assert_eq!(
+            llm.model_label(ProviderKind::Offline, "a-client-chose-this"),
+            "other"
+        );
+        assert_eq!(
+            llm.model_label(ProviderKind::Openai, "named-by-a-task"),
+            "other",
+            "per provider"
+        );
     }
 }

@@ -7,11 +7,13 @@ use std::time::Duration;
 use futures::StreamExt;
 use rand::Rng;
 
+use super::metered::Metered;
 use super::{Llm, ModelRef};
 use crate::llm::ProviderKind;
 use crate::llm::error::{Attempt, TimeoutPhase};
 use crate::llm::timeout::with_timeouts;
 use crate::llm::{ChatRequest, EventStream, LlmError, LlmEvent, Message, Params, ResponseFormat};
+use crate::metric::{FALLBACKS, RETRIES};
 
 /// Retry and back-off policy of routed calls.
 #[derive(Debug, Clone, Copy)]
@@ -112,7 +114,16 @@ impl Llm {
         // The total timeout bounds the whole call, retries and fallbacks included.
         let deadline = tokio::time::Instant::now() + timeouts.total;
         let mut attempts: Vec<Attempt> = Vec::new();
-        'models: for model in chain {
+        let models = chain.len();
+        'models: for (index, model) in chain.into_iter().enumerate() {
+            // Labels are built once per model of the call, never per token.
+            let label = self.model_label(model.provider, &model.model);
+            let fallback = || {
+                if index + 1 < models {
+                    metrics::counter!(FALLBACKS, "provider" => model.provider.as_str(), "model" => label.clone())
+                        .increment(1);
+                }
+            };
             let Some(provider) = self.providers.get(&model.provider).cloned() else {
                 attempts.push(Attempt {
                     provider: model.provider,
@@ -121,6 +132,7 @@ impl Llm {
                         provider: model.provider,
                     },
                 });
+                fallback();
                 continue;
             };
             let mut tries = 0u32;
@@ -145,9 +157,10 @@ impl Llm {
                     response_format: call.response_format.clone(),
                 };
                 let p = provider.clone();
-                let mut stream = with_timeouts(model.provider, timeouts, deadline, async move {
+                let timed = with_timeouts(model.provider, timeouts, deadline, async move {
                     p.stream(request).await
                 });
+                let mut stream: EventStream = Box::pin(Metered::new(timed, model.provider, label.clone()));
                 // Read up to the first text delta: until then a failure can still be retried or
                 // fallen back without the client having seen anything.
                 let mut head = Vec::new();
@@ -193,11 +206,14 @@ impl Llm {
                 }
                 match wait {
                     Some(wait) if retry => {
+                        metrics::counter!(RETRIES, "provider" => model.provider.as_str(), "model" => label.clone())
+                            .increment(1);
                         tokio::time::sleep_until((tokio::time::Instant::now() + wait).min(deadline)).await;
                     }
                     _ => break,
                 }
             }
+            fallback();
         }
         Err(LlmError::AllFailed {
             task: call.task.to_owned(),

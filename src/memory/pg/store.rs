@@ -11,6 +11,7 @@ use super::{PgMemoryStore, Row, ScoredRow};
 use crate::embed::EmbedError;
 use crate::memory::{
     Memory, MemoryStore, NewMemory, Prepared, ScoredMemory, StoreError, StoreOutcome, check_query, prepare,
+    timed_search,
 };
 
 #[async_trait]
@@ -130,81 +131,83 @@ impl MemoryStore for PgMemoryStore {
         limit: usize,
         min_similarity: f32,
     ) -> Result<Vec<ScoredMemory>, StoreError> {
-        check_query(query, &self.limits)?;
-        let limit = limit.min(self.limits.list_max);
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let q = self
-            .embed(&[query.to_owned()])
-            .await?
-            .pop()
-            .ok_or_else(|| StoreError::Embed(EmbedError::Decode("no vector for the query".to_owned())))?;
-        let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
-
-        self.stats.searches.fetch_add(1, Ordering::Relaxed);
-        let mut tx = self.begin_search().await?;
-        let mut rows: Vec<ScoredRow> = sqlx::query_as(&self.sql.search_index)
-            .bind(user_id)
-            .bind(coach_id)
-            .bind(&q)
-            .bind(limit_sql)
-            .fetch_all(&mut *tx)
-            .await?;
-        if rows.len() < limit {
-            // HNSW filters after the scan: even an iterative scan stops at max_scan_tuples, and
-            // may come back short while the pair has more rows. Then scan the pair exactly.
-            let total: i64 = match rows.first().and_then(|r| r.pair_total) {
-                Some(total) => total,
-                // No row to carry the count: ask (a pair without memories, or a scan that found
-                // none of its rows).
-                None => {
-                    sqlx::query_scalar(
-                        "select count(*) from coach_memory where user_id = $1 and coach_id = $2",
-                    )
-                    .bind(user_id)
-                    .bind(coach_id)
-                    .fetch_one(&mut *tx)
-                    .await?
-                }
-            };
-            if usize::try_from(total).unwrap_or(usize::MAX) > rows.len() {
-                tracing::debug!(
-                    found = rows.len(),
-                    total,
-                    limit,
-                    "HNSW scan came back short: exact scan"
-                );
-                self.stats.exact_fallbacks.fetch_add(1, Ordering::Relaxed);
-                rows = sqlx::query_as(&self.sql.search_exact)
-                    .bind(user_id)
-                    .bind(coach_id)
-                    .bind(&q)
-                    .bind(limit_sql)
-                    .fetch_all(&mut *tx)
-                    .await?;
+        timed_search("pgvector", async {
+            check_query(query, &self.limits)?;
+            let limit = limit.min(self.limits.list_max);
+            if limit == 0 {
+                return Ok(Vec::new());
             }
-        }
-        // Read-only: no commit round trip on the prompt's path. Dropping the transaction queues
-        // its ROLLBACK, which the pool flushes with the ping it sends on every release, in the
-        // background, before the connection serves anyone else.
-        drop(tx);
+            let q =
+                self.embed(&[query.to_owned()]).await?.pop().ok_or_else(|| {
+                    StoreError::Embed(EmbedError::Decode("no vector for the query".to_owned()))
+                })?;
+            let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
 
-        let mut scored: Vec<ScoredMemory> = rows
-            .into_iter()
-            .map(|r| ScoredMemory {
-                similarity: r.similarity as f32,
-                memory: r.row.into(),
-            })
-            .filter(|s| s.similarity >= min_similarity)
-            .collect();
-        // Same order as the in-process store, ties included.
-        scored.sort_by(|a, b| {
-            b.similarity
-                .total_cmp(&a.similarity)
-                .then_with(|| b.memory.id.cmp(&a.memory.id))
-        });
-        Ok(scored)
+            self.stats.searches.fetch_add(1, Ordering::Relaxed);
+            let mut tx = self.begin_search().await?;
+            let mut rows: Vec<ScoredRow> = sqlx::query_as(&self.sql.search_index)
+                .bind(user_id)
+                .bind(coach_id)
+                .bind(&q)
+                .bind(limit_sql)
+                .fetch_all(&mut *tx)
+                .await?;
+            if rows.len() < limit {
+                // HNSW filters after the scan: even an iterative scan stops at max_scan_tuples, and
+                // may come back short while the pair has more rows. Then scan the pair exactly.
+                let total: i64 = match rows.first().and_then(|r| r.pair_total) {
+                    Some(total) => total,
+                    // No row to carry the count: ask (a pair without memories, or a scan that found
+                    // none of its rows).
+                    None => {
+                        sqlx::query_scalar(
+                            "select count(*) from coach_memory where user_id = $1 and coach_id = $2",
+                        )
+                        .bind(user_id)
+                        .bind(coach_id)
+                        .fetch_one(&mut *tx)
+                        .await?
+                    }
+                };
+                if usize::try_from(total).unwrap_or(usize::MAX) > rows.len() {
+                    tracing::debug!(
+                        found = rows.len(),
+                        total,
+                        limit,
+                        "HNSW scan came back short: exact scan"
+                    );
+                    self.stats.exact_fallbacks.fetch_add(1, Ordering::Relaxed);
+                    rows = sqlx::query_as(&self.sql.search_exact)
+                        .bind(user_id)
+                        .bind(coach_id)
+                        .bind(&q)
+                        .bind(limit_sql)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                }
+            }
+            // Read-only: no commit round trip on the prompt's path. Dropping the transaction queues
+            // its ROLLBACK, which the pool flushes with the ping it sends on every release, in the
+            // background, before the connection serves anyone else.
+            drop(tx);
+
+            let mut scored: Vec<ScoredMemory> = rows
+                .into_iter()
+                .map(|r| ScoredMemory {
+                    similarity: r.similarity as f32,
+                    memory: r.row.into(),
+                })
+                .filter(|s| s.similarity >= min_similarity)
+                .collect();
+            // Same order as the in-process store, ties included.
+            scored.sort_by(|a, b| {
+                b.similarity
+                    .total_cmp(&a.similarity)
+                    .then_with(|| b.memory.id.cmp(&a.memory.id))
+            });
+            Ok(scored)
+        })
+        .await
     }
 
     async fn list(

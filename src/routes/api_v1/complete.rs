@@ -1,6 +1,8 @@
 //! `POST /api/v1/llm/complete` (one completion as JSON) and `POST /api/v1/llm/stream` (the same
 //! as server-sent events): a task and a conversation, routed through the task's models.
 
+use std::time::Instant;
+
 use axum::Json;
 use axum::extract::State;
 use axum::response::Response;
@@ -9,13 +11,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 
-use super::relay::{Format, Relay};
+use super::relay::{FirstTokenClock, Format, Relay};
 use crate::auth::{ApiUser, Caller};
 use crate::error::{Error, ErrorBody};
 use crate::llm::ProviderKind;
 use crate::llm::{FinishReason, LlmError, LlmEvent, Message, Params, Routed, Usage, collect};
+use crate::metric::FirstToken;
 use crate::routes::validate::{Id, check_messages, check_params, check_text};
 use crate::routes::{JsonBody, sse_response};
+use crate::session::event::TransportKind;
 use crate::state::AppState;
 
 fn default_task() -> String {
@@ -238,15 +242,26 @@ pub(super) async fn stream(
     ApiUser(caller): ApiUser,
     JsonBody(req): JsonBody<CompleteRequest>,
 ) -> Result<Response, Error> {
+    let started = Instant::now();
     let input = LlmInput::validate(&state, &caller, req)?;
     let (task, user_id) = (input.task.clone(), input.user_id.clone());
     // Routing returns before anything is sent, so a failure before the first token (every model
     // failed, a timeout) gets its own HTTP status rather than a 200 with an error event.
+    let routing = Instant::now();
     let Routed {
         provider,
         model,
         stream,
     } = input.route(&state).await?;
+    let clock = FirstTokenClock {
+        started,
+        routing: routing.elapsed(),
+        histograms: FirstToken::new(
+            provider.as_str(),
+            state.llm.model_label(provider, &model),
+            TransportKind::Sse.as_str(),
+        ),
+    };
     let format = StreamFormat {
         task,
         user_id,
@@ -257,7 +272,7 @@ pub(super) async fn stream(
         ended: false,
     };
     Ok(sse_response(
-        Relay::new(stream, format),
+        Relay::new(stream, format).timed(clock),
         state.settings.realtime.sse_heartbeat,
     ))
 }

@@ -5,11 +5,13 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
 
 use axum::response::sse::Event;
 use futures::{Stream, StreamExt};
 
 use crate::llm::{EventStream, LlmError, LlmEvent};
+use crate::metric::FirstToken;
 
 /// A route's wire format for a relayed stream.
 pub(crate) trait Format: Unpin {
@@ -36,6 +38,18 @@ pub(crate) struct Relay<F> {
     upstream: Option<EventStream>,
     format: F,
     phase: Phase,
+    first_token: Option<FirstTokenClock>,
+}
+
+/// When a relayed request began and how long its routing waited on providers, with the
+/// histograms its first text is recorded in (then dropped: nothing more per token).
+pub(crate) struct FirstTokenClock {
+    /// When the handler began.
+    pub(crate) started: Instant,
+    /// How long routing took (the wait on providers up to the first text).
+    pub(crate) routing: Duration,
+    /// The histograms of the model that serves.
+    pub(crate) histograms: FirstToken,
 }
 
 impl<F: Format> Relay<F> {
@@ -45,7 +59,14 @@ impl<F: Format> Relay<F> {
             upstream: Some(upstream),
             format,
             phase: Phase::Start,
+            first_token: None,
         }
+    }
+
+    /// Records the time to the first text relayed on `clock`.
+    pub(crate) fn timed(mut self, clock: FirstTokenClock) -> Self {
+        self.first_token = Some(clock);
+        self
     }
 }
 
@@ -67,6 +88,11 @@ impl<F: Format> Stream for Relay<F> {
                     };
                     match ready!(upstream.poll_next_unpin(cx)) {
                         Some(Ok(event)) => {
+                            if matches!(event, LlmEvent::Delta(_))
+                                && let Some(clock) = this.first_token.take()
+                            {
+                                clock.histograms.record(clock.started.elapsed(), clock.routing);
+                            }
                             if let Some(out) = this.format.event(event) {
                                 return Poll::Ready(Some(Ok(out)));
                             }

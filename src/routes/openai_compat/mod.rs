@@ -11,7 +11,7 @@ mod error;
 mod request;
 
 use std::collections::HashSet;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path, State};
 use axum::response::sse::Event;
@@ -30,8 +30,10 @@ pub use request::{
 
 use crate::llm::ProviderKind;
 use crate::llm::{FinishReason, LlmError, LlmEvent};
-use crate::routes::api_v1::relay::{Format, Relay};
+use crate::metric::FirstToken;
+use crate::routes::api_v1::relay::{FirstTokenClock, Format, Relay};
 use crate::routes::sse_response;
+use crate::session::event::TransportKind;
 use crate::state::AppState;
 use request::ChatInput;
 
@@ -267,6 +269,7 @@ async fn chat_completions(
     _caller: OpenAiCaller,
     OpenAiJson(req): OpenAiJson<ChatCompletionRequest>,
 ) -> Result<Response, OpenAiError> {
+    let started = Instant::now();
     let streaming = req.stream.unwrap_or(false);
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let input = ChatInput::validate(&state, req)?;
@@ -274,7 +277,9 @@ async fn chat_completions(
     let created = unix_now();
     // Routing returns before anything is sent, so a failure of every model still gets its HTTP
     // status (which the SDKs turn into typed exceptions).
+    let routing = Instant::now();
     let routed = input.route(&state).await?;
+    let routing = routing.elapsed();
 
     if !streaming {
         let c = crate::llm::collect(routed).await?;
@@ -297,8 +302,17 @@ async fn chat_completions(
 
     let model = format!("{}/{}", routed.provider, routed.model);
     let format = Chunks::new(id, created, model, routed.provider, include_usage);
+    let clock = FirstTokenClock {
+        started,
+        routing,
+        histograms: FirstToken::new(
+            routed.provider.as_str(),
+            state.llm.model_label(routed.provider, &routed.model),
+            TransportKind::Sse.as_str(),
+        ),
+    };
     Ok(sse_response(
-        Relay::new(routed.stream, format),
+        Relay::new(routed.stream, format).timed(clock),
         state.settings.realtime.sse_heartbeat,
     ))
 }

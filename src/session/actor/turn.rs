@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use chrono::Utc;
 use futures::StreamExt;
@@ -22,6 +23,7 @@ use super::Actor;
 use crate::coach::prompt::{self, TurnScope};
 use crate::llm::ProviderKind;
 use crate::llm::{EventStream, LlmError, LlmEvent, Message, Params, Routed, Usage};
+use crate::metric::FirstToken;
 use crate::persist::TurnRecord;
 use crate::session::event::{ErrorCause, EventBody, FinishReason, extract_actions};
 
@@ -32,9 +34,17 @@ pub(super) struct Pending {
     pub(super) client_id: Option<String>,
 }
 
-/// Prompt assembly and routing as one future, so dropping it drops whichever of them runs; it
-/// hands back the `llm.call` span with the result, for the stream that follows.
-type Assembling = Pin<Box<dyn Future<Output = (Result<Routed, LlmError>, tracing::Span)> + Send>>;
+/// Prompt assembly and routing as one future, so dropping it drops whichever of them runs.
+type Assembling = Pin<Box<dyn Future<Output = Routing> + Send>>;
+
+/// What assembling ended with: the routing outcome, how long routing itself took (the wait on
+/// providers up to the first text, which the overhead metric leaves out), and the `llm.call`
+/// span for the stream that follows.
+pub(super) struct Routing {
+    result: Result<Routed, LlmError>,
+    waited: Duration,
+    span: tracing::Span,
+}
 
 /// Where the current turn is.
 enum Phase {
@@ -62,12 +72,16 @@ pub(super) struct Turn {
     llm_span: tracing::Span,
     /// The turn span's context for its write-behind record; `None` when traces are off.
     trace: Option<SpanContext>,
+    /// The time routing waited on providers, once routed.
+    routing: Duration,
+    /// The first-token histograms of the model that serves, once routed.
+    first_token: Option<FirstToken>,
 }
 
 /// What the current turn did next.
 pub(super) enum Step {
-    /// Routing finished, with the `llm.call` span.
-    Routed(Result<Routed, LlmError>, tracing::Span),
+    /// Routing finished.
+    Routed(Routing),
     /// The stream's next event; `None` when it ended.
     Event(Option<Result<LlmEvent, LlmError>>),
 }
@@ -77,10 +91,7 @@ pub(super) async fn next_step(current: &mut Option<Turn>) -> Step {
     match current.as_mut().map(|t| &mut t.phase) {
         Some(Phase::Streaming(stream)) => Step::Event(stream.next().await),
         // `on_step` replaces the phase as soon as this resolves, so it is never polled again.
-        Some(Phase::Assembling(routing)) => {
-            let (routed, span) = routing.await;
-            Step::Routed(routed, span)
-        }
+        Some(Phase::Assembling(routing)) => Step::Routed(routing.await),
         None => std::future::pending().await,
     }
 }
@@ -172,7 +183,8 @@ impl Actor {
                 error = Empty,
                 otel.status_code = Empty,
             );
-            let routed = deps
+            let routing = Instant::now();
+            let result = deps
                 .llm
                 .route_task(
                     "chat",
@@ -183,7 +195,11 @@ impl Actor {
                 )
                 .instrument(llm_span.clone())
                 .await;
-            (routed, llm_span)
+            Routing {
+                result,
+                waited: routing.elapsed(),
+                span: llm_span,
+            }
         });
         self.current = Some(Turn {
             number: pending.number,
@@ -199,6 +215,8 @@ impl Actor {
             span,
             llm_span: tracing::Span::none(),
             trace,
+            routing: Duration::ZERO,
+            first_token: None,
         });
     }
 
@@ -207,10 +225,21 @@ impl Actor {
             return;
         };
         match step {
-            Step::Routed(Ok(routed), llm_span) => {
+            Step::Routed(Routing {
+                result: Ok(routed),
+                waited,
+                span: llm_span,
+            }) => {
                 llm_span.record("provider", display(routed.provider));
                 llm_span.record("model", routed.model.as_str());
                 turn.llm_span = llm_span;
+                let label = self.deps.llm.model_label(routed.provider, &routed.model);
+                turn.first_token = Some(FirstToken::new(
+                    routed.provider.as_str(),
+                    label,
+                    self.handle.transport.as_str(),
+                ));
+                turn.routing = waited;
                 turn.provider = Some(routed.provider);
                 turn.model = Some(routed.model);
                 turn.phase = Phase::Streaming(routed.stream);
@@ -225,6 +254,9 @@ impl Actor {
                     turn.llm_span.add_event("first_token", Vec::new());
                     turn.llm_span
                         .record("first_token_ms", took.as_secs_f64() * 1000.0);
+                    if let Some(histograms) = &turn.first_token {
+                        histograms.record(took, turn.routing);
+                    }
                 }
                 turn.tokens += 1;
                 turn.reply.push_str(&text);
@@ -238,7 +270,11 @@ impl Actor {
             }
             Step::Event(Some(Ok(LlmEvent::Usage(u)))) => turn.usage = Some(u),
             Step::Event(Some(Ok(LlmEvent::Finish(reason)))) => turn.finish = Some(reason),
-            Step::Routed(Err(e), llm_span) => {
+            Step::Routed(Routing {
+                result: Err(e),
+                span: llm_span,
+                ..
+            }) => {
                 turn.llm_span = llm_span;
                 self.fail_turn(e);
             }
