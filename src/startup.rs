@@ -523,11 +523,11 @@ pub fn build_router(state: AppState) -> Router {
     let max_body = state.settings.max_body_bytes;
     let node_id: Arc<str> = Arc::from(state.settings.cluster.node_id.as_str());
     let metrics = state.settings.metrics.enabled;
-    let mut router = routes::router().merge(routes::jobs::router(state.settings.jobs.max_upload_bytes));
+    let mut app = routes::router().merge(routes::jobs::router(state.settings.jobs.max_upload_bytes));
     if state.settings.chat_ui {
-        router = router.merge(routes::chat::router());
+        app = app.merge(routes::chat::router());
     }
-    router
+    let router = app
         .fallback(|| async { Error::NotFound("route".to_owned()) })
         .method_not_allowed_fallback(|| async {
             (

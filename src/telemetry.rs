@@ -113,7 +113,7 @@ fn provider(url: &str, traces: &TracesSettings) -> Result<SdkTracerProvider, Tel
 
 /// Exports the spans still buffered and stops the exporter; a no-op when traces are off or
 /// already shut down. It blocks (up to the SDK's export timeout): call it off the runtime's
-/// worker threads, as the end of [`crate::startup::Application::run`] does.
+/// worker threads, as the end of the application's run does (start-up calls it last).
 pub fn shutdown() {
     let provider = PROVIDER.lock().ok().and_then(|mut slot| slot.take());
     if let Some(p) = provider

@@ -419,7 +419,10 @@ async fn end(
     })))
 }
 
+// Unknown parameters are refused (400 `invalid_query`), as on every other route: a misspelt
+// `after_seq` must not silently replay the whole log.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AttachQuery {
     #[serde(default)]
     token: Option<String>,
