@@ -644,7 +644,9 @@ async fn a_different_dimension_fails_start_up_naming_both() {
     );
     let message = err.to_string();
     assert!(
-        message.contains("COACHD_EMBEDDING_DIM is 8") && message.contains("384"),
+        message.contains("COACHD_EMBEDDING_DIM is 8")
+            && message.contains("384")
+            && message.contains("coachd memory reembed"),
         "{message}"
     );
 

@@ -8,10 +8,13 @@
 //! use the same expression so the planner can pick it.
 //!
 //! `setup` checks and prepares the database at start-up; `store` answers the `MemoryStore`
-//! calls; this file holds the store, its SQL and the helpers both share.
+//! calls; `reembed` moves every memory to another embedder; this file holds the store, its SQL and the helpers both share.
 
+mod reembed;
 mod setup;
 mod store;
+
+pub use reembed::{ReembedOutcome, ReembedProgress, reembed};
 
 use std::collections::HashMap;
 use std::sync::Arc;
