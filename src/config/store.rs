@@ -67,6 +67,7 @@ pub(super) fn memory<S: Source>(r: &Reader<'_, S>) -> Result<MemorySettings, Con
         ef_search: r.int("COACHD_MEMORY_EF_SEARCH", 40, 1, 1_000)?,
         max_scan_tuples: r.int("COACHD_MEMORY_MAX_SCAN_TUPLES", 20_000, 1, 100_000_000)?,
         embedded_max: r.int("COACHD_MEMORY_EMBEDDED_MAX", 100_000, 1, 100_000_000)?,
+        merge_similarity: r.fraction("COACHD_MEMORY_MERGE_SIMILARITY", 0.0)?,
     })
 }
 

@@ -33,6 +33,10 @@ pub struct MemorySettings {
     pub max_scan_tuples: u32,
     /// `COACHD_MEMORY_EMBEDDED_MAX`: most memories the in-process store holds; the oldest go first.
     pub embedded_max: usize,
+    /// `COACHD_MEMORY_MERGE_SIMILARITY`: a new memory whose cosine similarity to a stored one of
+    /// the same (user, coach, type) is at least this is merged into it (its timestamp refreshed)
+    /// instead of stored; 0 (the default) turns merging off. PostgreSQL store only.
+    pub merge_similarity: f32,
 }
 
 /// Why the memory store could not be set up at start-up; each message is one line meant for an

@@ -40,6 +40,8 @@ pub struct PgMemoryStore {
     /// `BEGIN` plus the HNSW search settings, sent as one simple query (one round trip).
     begin_search_sql: String,
     dimension: usize,
+    /// `COACHD_MEMORY_MERGE_SIMILARITY`; `None` when merging is off.
+    merge_similarity: Option<f32>,
     sql: Arc<Sql>,
     stats: Arc<Counters>,
 }

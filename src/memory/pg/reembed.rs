@@ -48,6 +48,9 @@ pub enum ReembedOutcome {
     },
 }
 
+/// The `coach_memory_settings` row: dimension, model, and the target and cursor of a re-embed.
+type Recorded = (i32, String, Option<String>, Option<i32>, Option<Uuid>);
+
 fn failed(e: impl std::fmt::Display) -> SetupError {
     SetupError::Memory(e.to_string())
 }
@@ -111,7 +114,7 @@ async fn run(
     target_dim: i32,
     on_progress: &mut impl FnMut(ReembedProgress) -> ControlFlow<()>,
 ) -> Result<ReembedOutcome, SetupError> {
-    let recorded: Option<(i32, String, Option<String>, Option<i32>, Option<Uuid>)> = sqlx::query_as(
+    let recorded: Option<Recorded> = sqlx::query_as(
         "select embedding_dim, embedding_model, reembed_model, reembed_dim, reembed_after \
          from coach_memory_settings",
     )

@@ -115,6 +115,7 @@ impl PgMemoryStore {
                 settings.ef_search, settings.max_scan_tuples
             ),
             dimension,
+            merge_similarity: (settings.merge_similarity > 0.0).then_some(settings.merge_similarity),
             sql: Arc::new(Sql::new(dimension)),
             stats: Arc::default(),
         })
