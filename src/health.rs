@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use fred::prelude::ClientLike;
 use serde::Serialize;
 
+use crate::embed::offline::OFFLINE_MODEL;
+use crate::embed::{Embedder, EmbeddingProvider, local};
 use crate::llm::{Llm, ProviderKind};
 
 /// Status of one component.
@@ -155,6 +157,30 @@ pub fn probe_live(addr: std::net::SocketAddr, timeout: Duration) -> Result<(), S
         Ok(())
     } else {
         Err(format!("/health/live answered {status:?}"))
+    }
+}
+
+/// The embedder that serves memory (no request: an embedding may cost money). `up` with the
+/// model's name for the local or a remote model; `embedded` when feature hashing serves, either
+/// by choice or because the local model's files are missing (`configured` is
+/// `COACHD_EMBEDDING_PROVIDER`).
+pub fn embedder_report(configured: EmbeddingProvider, embedder: &dyn Embedder) -> ComponentReport {
+    let hashing = embedder.model() == OFFLINE_MODEL;
+    let detail = match (hashing, configured) {
+        (true, EmbeddingProvider::Offline) => {
+            "COACHD_EMBEDDING_PROVIDER=offline: feature hashing (words, not meaning)".to_owned()
+        }
+        (true, _) => format!(
+            "the {configured} embedder is not available (its files are missing: run {}): feature hashing serves",
+            local::INSTALL_COMMAND
+        ),
+        (false, _) => format!("{configured}: {} dimensions", embedder.dimension()),
+    };
+    ComponentReport {
+        status: if hashing { Status::Embedded } else { Status::Up },
+        backend: embedder.model().to_owned(),
+        latency_ms: 0.0,
+        detail: Some(detail),
     }
 }
 

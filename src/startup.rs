@@ -163,7 +163,7 @@ impl Application {
         let personas = crate::coach::Personas::from_file(settings.personas_file.as_deref())
             .map_err(StartupError::Personas)?;
 
-        let embedder = embed::from_settings(&settings.embedding, settings.llm.llm_timeouts.connect)
+        let embedder = embed::from_settings(&settings.embedding, settings.llm.llm_timeouts.connect, true)
             .map_err(|e| StartupError::Embedder(e.to_string()))?;
         tracing::info!(
             provider = %settings.embedding.provider,

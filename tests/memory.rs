@@ -644,7 +644,9 @@ async fn a_different_dimension_fails_start_up_naming_both() {
     );
     let message = err.to_string();
     assert!(
-        message.contains("COACHD_EMBEDDING_DIM is 8") && message.contains("384"),
+        message.contains("COACHD_EMBEDDING_DIM is 8")
+            && message.contains("384")
+            && message.contains("coachd memory reembed"),
         "{message}"
     );
 
@@ -688,4 +690,72 @@ async fn the_database_refuses_vectors_of_another_dimension() {
     .await
     .unwrap_err();
     assert!(err.to_string().contains("coach_memory_embedding_dim"), "{err}");
+}
+
+fn note(text: &str, memory_type: &str) -> NewMemory {
+    NewMemory {
+        text: text.to_owned(),
+        user_id: "u-merge".to_owned(),
+        coach_id: "c-merge".to_owned(),
+        memory_type: memory_type.to_owned(),
+        metadata: json!({}),
+    }
+}
+
+#[tokio::test]
+async fn near_duplicates_merge_only_when_the_setting_is_on() {
+    let pool = fresh_pool().await;
+    // Off by default: a reworded copy is stored again.
+    let off = PgMemoryStore::prepare(pool.clone(), embedder(), &memory_settings(&[]))
+        .await
+        .unwrap();
+    let first = off
+        .store_batch(vec![note("I run every morning before work", "habit")])
+        .await
+        .unwrap()[0];
+    let again = off
+        .store_batch(vec![note("I run every morning before work!", "habit")])
+        .await
+        .unwrap()[0];
+    assert!(first.created && again.created && first.id != again.id);
+
+    let pool = fresh_pool().await;
+    let on = PgMemoryStore::prepare(
+        pool.clone(),
+        embedder(),
+        &memory_settings(&[("COACHD_MEMORY_MERGE_SIMILARITY", "0.95")]),
+    )
+    .await
+    .unwrap();
+    let first = on
+        .store_batch(vec![note("I run every morning before work", "habit")])
+        .await
+        .unwrap()[0];
+    let before: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("select created_at from coach_memory where id = $1")
+            .bind(first.id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let outcomes = on
+        .store_batch(vec![
+            note("I run every morning before work!", "habit"),
+            note("I run every morning before work!", "goal"),
+            note("my manager wants the quarterly report by Friday", "habit"),
+        ])
+        .await
+        .unwrap();
+    // The near-copy is merged into the first memory, refreshing its timestamp.
+    assert_eq!((outcomes[0].id, outcomes[0].created), (first.id, false));
+    let after: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("select created_at from coach_memory where id = $1")
+            .bind(first.id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(after > before, "{before} then {after}");
+    // Another type and an unrelated text are stored.
+    assert!(outcomes[1].created && outcomes[2].created);
+    let (_, total) = on.list("u-merge", "c-merge", 10, 0).await.unwrap();
+    assert_eq!(total, 3);
 }

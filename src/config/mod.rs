@@ -288,7 +288,13 @@ impl Settings {
 
     /// Settings for tests and examples: every default, no external service, the given overrides.
     pub fn for_tests(overrides: &[(&str, &str)]) -> Result<Self, ConfigError> {
-        let mut map: HashMap<&str, &str> = HashMap::from([("PORT", "0"), ("COACHD_HOST", "127.0.0.1")]);
+        // Feature hashing unless a test asks for another embedder: deterministic, and the tests
+        // built on word overlap keep their meaning whether or not scripts/embedder has run.
+        let mut map: HashMap<&str, &str> = HashMap::from([
+            ("PORT", "0"),
+            ("COACHD_HOST", "127.0.0.1"),
+            ("COACHD_EMBEDDING_PROVIDER", "offline"),
+        ]);
         map.extend(overrides.iter().copied());
         Self::from_source(&map)
     }

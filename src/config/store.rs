@@ -4,30 +4,44 @@
 use super::ConfigError;
 use super::source::{DAY_SECS, Reader, Source, invalid};
 use crate::context::ContextLimits;
-use crate::embed::{EmbeddingProvider, EmbeddingSettings};
+use std::path::PathBuf;
+
+use crate::embed::local::{self, LOCAL_DIMENSION};
+use crate::embed::{EmbeddingProvider, EmbeddingSettings, LocalConfig};
 use crate::memory::MemorySettings;
 
 /// `COACHD_EMBEDDING_*` (the key falls back to `OPENAI_API_KEY`).
 pub(super) fn embedding<S: Source>(r: &Reader<'_, S>) -> Result<EmbeddingSettings, ConfigError> {
+    let provider = match r
+        .string("COACHD_EMBEDDING_PROVIDER", "local")
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "local" => EmbeddingProvider::Local,
+        "offline" => EmbeddingProvider::Offline,
+        "openai" => EmbeddingProvider::Openai,
+        other => {
+            return Err(invalid(
+                "COACHD_EMBEDDING_PROVIDER",
+                "local, offline or openai",
+                Some(other.to_owned()),
+            ));
+        }
+    };
+    let dimension = r.int("COACHD_EMBEDDING_DIM", LOCAL_DIMENSION, 1, 2_000)?;
+    // The local model has one size; the hashing fallback takes the same, so both fit one database.
+    if provider == EmbeddingProvider::Local && dimension != LOCAL_DIMENSION {
+        return Err(invalid(
+            "COACHD_EMBEDDING_DIM",
+            "384 with COACHD_EMBEDDING_PROVIDER=local (all-MiniLM-L6-v2)",
+            Some(dimension.to_string()),
+        ));
+    }
     Ok(EmbeddingSettings {
-        provider: match r
-            .string("COACHD_EMBEDDING_PROVIDER", "offline")
-            .to_ascii_lowercase()
-            .as_str()
-        {
-            "offline" => EmbeddingProvider::Offline,
-            "openai" => EmbeddingProvider::Openai,
-            other => {
-                return Err(invalid(
-                    "COACHD_EMBEDDING_PROVIDER",
-                    "offline or openai",
-                    Some(other.to_owned()),
-                ));
-            }
-        },
+        provider,
         model: r.string("COACHD_EMBEDDING_MODEL", "text-embedding-3-small"),
         // HNSW indexes `vector` columns of at most 2000 dimensions.
-        dimension: r.int("COACHD_EMBEDDING_DIM", 384, 1, 2_000)?,
+        dimension,
         base_url: r.base_url("COACHD_EMBEDDING_BASE_URL", "https://api.openai.com/v1")?,
         api_key: r
             .secret("COACHD_EMBEDDING_API_KEY")
@@ -35,6 +49,13 @@ pub(super) fn embedding<S: Source>(r: &Reader<'_, S>) -> Result<EmbeddingSetting
         send_dimensions: r.boolean("COACHD_EMBEDDING_SEND_DIMENSIONS", true)?,
         batch_size: r.int("COACHD_EMBEDDING_BATCH_SIZE", 128, 1, 2_048)?,
         timeout: r.millis("COACHD_EMBEDDING_TIMEOUT_MS", 30_000, 1, 600_000)?,
+        local: LocalConfig {
+            dir: PathBuf::from(r.string("COACHD_EMBEDDING_LOCAL_DIR", ".models")),
+            max_tokens: r.int("COACHD_EMBEDDING_LOCAL_MAX_TOKENS", 256, 2, local::MAX_POSITIONS)?,
+            threads: r.int("COACHD_EMBEDDING_LOCAL_THREADS", 1, 1, 64)?,
+            batch_size: r.int("COACHD_EMBEDDING_BATCH_SIZE", 128, 1, 2_048)?,
+            queue: r.int("COACHD_EMBEDDING_LOCAL_QUEUE", 64, 1, 100_000)?,
+        },
     })
 }
 
@@ -46,6 +67,7 @@ pub(super) fn memory<S: Source>(r: &Reader<'_, S>) -> Result<MemorySettings, Con
         ef_search: r.int("COACHD_MEMORY_EF_SEARCH", 40, 1, 1_000)?,
         max_scan_tuples: r.int("COACHD_MEMORY_MAX_SCAN_TUPLES", 20_000, 1, 100_000_000)?,
         embedded_max: r.int("COACHD_MEMORY_EMBEDDED_MAX", 100_000, 1, 100_000_000)?,
+        merge_similarity: r.fraction("COACHD_MEMORY_MERGE_SIMILARITY", 0.0)?,
     })
 }
 

@@ -21,7 +21,9 @@ fn defaults_match_the_reference_services() {
     assert_eq!(s.llm.llm_provider, ProviderKind::Openai);
     assert!(s.database_url.is_none() && s.redis_url.is_none());
     assert_eq!(s.context.max_messages, 100);
-    assert_eq!(s.embedding.provider, EmbeddingProvider::Offline);
+    assert_eq!(s.embedding.provider, EmbeddingProvider::Local);
+    assert_eq!(s.embedding.local.dir, std::path::PathBuf::from(".models"));
+    assert_eq!(s.embedding.local.max_tokens, 256);
     assert_eq!(s.embedding.dimension, 384);
     assert_eq!(s.embedding.base_url.as_str(), "https://api.openai.com/v1");
     assert!(s.chat_ui, "the chat page is on unless switched off");
@@ -31,7 +33,7 @@ fn defaults_match_the_reference_services() {
 #[test]
 fn the_embedding_provider_is_never_switched_by_a_key() {
     let s = load(&[("OPENAI_API_KEY", "sk-x")]).unwrap();
-    assert_eq!(s.embedding.provider, EmbeddingProvider::Offline);
+    assert_eq!(s.embedding.provider, EmbeddingProvider::Local);
     assert_eq!(s.embedding.api_key.as_ref().map(Secret::expose), Some("sk-x"));
     let s = load(&[("OPENAI_API_KEY", "sk-x"), ("COACHD_EMBEDDING_API_KEY", "sk-e")]).unwrap();
     assert_eq!(s.embedding.api_key.as_ref().map(Secret::expose), Some("sk-e"));
@@ -39,11 +41,20 @@ fn the_embedding_provider_is_never_switched_by_a_key() {
     let e = load(&[("COACHD_EMBEDDING_PROVIDER", "cohere")]).unwrap_err();
     assert_eq!(
         e.to_string(),
-        "invalid COACHD_EMBEDDING_PROVIDER: expected offline or openai (got \"cohere\")"
+        "invalid COACHD_EMBEDDING_PROVIDER: expected local, offline or openai (got \"cohere\")"
     );
     let e = load(&[("COACHD_EMBEDDING_DIM", "3072")]).unwrap_err();
     assert_eq!(e.var, "COACHD_EMBEDDING_DIM");
     assert!(e.to_string().contains("from 1 to 2000"));
+    // The local model has one size.
+    let e = load(&[("COACHD_EMBEDDING_DIM", "64")]).unwrap_err();
+    assert_eq!(e.var, "COACHD_EMBEDDING_DIM");
+    let s = load(&[
+        ("COACHD_EMBEDDING_DIM", "64"),
+        ("COACHD_EMBEDDING_PROVIDER", "offline"),
+    ])
+    .unwrap();
+    assert_eq!(s.embedding.dimension, 64);
 }
 
 #[test]

@@ -1,9 +1,12 @@
-//! Text embeddings for coach memory: the [`Embedder`] trait, an offline feature-hashing embedder
-//! that needs no network (the default), and an OpenAI-compatible `/embeddings` client.
+//! Text embeddings for coach memory: the [`Embedder`] trait, the local neural embedder
+//! (all-MiniLM-L6-v2 in process, the default when `scripts/embedder` has installed its files), an
+//! offline feature-hashing embedder (the fallback: words, not meaning) and an OpenAI-compatible
+//! `/embeddings` client.
 //!
 //! The dimension is fixed per database (see `memory::pg`), so the provider is chosen explicitly in
 //! configuration and never switched implicitly by the presence of an API key.
 
+pub mod local;
 pub mod offline;
 pub mod openai;
 
@@ -17,6 +20,7 @@ use url::Url;
 
 use crate::secret::Secret;
 
+pub use local::{LocalConfig, LocalEmbedder};
 pub use offline::OfflineEmbedder;
 pub use openai::OpenAiEmbedder;
 
@@ -24,6 +28,8 @@ pub use openai::OpenAiEmbedder;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EmbeddingProvider {
+    /// all-MiniLM-L6-v2 in process (ONNX Runtime, CPU); no network.
+    Local,
     /// Deterministic feature hashing in process; no network.
     Offline,
     /// An OpenAI-compatible `/embeddings` endpoint.
@@ -33,6 +39,7 @@ pub enum EmbeddingProvider {
 impl fmt::Display for EmbeddingProvider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            EmbeddingProvider::Local => "local",
             EmbeddingProvider::Offline => "offline",
             EmbeddingProvider::Openai => "openai",
         })
@@ -59,6 +66,8 @@ pub struct EmbeddingSettings {
     pub batch_size: usize,
     /// `COACHD_EMBEDDING_TIMEOUT_MS`: limit of one request.
     pub timeout: Duration,
+    /// `COACHD_EMBEDDING_LOCAL_*`: the local embedder (its batch size is `batch_size`).
+    pub local: LocalConfig,
 }
 
 /// Turns texts into vectors of a fixed dimension.
@@ -101,6 +110,9 @@ pub enum EmbedError {
     /// The answer is not the expected JSON shape.
     #[error("unexpected answer from the embedding provider: {0}")]
     Decode(String),
+    /// The local embedder could not load or run.
+    #[error("local embedder: {0}")]
+    Local(String),
     /// A vector of the wrong length: the configured dimension does not fit the model.
     #[error("the embedding model returned {got}-dimensional vectors but COACHD_EMBEDDING_DIM is {expected}")]
     Dimension {
@@ -117,18 +129,42 @@ impl EmbedError {
         match self {
             EmbedError::Http { retryable, .. } => *retryable,
             EmbedError::Timeout(_) | EmbedError::Connect(_) => true,
-            EmbedError::Decode(_) | EmbedError::Dimension { .. } => false,
+            EmbedError::Decode(_) | EmbedError::Dimension { .. } | EmbedError::Local(_) => false,
         }
     }
 }
 
 /// The embedder selected by `COACHD_EMBEDDING_PROVIDER`; a remote one connects within
 /// `connect_timeout` (the LLM connect timeout).
+///
+/// With `fallback`, a local embedder whose files are missing is replaced by feature hashing, with
+/// a warning naming the missing files and the install command, so the server still starts (the
+/// memory store then refuses a database filled by the local model; see `memory::pg`). Without it
+/// (`coachd memory reembed`) the missing files are an error.
 pub fn from_settings(
     e: &EmbeddingSettings,
     connect_timeout: Duration,
+    fallback: bool,
 ) -> Result<Arc<dyn Embedder>, EmbedError> {
     Ok(match e.provider {
+        EmbeddingProvider::Local => {
+            let mut local = e.local.clone();
+            local.batch_size = e.batch_size;
+            let missing = local.missing();
+            if !missing.is_empty() && fallback {
+                let list: Vec<String> = missing.iter().map(|p| p.display().to_string()).collect();
+                tracing::warn!(
+                    missing = %list.join(", "),
+                    install = local::INSTALL_COMMAND,
+                    "the local embedder's files are missing: run `{}` to install them; \
+                     memory runs with feature hashing (words, not meaning) until then",
+                    local::INSTALL_COMMAND
+                );
+                Arc::new(OfflineEmbedder::new(e.dimension))
+            } else {
+                Arc::new(LocalEmbedder::load(&local)?)
+            }
+        }
         EmbeddingProvider::Offline => Arc::new(OfflineEmbedder::new(e.dimension)),
         EmbeddingProvider::Openai => Arc::new(OpenAiEmbedder::new(openai::OpenAiConfig {
             base_url: e.base_url.clone(),

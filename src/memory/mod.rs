@@ -33,6 +33,10 @@ pub struct MemorySettings {
     pub max_scan_tuples: u32,
     /// `COACHD_MEMORY_EMBEDDED_MAX`: most memories the in-process store holds; the oldest go first.
     pub embedded_max: usize,
+    /// `COACHD_MEMORY_MERGE_SIMILARITY`: a new memory whose cosine similarity to a stored one of
+    /// the same (user, coach, type) is at least this is merged into it (its timestamp refreshed)
+    /// instead of stored; 0 (the default) turns merging off. PostgreSQL store only.
+    pub merge_similarity: f32,
 }
 
 /// Why the memory store could not be set up at start-up; each message is one line meant for an
@@ -42,13 +46,37 @@ pub enum SetupError {
     /// The configured embedding dimension differs from the one the database was set up with.
     #[error(
         "COACHD_EMBEDDING_DIM is {configured} but the memory database holds {stored}-dimensional embeddings; \
-         set COACHD_EMBEDDING_DIM={stored} (with the embedding model that filled it) or use another database"
+         run `coachd memory reembed` to re-embed every memory with the configured embedder, or set \
+         COACHD_EMBEDDING_DIM={stored} (with the embedding model that filled it)"
     )]
     EmbeddingDimension {
         /// `COACHD_EMBEDDING_DIM`.
         configured: usize,
         /// The dimension recorded in the database.
         stored: usize,
+    },
+    /// Same dimension, another model: the stored vectors are not comparable with new ones.
+    #[error(
+        "the memory database was filled by the embedding model {stored:?} but the configured one is \
+         {configured:?}; run `coachd memory reembed` to re-embed every memory with it, or configure \
+         the model that filled it{hint}"
+    )]
+    EmbeddingModel {
+        /// The model of the configured embedder.
+        configured: String,
+        /// The model recorded in the database.
+        stored: String,
+        /// What else may help (the install command when the local model's files are missing).
+        hint: String,
+    },
+    /// A `coachd memory reembed` was interrupted: the memories hold vectors of two models.
+    #[error(
+        "a re-embed of the memory database to {target:?} is unfinished; run `coachd memory reembed` \
+         (with that embedder configured) to finish it"
+    )]
+    ReembedUnfinished {
+        /// The model the interrupted re-embed moves to.
+        target: String,
     },
     /// The store could not be set up (dimension record, index).
     #[error("cannot set up the memory store: {0}")]

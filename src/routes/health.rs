@@ -131,7 +131,7 @@ async fn llm(State(state): State<AppState>) -> Response {
 
 /// Every component.
 #[utoipa::path(get, path = "/health/all", tag = "health", responses(
-    (status = 200, description = "`{status, version, node_id, uptime_secs, components: {db, redis, llm}}`", body = serde_json::Value),
+    (status = 200, description = "`{status, version, node_id, uptime_secs, components: {db, redis, llm, embedder}}`", body = serde_json::Value),
     (status = 503, description = "A configured component is down", body = serde_json::Value),
 ))]
 async fn all(State(state): State<AppState>) -> Response {
@@ -144,7 +144,12 @@ async fn all(State(state): State<AppState>) -> Response {
             "version": env!("CARGO_PKG_VERSION"),
             "node_id": state.settings.cluster.node_id,
             "uptime_secs": state.started_at.elapsed().as_secs(),
-            "components": { "db": db, "redis": redis, "llm": llm },
+            "components": {
+                "db": db,
+                "redis": redis,
+                "llm": llm,
+                "embedder": crate::health::embedder_report(state.settings.embedding.provider, state.embedder.as_ref()),
+            },
         })),
     )
         .into_response()

@@ -8,10 +8,13 @@
 //! use the same expression so the planner can pick it.
 //!
 //! `setup` checks and prepares the database at start-up; `store` answers the `MemoryStore`
-//! calls; this file holds the store, its SQL and the helpers both share.
+//! calls; `reembed` moves every memory to another embedder; this file holds the store, its SQL and the helpers both share.
 
+mod reembed;
 mod setup;
 mod store;
+
+pub use reembed::{ReembedOutcome, ReembedProgress, reembed};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,6 +40,8 @@ pub struct PgMemoryStore {
     /// `BEGIN` plus the HNSW search settings, sent as one simple query (one round trip).
     begin_search_sql: String,
     dimension: usize,
+    /// `COACHD_MEMORY_MERGE_SIMILARITY`; `None` when merging is off.
+    merge_similarity: Option<f32>,
     sql: Arc<Sql>,
     stats: Arc<Counters>,
 }

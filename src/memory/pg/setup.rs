@@ -10,12 +10,14 @@ use crate::embed::Embedder;
 use crate::memory::{MemoryLimits, MemorySettings, SetupError};
 
 /// Serialises the first-start set-up of concurrently starting instances.
-const SETUP_LOCK: &str = "coachd.coach_memory.setup";
+pub(super) const SETUP_LOCK: &str = "coachd.coach_memory.setup";
 
 impl PgMemoryStore {
     /// Checks the database against the embedder's dimension and returns the store. On the first
     /// start it records the dimension and model and creates the HNSW index and the dimension
-    /// check; later starts with another dimension fail with [`SetupError::EmbeddingDimension`].
+    /// check; later starts with another dimension or model fail with
+    /// [`SetupError::EmbeddingDimension`] / [`SetupError::EmbeddingModel`], naming
+    /// `coachd memory reembed`.
     /// Safe when several instances start at once (an advisory lock serialises them).
     pub async fn prepare(
         pool: PgPool,
@@ -35,13 +37,14 @@ impl PgMemoryStore {
             .execute(&mut *tx)
             .await
             .map_err(failed)?;
-        let recorded: Option<(i32, String)> =
-            sqlx::query_as("select embedding_dim, embedding_model from coach_memory_settings")
+        let recorded: Option<(i32, String, Option<String>)> =
+            sqlx::query_as("select embedding_dim, embedding_model, reembed_model from coach_memory_settings")
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(failed)?;
         match recorded {
-            Some((stored, model)) => {
+            Some((_, _, Some(target))) => return Err(SetupError::ReembedUnfinished { target }),
+            Some((stored, model, None)) => {
                 let stored = usize::try_from(stored).unwrap_or(0);
                 if stored != dimension {
                     return Err(SetupError::EmbeddingDimension {
@@ -50,14 +53,18 @@ impl PgMemoryStore {
                     });
                 }
                 if model != embedder.model() {
-                    // Same length, other model: the vectors are not comparable. Not fatal, since
-                    // an operator may switch deliberately and re-embed, but worth shouting about.
-                    tracing::warn!(
-                        stored_model = %model,
-                        configured_model = %embedder.model(),
-                        "the memory database was filled by another embedding model: similarity scores \
-                         between old and new memories are meaningless until they are re-embedded"
-                    );
+                    // Same length, other model: the vectors are not comparable, and every search
+                    // would quietly rank by noise. `coachd memory reembed` moves them over.
+                    let hint = if model == crate::embed::local::LOCAL_MODEL {
+                        format!(" (its files: {})", crate::embed::local::INSTALL_COMMAND)
+                    } else {
+                        String::new()
+                    };
+                    return Err(SetupError::EmbeddingModel {
+                        configured: embedder.model().to_owned(),
+                        stored: model,
+                        hint,
+                    });
                 }
             }
             None => {
@@ -108,6 +115,7 @@ impl PgMemoryStore {
                 settings.ef_search, settings.max_scan_tuples
             ),
             dimension,
+            merge_similarity: (settings.merge_similarity > 0.0).then_some(settings.merge_similarity),
             sql: Arc::new(Sql::new(dimension)),
             stats: Arc::default(),
         })

@@ -53,9 +53,49 @@ impl MemoryStore for PgMemoryStore {
             }
         }
 
+        let texts: Vec<String> = fresh.iter().map(|&i| prepared[i].text.clone()).collect();
+        let mut vectors = if texts.is_empty() {
+            Vec::new()
+        } else {
+            self.embed(&texts).await?
+        };
+        if let Some(threshold) = self.merge_similarity
+            && !fresh.is_empty()
+        {
+            // Near-duplicates of stored memories are merged into them: the stored row's
+            // timestamp is refreshed and its id reported, nothing new is inserted. Compared
+            // with rows already stored, not with others of the same batch.
+            let mut kept = Vec::with_capacity(fresh.len());
+            let mut kept_vectors = Vec::with_capacity(fresh.len());
+            for (&i, vector) in fresh.iter().zip(vectors) {
+                let p = &prepared[i];
+                let merged: Option<Uuid> = sqlx::query_scalar(
+                    "update coach_memory set created_at = now() where id = ( \
+                           select id from coach_memory \
+                           where user_id = $1 and coach_id = $2 and memory_type = $3 \
+                             and 1 - (embedding <=> $4) >= $5 \
+                           order by embedding <=> $4 limit 1) \
+                         returning id",
+                )
+                .bind(&p.user_id)
+                .bind(&p.coach_id)
+                .bind(&p.memory_type)
+                .bind(&vector)
+                .bind(f64::from(threshold))
+                .fetch_optional(&self.pool)
+                .await?;
+                match merged {
+                    Some(id) => outcomes[i] = Some(StoreOutcome { id, created: false }),
+                    None => {
+                        kept.push(i);
+                        kept_vectors.push(vector);
+                    }
+                }
+            }
+            fresh = kept;
+            vectors = kept_vectors;
+        }
         if !fresh.is_empty() {
-            let texts: Vec<String> = fresh.iter().map(|&i| prepared[i].text.clone()).collect();
-            let vectors = self.embed(&texts).await?;
             let ids: Vec<Uuid> = fresh.iter().map(|_| Uuid::now_v7()).collect();
             let rows = fresh.iter().map(|&i| &prepared[i]);
             let inserted: Vec<Uuid> = sqlx::query_scalar(
