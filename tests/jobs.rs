@@ -723,6 +723,8 @@ fn worker_process_with(database_url: &str, extra: &[(&str, &str)]) -> Child {
         .env("COACHD_JOBS_HEARTBEAT_SECS", "1")
         .env("COACHD_JOBS_ORPHAN_AFTER_SECS", "3")
         .env("COACHD_LOG", "warn")
+        // The embedder the test app records in the database (start-up refuses another one).
+        .env("COACHD_EMBEDDING_PROVIDER", "offline")
         .envs(extra.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -32,6 +32,9 @@ fn node_env(fake: &FakeUpstream, node: &str, db: &str, prefix: &str, redis: &str
         // Short enough for takeovers within a test, long enough for a loaded machine to renew.
         ("COACHD_CLUSTER_LEASE_MS", "1500"),
         ("COACHD_CLUSTER_HEARTBEAT_SECS", "1"),
+        // One embedder for every node, child processes included (start-up refuses a database
+        // another embedder filled).
+        ("COACHD_EMBEDDING_PROVIDER", "offline"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
