@@ -838,20 +838,7 @@ async fn a_job_whose_worker_process_is_killed_is_finished_by_another_worker() {
 async fn a_job_started_from_a_live_session_reports_job_events_to_its_clients() {
     let fake = FakeUpstream::start().await.unwrap();
     let app = app(&fake, Services::Real, &[]).await;
-    let (s, created) = send(
-        &app,
-        app.client
-            .post(app.url("/realtime/sessions"))
-            .json(&json!({"user_id": "u1", "coach_id": "c", "transport": "sse"})),
-        None,
-    )
-    .await;
-    assert_eq!(s, 201, "{created}");
-    let session = common::realtime::Session {
-        id: created["session_id"].as_str().unwrap().to_owned(),
-        token: created["token"].as_str().unwrap().to_owned(),
-        body: created.clone(),
-    };
+    let session = sse_session(&app).await;
 
     let (s, b) = submit(
         &app,
@@ -874,28 +861,9 @@ async fn a_job_started_from_a_live_session_reports_job_events_to_its_clients() {
     .await;
     assert_eq!(s, 202, "{body}");
     let id = id_of(&body);
-    let resp = app
-        .client
-        .get(app.url(&format!(
-            "/realtime/sessions/{}/events?token={}&after_seq=0",
-            session.id, session.token
-        )))
-        .send()
-        .await
-        .unwrap();
     // Every event is checked against proto/server.schema.json by the reader.
-    let mut reader = common::realtime::SseReader::new(resp);
-    let mut jobs = Vec::new();
-    while let Some(ev) = reader.next().await {
-        if ev.event == "job" {
-            assert_eq!(ev.data["job_id"], id.as_str());
-            let last = ev.data["status"] == "succeeded";
-            jobs.push(ev.data);
-            if last {
-                break;
-            }
-        }
-    }
+    let (jobs, _) = session_job_events(&app, &session).await;
+    assert!(jobs.iter().all(|j| j["job_id"] == id.as_str()), "{jobs:?}");
     let names: Vec<&str> = jobs.iter().map(|j| j["event"].as_str().unwrap()).collect();
     assert_eq!(
         names,
@@ -903,6 +871,24 @@ async fn a_job_started_from_a_live_session_reports_job_events_to_its_clients() {
         "{jobs:?}"
     );
     app.stop().await.unwrap();
+}
+
+/// A live session of (u1, c) on `app`, for SSE.
+async fn sse_session(app: &TestApp) -> common::realtime::Session {
+    let (s, created) = send(
+        app,
+        app.client
+            .post(app.url("/realtime/sessions"))
+            .json(&json!({"user_id": "u1", "coach_id": "c", "transport": "sse"})),
+        None,
+    )
+    .await;
+    assert_eq!(s, 201, "{created}");
+    common::realtime::Session {
+        id: created["session_id"].as_str().unwrap().to_owned(),
+        token: created["token"].as_str().unwrap().to_owned(),
+        body: created.clone(),
+    }
 }
 
 /// The `job` events of a session's SSE stream, read until the job's final `succeeded`, with the
@@ -959,20 +945,7 @@ async fn a_job_submitted_on_another_node_reports_to_the_session_through_its_owne
     };
     let a = app(&fake, Services::Embedded, &node("node-a")).await;
     let b = app(&fake, Services::Embedded, &node("node-b")).await;
-    let (s, created) = send(
-        &a,
-        a.client
-            .post(a.url("/realtime/sessions"))
-            .json(&json!({"user_id": "u1", "coach_id": "c", "transport": "sse"})),
-        None,
-    )
-    .await;
-    assert_eq!(s, 201, "{created}");
-    let session = common::realtime::Session {
-        id: created["session_id"].as_str().unwrap().to_owned(),
-        token: created["token"].as_str().unwrap().to_owned(),
-        body: created.clone(),
-    };
+    let session = sse_session(&a).await;
 
     // The session is checked on `b` too (it is not in b's memory): wrong user, then a real job.
     let (s, body) = submit(
