@@ -302,6 +302,19 @@ async fn redis_client(url: &str) -> fred::clients::Client {
     client
 }
 
+/// The session context write-behind stored under `key`, once it holds `n` messages (5 s at most).
+async fn stored_context(redis: &fred::clients::Client, key: &str, n: usize) -> Vec<Value> {
+    let mut stored: Vec<String> = Vec::new();
+    for _ in 0..100 {
+        stored = redis.lrange(key, 0, -1).await.unwrap();
+        if stored.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stored.iter().map(|s| serde_json::from_str(s).unwrap()).collect()
+}
+
 #[tokio::test]
 async fn when_the_owner_loses_its_lease_mid_turn_another_node_takes_over_and_stores_the_partial_turn() {
     let fake = FakeUpstream::start().await.unwrap();
@@ -401,15 +414,7 @@ async fn when_the_owner_loses_its_lease_mid_turn_another_node_takes_over_and_sto
         "{}session:{}:context",
         a.state.settings.redis_key_prefix, session.id
     );
-    let mut stored: Vec<String> = Vec::new();
-    for _ in 0..100 {
-        stored = redis.lrange(&context_key, 0, -1).await.unwrap();
-        if stored.len() >= 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let contents: Vec<Value> = stored.iter().map(|s| serde_json::from_str(s).unwrap()).collect();
+    let contents = stored_context(&redis, &context_key, 4).await;
     assert_eq!(contents[0]["content"], "tell me everything");
     assert_eq!(contents[1]["content"], partial);
     assert_eq!(contents[2]["content"], "still there?");
@@ -547,15 +552,7 @@ async fn a_coachd_process_killed_mid_turn_hands_its_session_to_another_node() {
     // The interrupted turn went through b's write-behind like any other.
     let redis = redis_client(&redis).await;
     let context_key = format!("{prefix}session:{}:context", session.id);
-    let mut stored: Vec<String> = Vec::new();
-    for _ in 0..100 {
-        stored = redis.lrange(&context_key, 0, -1).await.unwrap();
-        if stored.len() >= 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let contents: Vec<Value> = stored.iter().map(|s| serde_json::from_str(s).unwrap()).collect();
+    let contents = stored_context(&redis, &context_key, 4).await;
     assert_eq!(contents.len(), 4, "{contents:?}");
     assert_eq!(contents[0]["content"], "tell me everything");
     assert_eq!(contents[1]["content"], partial.as_str());
