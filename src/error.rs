@@ -65,6 +65,13 @@ pub enum Error {
     /// A dependency (database, Redis, LLM provider) cannot serve the request now.
     #[error("{0}")]
     Unavailable(String),
+    /// The node holds as many connections as its open-file limit leaves room for; this one is
+    /// answered and closed (`routes::capacity`).
+    #[error("this server is at its connection capacity; retry in {retry_after_secs} s or on another node")]
+    OverCapacity {
+        /// Seconds a client should wait (`Retry-After`).
+        retry_after_secs: u64,
+    },
     /// An LLM provider did not answer in time (every attempt timed out); built only by
     /// `From<LlmError>`, which decides 504 against 502.
     #[error("{0}")]
@@ -120,7 +127,7 @@ impl Error {
             Error::Conflict { .. } => StatusCode::CONFLICT,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable(_) | Error::OverCapacity { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::SessionEnded => StatusCode::GONE,
             Error::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -143,6 +150,7 @@ impl Error {
             Error::PayloadTooLarge { .. } => "payload_too_large",
             Error::RateLimited { .. } => "rate_limited",
             Error::Unavailable(_) => "unavailable",
+            Error::OverCapacity { .. } => "over_capacity",
             Error::Timeout(_) => "upstream_timeout",
             Error::Internal(_) => "internal",
         }
@@ -153,6 +161,7 @@ impl Error {
         match self {
             Error::RateLimited { .. }
             | Error::Unavailable(_)
+            | Error::OverCapacity { .. }
             | Error::Timeout(_)
             | Error::QueueFull { .. } => true,
             Error::Upstream { retryable, .. } => *retryable,
@@ -212,6 +221,12 @@ impl IntoResponse for Error {
             let headers = response.headers_mut();
             headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
             insert_rate_limit_headers(headers, limit, remaining, retry_after_secs);
+        }
+        if let Error::OverCapacity { retry_after_secs } = self {
+            let headers = response.headers_mut();
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            // The connection is the resource that ran out: hyper closes it after this answer.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }

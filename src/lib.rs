@@ -72,6 +72,7 @@ pub mod extract;
 pub mod fake_upstream;
 pub mod health;
 pub mod jobs;
+pub mod listener;
 pub mod llm;
 pub mod memory;
 pub mod metric;

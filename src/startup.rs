@@ -417,6 +417,8 @@ impl Application {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY");
             }
         });
+        let listener = counting_listener(listener, &state.settings.connections);
+        let app = app.into_make_service_with_connect_info::<crate::listener::Admission>();
         // The listener closes on `shutdown`, not on the stop signal: between the two lies the
         // drain delay, when /health/ready already answers 503 and everything else is served.
         let server = axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
@@ -552,7 +554,11 @@ pub fn build_router(state: AppState) -> Router {
             tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id, node_id = %node_id)
         }))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
-        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid));
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            routes::capacity::refuse_past_capacity,
+        ));
     // A layer on the router wraps each route, so it sees the matched route template; added last,
     // it is the outermost, so answers made by the layers inside (a caught panic) are counted too.
     let router = if metrics {
@@ -561,6 +567,45 @@ pub fn build_router(state: AppState) -> Router {
         router
     };
     router.with_state(state)
+}
+
+/// Raises the open-file limit, works out how many client connections it leaves room for, says so,
+/// and wraps the listener to count them (`crate::listener`).
+fn counting_listener<L: axum::serve::Listener>(
+    listener: L,
+    limits: &crate::listener::ConnectionLimits,
+) -> crate::listener::CountingListener<L> {
+    use crate::listener::{OpenFiles, capacity, raise_open_file_limit};
+    let files = match raise_open_file_limit() {
+        Ok(files) => files,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise the open-file limit; assuming 1024");
+            OpenFiles {
+                soft: 1_024,
+                hard: 1_024,
+                raised_from: None,
+            }
+        }
+    };
+    let capacity = capacity(limits, &files);
+    let refusal_room = usize::try_from(limits.fd_reserve / 2).unwrap_or(usize::MAX);
+    tracing::info!(
+        open_files = files.soft,
+        open_files_hard = files.hard,
+        raised_from = files.raised_from,
+        max_connections = capacity,
+        fd_reserve = limits.fd_reserve,
+        "connection capacity: past it, new connections get 503 with Retry-After (WebSocket: close 1013)"
+    );
+    let needed = (capacity as u64).saturating_mul(2).saturating_add(limits.fd_reserve);
+    if limits.max_connections > 0 && needed > files.soft {
+        tracing::warn!(
+            max_connections = capacity,
+            open_files = files.soft,
+            "COACHD_MAX_CONNECTIONS is more than the open-file limit holds (two descriptors per relayed stream plus the reserve): accept may fail with EMFILE before it is reached"
+        );
+    }
+    crate::listener::CountingListener::new(listener, capacity, refusal_room)
 }
 
 /// The HTTP client of the transcription upstream and of docling-serve: TCP_NODELAY, the LLM connect timeout (each
@@ -578,6 +623,10 @@ pub fn build_health_router(state: AppState) -> Router {
     routes::health::router()
         .merge(routes::prometheus::router())
         .fallback(|| async { Error::NotFound("route".to_owned()) })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            routes::capacity::refuse_past_capacity,
+        ))
         .with_state(state)
 }
 

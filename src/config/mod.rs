@@ -114,6 +114,8 @@ pub struct Settings {
     pub extract: ExtractSettings,
     /// This node in a cluster (`COACHD_NODE_ID`, `COACHD_CLUSTER_*`; used with `REDIS_URL`).
     pub cluster: crate::session::cluster::ClusterSettings,
+    /// How many client connections the node takes, and the answer past that.
+    pub connections: crate::listener::ConnectionLimits,
     /// `COACHD_MAX_TRANSCRIPT_CHARS`: longest transcript for notes.
     pub max_transcript_chars: usize,
     /// `COACHD_PERSONAS_FILE`: TOML file of extra or replacing coach personas.
@@ -260,6 +262,11 @@ impl Settings {
             transcribe: transcribe::read(&r)?,
             extract: extract::read(&r)?,
             cluster: cluster::read(&r)?,
+            connections: crate::listener::ConnectionLimits {
+                max_connections: r.int("COACHD_MAX_CONNECTIONS", 0, 0, 100_000_000)?,
+                fd_reserve: r.int("COACHD_FD_RESERVE", 256, 16, 1_000_000)?,
+                retry_after: r.seconds("COACHD_CAPACITY_RETRY_AFTER_SECS", 5, 1, 3_600)?,
+            },
             max_transcript_chars: r.int("COACHD_MAX_TRANSCRIPT_CHARS", 200_000, 1, 10_000_000)?,
             personas_file: r.raw("COACHD_PERSONAS_FILE").map(PathBuf::from),
             supabase_jwt_secret: r.secret("SUPABASE_JWT_SECRET"),

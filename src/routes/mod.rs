@@ -3,6 +3,7 @@
 //! response with the streaming headers.
 
 pub mod api_v1;
+pub mod capacity;
 pub mod chat;
 pub mod coach;
 pub mod docs;

@@ -28,6 +28,8 @@ pub mod close {
     pub const POLICY: u16 = 1008;
     /// A frame over the size limit.
     pub const TOO_BIG: u16 = 1009;
+    /// The node is at its connection capacity: try again later, or another node.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
     /// The client did not keep up with its event queue.
     pub const SLOW_CLIENT: u16 = 4001;
     /// No pong within the deadline.

@@ -2,12 +2,14 @@
 //! fake upstream, as one test binary (one link) with a module per seam: `http` turns and limits,
 //! `sse` streams, `websocket` sessions and close codes, what happens to `turns` (cancel,
 //! disconnect, upstream failures, notes), and the `write_behind` queue. Every event received is
-//! validated against `proto/server.schema.json`.
+//! validated against `proto/server.schema.json`. `capacity`: connections past
+//! `COACHD_MAX_CONNECTIONS` are refused.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "../common/mod.rs"]
 mod common;
+mod capacity;
 mod http;
 mod sse;
 mod turns;
