@@ -483,3 +483,103 @@ async fn before_the_first_token_a_timeout_on_every_model_is_a_504_and_other_fail
     }
     app.stop().await.unwrap();
 }
+
+/// 50 streams at once through coachd (the fake answers each after 1.5 s, so all are open at
+/// once); every one answered 200 must end with the whole reply. Returns their statuses.
+async fn fifty_streams(fake: &FakeUpstream, app: &TestApp) -> Vec<u16> {
+    let reqs = (0..50).map(|i| async move {
+        let resp = chat(
+            app,
+            json!({"model": "gpt-4o-mini", "stream": true,
+                   "messages": [{"role": "user", "content": format!("stream {i}")}]}),
+        )
+        .await;
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap();
+        if status == 200 {
+            let (chunks, done) = data_lines(&body);
+            let text: String = chunks
+                .iter()
+                .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+                .collect();
+            assert!(done, "stream {i} ended with [DONE]");
+            assert_eq!(text, "shared connection", "stream {i}");
+        }
+        status
+    });
+    let statuses = futures::future::join_all(reqs).await;
+    assert_eq!(fake.streams().1, statuses.iter().filter(|s| **s == 200).count());
+    statuses
+}
+
+#[tokio::test]
+async fn streams_share_one_h2c_connection_to_the_upstream() {
+    let fake = FakeUpstream::start().await.unwrap();
+    // A first token after 1.5 s keeps all 50 streams open at once.
+    fake.set_default(Script::text("shared connection").paced(
+        std::time::Duration::from_millis(1_500),
+        std::time::Duration::from_millis(5),
+    ));
+    let app = app_with_extra(&fake, &[("COACHD_OPENAI_HTTP_VERSION", "h2")]).await;
+    let statuses = fifty_streams(&fake, &app).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(fake.connections(), 1, "50 streams over one HTTP/2 connection");
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_full_connection_opens_another_and_over_http1_each_stream_has_its_own() {
+    let fake = FakeUpstream::start().await.unwrap();
+    fake.set_default(Script::text("shared connection").paced(
+        std::time::Duration::from_millis(1_500),
+        std::time::Duration::from_millis(5),
+    ));
+    let app = app_with_extra(
+        &fake,
+        &[
+            ("COACHD_OPENAI_HTTP_VERSION", "h2"),
+            ("COACHD_LLM_STREAMS_PER_CONNECTION", "10"),
+        ],
+    )
+    .await;
+    let statuses = fifty_streams(&fake, &app).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(fake.connections(), 5, "10 streams per connection");
+    app.stop().await.unwrap();
+
+    // The default on a plain-HTTP base URL is HTTP/1.1: a connection per stream.
+    let fake = FakeUpstream::start().await.unwrap();
+    fake.set_default(Script::text("shared connection").paced(
+        std::time::Duration::from_millis(1_500),
+        std::time::Duration::from_millis(5),
+    ));
+    let app = app_with(&fake).await;
+    let statuses = fifty_streams(&fake, &app).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(fake.connections(), 50);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn past_the_stream_limit_a_stream_waits_for_a_place_then_gets_504() {
+    let fake = FakeUpstream::start().await.unwrap();
+    fake.set_default(Script::text("shared connection").paced(
+        std::time::Duration::from_millis(1_500),
+        std::time::Duration::from_millis(5),
+    ));
+    let app = app_with_extra(
+        &fake,
+        &[
+            ("COACHD_OPENAI_HTTP_VERSION", "h2"),
+            ("COACHD_LLM_MAX_STREAMS", "40"),
+            ("COACHD_LLM_CONNECT_TIMEOUT_MS", "300"),
+        ],
+    )
+    .await;
+    let statuses = fifty_streams(&fake, &app).await;
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let timed_out = statuses.iter().filter(|s| **s == 504).count();
+    assert_eq!((ok, timed_out), (40, 10), "{statuses:?}");
+    assert_eq!(fake.streams().0, 40, "the ten past the limit never reached the upstream");
+    app.stop().await.unwrap();
+}

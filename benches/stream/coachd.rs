@@ -145,6 +145,12 @@ pub async fn start_coachd(
         .env("LLM_PROVIDER", "openai")
         .env("OPENAI_API_KEY", "bench")
         .env("COACHD_OPENAI_BASE_URL", fake_base_url)
+        // `COACHD_BENCH_UPSTREAM=h2`: the streams share h2c connections to the fake instead of
+        // one HTTP/1.1 connection (and descriptor) each.
+        .env(
+            "COACHD_OPENAI_HTTP_VERSION",
+            std::env::var("COACHD_BENCH_UPSTREAM").unwrap_or_else(|_| "auto".into()),
+        )
         .env("COACHD_API_KEYS", API_KEY)
         .env(
             "COACHD_LOG",

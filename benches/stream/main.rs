@@ -17,6 +17,7 @@
 //! COACHD_BENCH_STREAMS=1000 cargo bench --bench stream          # only the levels of these sizes
 //! COACHD_BENCH_PATHS=ws,chat cargo bench --bench stream       # only these paths (and direct)
 //! COACHD_BENCH_PIN=1 cargo bench --bench stream                 # the server on a CPU of its own
+//! COACHD_BENCH_UPSTREAM=h2 cargo bench --bench stream            # coachd to the fake over shared h2c
 //! COACHD_BENCH_THINK_MS=200 cargo bench --bench stream          # pause between a worker's turns
 //! COACHD_BENCH_LOG=debug cargo bench --bench stream             # the servers' logs to stderr
 //! COACHD_BENCH_BIN=/path/to/coachd cargo bench --bench stream   # another coachd build

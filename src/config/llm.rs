@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use super::ConfigError;
 use super::source::{Reader, Source, invalid};
+use crate::llm::http::{HttpVersion, PoolLimits};
 use crate::llm::{LlmSettings, LlmTimeouts, ProviderKind, ProviderSettings};
 
 /// Reads `LLM_PROVIDER`, `*_API_KEY`, `*_MODEL`, `COACHD_*_BASE_URL` and `COACHD_LLM_*`.
@@ -20,10 +21,12 @@ pub(super) fn read<S: Source>(r: &Reader<'_, S>) -> Result<LlmSettings, ConfigEr
         })?,
     };
     let provider = |key: &str, model_var: &str, default_model: &str, base_var: &str, default_base: &str| {
+        let version_var = base_var.replace("_BASE_URL", "_HTTP_VERSION");
         Ok::<_, ConfigError>(ProviderSettings {
             api_key: r.secret(key),
             model: r.string(model_var, default_model),
             base_url: r.base_url(base_var, default_base)?,
+            http_version: r.parse(&version_var, HttpVersion::Auto, "one of auto, http1, h2")?,
         })
     };
     Ok(LlmSettings {
@@ -69,5 +72,9 @@ pub(super) fn read<S: Source>(r: &Reader<'_, S>) -> Result<LlmSettings, ConfigEr
         llm_max_retry_wait: r.millis("COACHD_LLM_MAX_RETRY_WAIT_MS", 10_000, 0, 600_000)?,
         llm_tasks_file: r.raw("COACHD_LLM_TASKS_FILE").map(PathBuf::from),
         offline_token_delay: r.millis("COACHD_OFFLINE_TOKEN_DELAY_MS", 20, 0, 10_000)?,
+        upstream_pool: PoolLimits {
+            max_streams: r.int("COACHD_LLM_MAX_STREAMS", 10_000, 1, 10_000_000)?,
+            streams_per_connection: r.int("COACHD_LLM_STREAMS_PER_CONNECTION", 100, 1, 100_000)?,
+        },
     })
 }

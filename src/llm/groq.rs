@@ -12,7 +12,7 @@ use crate::secret::Secret;
 
 /// Builds the Groq provider.
 pub fn provider(
-    client: reqwest::Client,
+    upstream: std::sync::Arc<super::http::Upstream>,
     settings: &ProviderSettings,
     key: Secret,
     connect: Duration,
@@ -20,7 +20,7 @@ pub fn provider(
     // Groq rejects json_schema on most models; json_object plus validation is the safe mode.
     OpenAiCompatible::new(
         ProviderKind::Groq,
-        client,
+        upstream,
         settings,
         key,
         HeaderMap::new(),

@@ -8,6 +8,7 @@
 pub mod anthropic;
 pub mod error;
 pub mod groq;
+pub mod http;
 pub mod json;
 pub mod offline;
 pub mod openai;

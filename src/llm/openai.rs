@@ -3,6 +3,7 @@
 //! through `COACHD_OPENAI_BASE_URL`). Always asks for usage in streams.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -10,7 +11,8 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::error::{from_reqwest, retry_after};
+use super::error::{TimeoutPhase, from_reqwest, retry_after};
+use super::http::{Upstream, hold};
 use super::sse;
 use super::{
     ChatRequest, EventStream, FinishReason, LlmError, LlmEvent, Provider, ResponseFormat, Role, Usage,
@@ -25,7 +27,7 @@ const MAX_ERROR_MESSAGE: usize = 500;
 #[derive(Debug, Clone)]
 pub struct OpenAiCompatible {
     kind: ProviderKind,
-    client: reqwest::Client,
+    upstream: Arc<Upstream>,
     base_url: String,
     api_key: Secret,
     default_model: String,
@@ -38,7 +40,7 @@ impl OpenAiCompatible {
     /// A provider of `kind` at `settings.base_url`; `extra_headers` go on every request.
     pub fn new(
         kind: ProviderKind,
-        client: reqwest::Client,
+        upstream: Arc<Upstream>,
         settings: &ProviderSettings,
         api_key: Secret,
         extra_headers: HeaderMap,
@@ -47,7 +49,7 @@ impl OpenAiCompatible {
     ) -> Self {
         OpenAiCompatible {
             kind,
-            client,
+            upstream,
             base_url: settings.base_url.as_str().trim_end_matches('/').to_owned(),
             api_key,
             default_model: settings.model.clone(),
@@ -139,8 +141,13 @@ impl Provider for OpenAiCompatible {
 
     async fn stream(&self, request: ChatRequest) -> Result<EventStream, LlmError> {
         let body = self.request_body(&request);
-        let response = self
-            .client
+let lease = self.upstream.acquire().await.map_err(|_| LlmError::Timeout {
+            provider: self.kind,
+            phase: TimeoutPhase::Connect,
+            after: self.connect_timeout,
+        })?;
+        let response = lease
+            .client()
             .post(format!("{}/chat/completions", self.base_url))
             .headers(self.headers()?)
             .header(ACCEPT, "text/event-stream")
@@ -154,12 +161,13 @@ impl Provider for OpenAiCompatible {
             let text = response.text().await.unwrap_or_default();
             return Err(map_status(self.kind, status.as_u16(), &headers, &text));
         }
-        Ok(decode_stream(self.kind, response))
+        Ok(hold(decode_stream(self.kind, response), lease))
     }
 
     async fn check(&self) -> Result<(), LlmError> {
         let response = self
-            .client
+            .upstream
+            .client()
             .get(format!("{}/models", self.base_url))
             .headers(self.headers()?)
             .send()

@@ -13,7 +13,7 @@ use crate::secret::Secret;
 
 /// Builds the OpenRouter provider.
 pub fn provider(
-    client: reqwest::Client,
+    upstream: std::sync::Arc<super::http::Upstream>,
     settings: &ProviderSettings,
     key: Secret,
     referer: Option<&str>,
@@ -29,7 +29,7 @@ pub fn provider(
     }
     OpenAiCompatible::new(
         ProviderKind::Openrouter,
-        client,
+        upstream,
         settings,
         key,
         headers,

@@ -74,6 +74,8 @@ pub struct ProviderSettings {
     pub model: String,
     /// Base URL of the API (ends before `/chat/completions` or `/messages`).
     pub base_url: Url,
+    /// `COACHD_<PROVIDER>_HTTP_VERSION`: `auto`, `http1`, or `h2` (prior knowledge).
+    pub http_version: super::http::HttpVersion,
 }
 
 /// The four upstream timeouts every provider call runs under.
@@ -119,6 +121,9 @@ pub struct LlmSettings {
     pub llm_tasks_file: Option<PathBuf>,
     /// `COACHD_OFFLINE_TOKEN_DELAY_MS`: pace of the offline provider.
     pub offline_token_delay: Duration,
+    /// `COACHD_LLM_MAX_STREAMS` and `COACHD_LLM_STREAMS_PER_CONNECTION`: the connection pool of
+    /// each provider.
+    pub upstream_pool: super::http::PoolLimits,
 }
 
 impl AsRef<LlmSettings> for LlmSettings {

@@ -86,19 +86,23 @@ impl Llm {
     pub fn from_settings(s: &impl AsRef<LlmSettings>) -> Result<Self, String> {
         let s = s.as_ref();
         let t = s.llm_timeouts;
-        let client = reqwest::Client::builder()
-            // Nagle would hold small upstream writes; the first token should not wait 40 ms.
-            .tcp_nodelay(true)
-            .connect_timeout(t.connect)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .user_agent(concat!("coachd/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        // One connection pool per provider: their connections never mix, and a saturated
+        // provider does not hold back the others.
+        let upstream = |p: &crate::llm::ProviderSettings| {
+            crate::llm::http::Upstream::new(
+                crate::llm::http::ClientConfig {
+                    connect_timeout: t.connect,
+                    version: p.http_version,
+                    tls: p.base_url.scheme() == "https",
+                },
+                s.upstream_pool,
+            )
+        };
         let mut providers: Vec<Arc<dyn Provider>> = vec![Arc::new(Offline::new(s.offline_token_delay))];
         if let Some(key) = &s.openai.api_key {
             providers.push(Arc::new(openai::OpenAiCompatible::new(
                 ProviderKind::Openai,
-                client.clone(),
+                upstream(&s.openai)?,
                 &s.openai,
                 key.clone(),
                 Default::default(),
@@ -108,7 +112,7 @@ impl Llm {
         }
         if let Some(key) = &s.groq.api_key {
             providers.push(Arc::new(groq::provider(
-                client.clone(),
+                upstream(&s.groq)?,
                 &s.groq,
                 key.clone(),
                 t.connect,
@@ -116,7 +120,7 @@ impl Llm {
         }
         if let Some(key) = &s.anthropic.api_key {
             providers.push(Arc::new(anthropic::Anthropic::new(
-                client.clone(),
+                upstream(&s.anthropic)?,
                 &s.anthropic,
                 key.clone(),
                 t.connect,
@@ -124,7 +128,7 @@ impl Llm {
         }
         if let Some(key) = &s.openrouter.api_key {
             providers.push(Arc::new(openrouter::provider(
-                client.clone(),
+                upstream(&s.openrouter)?,
                 &s.openrouter,
                 key.clone(),
                 s.openrouter_referer.as_deref(),
