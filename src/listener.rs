@@ -112,6 +112,7 @@ impl ConnectionCounts {
 
 /// Wraps a listener: counts every accepted connection until it closes and marks whether it came
 /// within capacity ([`Admission`], read by the `routes::capacity` layer through `ConnectInfo`).
+#[derive(Debug)]
 pub struct CountingListener<L> {
     inner: L,
     counts: Arc<ConnectionCounts>,
@@ -138,6 +139,7 @@ impl<L> CountingListener<L> {
 }
 
 /// Decrements the live count when its connection closes, whatever closes it.
+#[derive(Debug)]
 struct Live(Arc<ConnectionCounts>);
 
 impl Drop for Live {
@@ -198,6 +200,7 @@ impl<L: Listener> Listener for CountingListener<L> {
 }
 
 /// An accepted connection, counted while it is open.
+#[derive(Debug)]
 pub struct Counted<Io> {
     io: Io,
     admitted: bool,

@@ -490,7 +490,7 @@ async fn fifty_streams(fake: &FakeUpstream, app: &TestApp) -> Vec<u16> {
     let reqs = (0..50).map(|i| async move {
         let resp = chat(
             app,
-            json!({"model": "gpt-4o-mini", "stream": true,
+            json!({"model": "openai/gpt-4o-mini", "stream": true,
                    "messages": [{"role": "user", "content": format!("stream {i}")}]}),
         )
         .await;

@@ -12,6 +12,9 @@
 //! tokens (256, as sentence-transformers truncates; the shipped tokenizer.json says 128), mean
 //! pooling of the last hidden state under the attention mask, then L2 normalisation.
 //!
+//! A batch of texts is one blocking job, but each text is its own inference (see
+//! `Model::embed_each` for why).
+//!
 //! Inference is CPU-bound, so it never runs on the async runtime: each batch goes to
 //! `spawn_blocking`, at most `COACHD_EMBEDDING_LOCAL_QUEUE` batches wait or run at once (a
 //! semaphore bounds the blocking threads), and one ONNX session behind a mutex runs them in turn
@@ -163,7 +166,7 @@ impl LocalEmbedder {
     pub fn embed_blocking(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let mut out = Vec::with_capacity(texts.len());
         for chunk in texts.chunks(self.batch_size) {
-            out.extend(self.model.embed_batch(chunk)?);
+            out.extend(self.model.embed_each(chunk)?);
         }
         Ok(out)
     }
@@ -179,6 +182,19 @@ impl LocalEmbedder {
 }
 
 impl Model {
+    /// One inference per text. The model quantizes its activations per input tensor (dynamic
+    /// int8), so a text run in a padded batch gets a vector that depends on its batch-mates
+    /// (cosine 0.990 to the same text alone, measured by `tests/embed_local.rs`); alone, a text
+    /// always gets the same vector, which the duplicate checks and re-embedding rely on. A short
+    /// text costs a few milliseconds in int8, so stores lose little (BENCHMARKS.md).
+    fn embed_each(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let mut out = Vec::with_capacity(texts.len());
+        for text in texts {
+            out.extend(self.embed_batch(std::slice::from_ref(text))?);
+        }
+        Ok(out)
+    }
+
     fn embed_batch(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
         if texts.is_empty() {
             return Ok(Vec::new());
@@ -287,7 +303,7 @@ impl Embedder for LocalEmbedder {
             let chunk = chunk.to_vec();
             let vectors = tokio::task::spawn_blocking(move || {
                 let _permit = permit;
-                model.embed_batch(&chunk)
+                model.embed_each(&chunk)
             })
             .await
             .map_err(|e| EmbedError::Local(format!("the inference task failed: {e}")))??;

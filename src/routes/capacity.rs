@@ -9,7 +9,6 @@ use axum::extract::{FromRequestParts, Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use futures::SinkExt;
 
 use crate::error::Error;
 use crate::listener::Admission;

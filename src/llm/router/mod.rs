@@ -10,7 +10,6 @@ mod tasks;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 pub use route::{RetryPolicy, Routed};
 pub use tasks::{BUILTIN_TASKS, ModelRef, TaskSpec, default_tasks, load_tasks_file, parse_tasks};
@@ -239,6 +238,8 @@ impl Llm {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
