@@ -18,6 +18,8 @@
 //! child per thread count with both set. `BENCH_THREADS` (comma list, default `1,2`),
 //! `BENCH_QUERIES` (default 1000), `BENCH_TEXTS` (default 1024), `BENCH_BATCH` (default 32),
 //! `BENCH_REFERENCE` (default `../../tests/data/minilm_reference.json`).
+//!
+//! `--features avx512` switches on gemm's AVX-512 kernels (candle's default gemm runs AVX2/FMA).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
