@@ -174,7 +174,10 @@ impl Application {
         let memory: Arc<dyn MemoryStore> = match &db {
             Some(pool) => {
                 let store = PgMemoryStore::prepare(pool.clone(), embedder.clone(), &settings.memory).await?;
-                tracing::info!("memory: PostgreSQL + pgvector (HNSW cosine index)");
+                tracing::info!(
+                    hnsw = settings.memory.hnsw,
+                    "memory: PostgreSQL + pgvector (exact per-pair search; HNSW cosine index when hnsw)"
+                );
                 Arc::new(store)
             }
             None => {

@@ -1,6 +1,8 @@
-//! The memory store: one behaviour suite run against PostgreSQL + pgvector and against the
-//! in-process store, then what only PostgreSQL has: the per-user filtered search over a crowded
-//! HNSW index, the dimension recorded at start-up, and the index the searches use.
+//! The memory store: one behaviour suite run against PostgreSQL + pgvector (default layout, no
+//! vector index) and against the in-process store, then what only PostgreSQL has: the per-pair
+//! search over a crowded table, exact without the index and through a crowded HNSW index
+//! (`COACHD_MEMORY_HNSW=on`), the index following the setting, and the dimension recorded at
+//! start-up.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -487,8 +489,10 @@ fn sha(text: &str) -> Vec<u8> {
 
 /// 20 000 memories of other users nearer the query than any of the target user's 30: the
 /// search still returns exactly `limit` of the target's, in the exact similarity order. Run
-/// with the planner free to choose, then with the btree indexes gone and a tiny scan budget, so
-/// the HNSW iterative scan comes back short and the exact fallback has to fill in.
+/// with the default layout (no vector index: an exact scan of the pair), then with
+/// `COACHD_MEMORY_HNSW=on` and the planner free to choose, then with the btree indexes gone and a
+/// tiny scan budget, so the HNSW iterative scan comes back short and the exact fallback has to
+/// fill in; and a start with the setting off again drops the index.
 #[tokio::test]
 async fn a_per_user_search_never_returns_fewer_than_limit_rows_that_exist() {
     const LIMIT: usize = 10;
@@ -499,6 +503,14 @@ async fn a_per_user_search_never_returns_fewer_than_limit_rows_that_exist() {
     let store = PgMemoryStore::prepare(pool.clone(), embedder(), &memory_settings(&[]))
         .await
         .unwrap();
+    let hnsw_on = || memory_settings(&[("COACHD_MEMORY_HNSW", "on")]);
+    let indexed = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, bool>("select to_regclass('coach_memory_embedding_hnsw') is not null")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    assert!(!indexed(pool.clone()).await, "no vector index by default");
 
     let topics = [
         "pricing",
@@ -526,16 +538,7 @@ async fn a_per_user_search_never_returns_fewer_than_limit_rows_that_exist() {
         })
         .collect();
     store.store_batch(batch).await.unwrap();
-    // Building the HNSW index once after the bulk insert is much faster than growing it row by
-    // row; prepare() recreates it as it does at every start.
-    sqlx::query("drop index coach_memory_embedding_hnsw")
-        .execute(&pool)
-        .await
-        .unwrap();
     crowd(&pool, "coach-1", &q, 20_000).await;
-    PgMemoryStore::prepare(pool.clone(), embedder(), &memory_settings(&[]))
-        .await
-        .unwrap();
     expected.sort_by(|a, b| b.0.total_cmp(&a.0));
     let expected: Vec<&str> = expected.iter().take(LIMIT).map(|(_, t)| t.as_str()).collect();
 
@@ -553,12 +556,37 @@ async fn a_per_user_search_never_returns_fewer_than_limit_rows_that_exist() {
         b.sort_unstable();
         assert_eq!(a, b, "{label}: the {LIMIT} most similar of the target's memories");
     };
+    let plan = store
+        .explain_search("target", "coach-1", query, LIMIT)
+        .await
+        .unwrap();
+    assert!(
+        plan.contains("coach_memory_owner") || plan.contains("coach_memory_dedup"),
+        "the pair is read through its btree:\n{plan}"
+    );
     check(
         store
             .search_similar("target", "coach-1", query, LIMIT, -1.0)
             .await
             .unwrap(),
-        "planner's choice",
+        "no vector index, exact scan of the pair",
+    );
+    assert_eq!(store.stats().exact_fallbacks, 0, "no HNSW scan to fall back from");
+
+    // Built once over the loaded rows (much faster than growing it row by row), as at a start.
+    let store = PgMemoryStore::prepare(pool.clone(), embedder(), &hnsw_on())
+        .await
+        .unwrap();
+    assert!(
+        indexed(pool.clone()).await,
+        "COACHD_MEMORY_HNSW=on builds the index"
+    );
+    check(
+        store
+            .search_similar("target", "coach-1", query, LIMIT, -1.0)
+            .await
+            .unwrap(),
+        "HNSW index kept, planner's choice",
     );
 
     // A selective filter makes the planner prefer an exact scan of the pair (as it should). To
@@ -584,6 +612,7 @@ async fn a_per_user_search_never_returns_fewer_than_limit_rows_that_exist() {
         pool.clone(),
         embedder(),
         &memory_settings(&[
+            ("COACHD_MEMORY_HNSW", "on"),
             ("COACHD_MEMORY_MAX_SCAN_TUPLES", "200"),
             ("COACHD_MEMORY_EF_SEARCH", "10"),
         ]),
@@ -606,7 +635,7 @@ async fn a_per_user_search_never_returns_fewer_than_limit_rows_that_exist() {
         "HNSW scan cut short, exact fallback",
     );
     assert_eq!(squeezed.stats().exact_fallbacks, 1, "the fallback ran");
-    let store = PgMemoryStore::prepare(pool.clone(), embedder(), &memory_settings(&[]))
+    let store = PgMemoryStore::prepare(pool.clone(), embedder(), &hnsw_on())
         .await
         .unwrap();
     check(
@@ -615,6 +644,23 @@ async fn a_per_user_search_never_returns_fewer_than_limit_rows_that_exist() {
             .await
             .unwrap(),
         "HNSW iterative scan with the default budget",
+    );
+
+    // Back to the default: the start drops the index, and the search (now a sequential scan, the
+    // btrees being gone too) is still exact.
+    let store = PgMemoryStore::prepare(pool.clone(), embedder(), &memory_settings(&[]))
+        .await
+        .unwrap();
+    assert!(
+        !indexed(pool.clone()).await,
+        "COACHD_MEMORY_HNSW=off drops the index"
+    );
+    check(
+        store
+            .search_similar("target", "coach-1", query, LIMIT, -1.0)
+            .await
+            .unwrap(),
+        "index dropped, exact scan",
     );
 }
 

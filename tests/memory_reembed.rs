@@ -96,7 +96,8 @@ async fn a_new_dimension_is_refused_then_reembedded_with_a_resume() {
 
     // Interrupted after two batches of 10.
     let target: Arc<dyn Embedder> = Arc::new(OfflineEmbedder::new(64));
-    let settings = Settings::for_tests(&[("COACHD_EMBEDDING_DIM", "64")])
+    // With the HNSW index kept (COACHD_MEMORY_HNSW=on), so the end of the run rebuilds it.
+    let settings = Settings::for_tests(&[("COACHD_EMBEDDING_DIM", "64"), ("COACHD_MEMORY_HNSW", "on")])
         .unwrap()
         .memory;
     let mut seen: Vec<ReembedProgress> = Vec::new();
@@ -165,7 +166,13 @@ async fn a_new_dimension_is_refused_then_reembedded_with_a_resume() {
     .unwrap();
     assert!(checked && indexed);
 
+    // A start with the default layout (COACHD_MEMORY_HNSW off) drops the index again.
     start(&url, &[("COACHD_EMBEDDING_DIM", "64")]).await.unwrap();
+    let indexed: bool = sqlx::query_scalar("select to_regclass('coach_memory_embedding_hnsw') is not null")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(!indexed);
     // A second run has nothing to do.
     let outcome = reembed(&pool, target, &settings, 10, |_| ControlFlow::Continue(()))
         .await

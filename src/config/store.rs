@@ -64,6 +64,7 @@ pub(super) fn memory<S: Source>(r: &Reader<'_, S>) -> Result<MemorySettings, Con
     Ok(MemorySettings {
         max_text_bytes: r.int("COACHD_MEMORY_MAX_TEXT_BYTES", 16_384, 1, 1 << 20)?,
         list_max: r.int("COACHD_MEMORY_LIST_MAX", 100, 1, 10_000)?,
+        hnsw: r.boolean("COACHD_MEMORY_HNSW", false)?,
         ef_search: r.int("COACHD_MEMORY_EF_SEARCH", 40, 1, 1_000)?,
         max_scan_tuples: r.int("COACHD_MEMORY_MAX_SCAN_TUPLES", 20_000, 1, 100_000_000)?,
         embedded_max: r.int("COACHD_MEMORY_EMBEDDED_MAX", 100_000, 1, 100_000_000)?,

@@ -26,6 +26,11 @@ pub struct MemorySettings {
     pub max_text_bytes: usize,
     /// `COACHD_MEMORY_LIST_MAX`: largest page of a list and largest `limit` of a search.
     pub list_max: usize,
+    /// `COACHD_MEMORY_HNSW`: keep an HNSW index on the embeddings (for cross-user or very large
+    /// per-pair searches). Off by default: a per-pair search is an exact scan of the pair's few
+    /// rows through the btree, and every insert into an HNSW graph costs ~10 ms of CPU (see
+    /// BENCHMARKS.md). PostgreSQL store only; set the same value on every instance.
+    pub hnsw: bool,
     /// `COACHD_MEMORY_EF_SEARCH`: `hnsw.ef_search`, the candidate list of one HNSW scan.
     pub ef_search: u32,
     /// `COACHD_MEMORY_MAX_SCAN_TUPLES`: `hnsw.max_scan_tuples`, how far an iterative scan goes

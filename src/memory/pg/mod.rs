@@ -1,11 +1,17 @@
 //! The PostgreSQL + pgvector memory store. Embeddings live in an untyped `vector` column; the
-//! dimension is recorded on first start and guarded by an HNSW cosine index on
-//! `embedding::vector(n)` plus a check constraint, so a changed `COACHD_EMBEDDING_DIM` fails
-//! start-up instead of corrupting searches.
+//! dimension is recorded on first start and guarded by a check constraint, so a changed
+//! `COACHD_EMBEDDING_DIM` fails start-up instead of corrupting searches.
+//!
+//! The layout is chosen by measurement (BENCHMARKS.md, "Coach memory"): by default there is no
+//! vector index. A search is per (user, coach) pair, an exact scan of that pair's rows through the
+//! btree on (user_id, coach_id) — under a millisecond at a million rows — while every insert
+//! into an HNSW graph costs ~10 ms of CPU and held writes to ~90 memories/s. `COACHD_MEMORY_HNSW=on`
+//! keeps an HNSW cosine index on `embedding::vector(n)` for deployments whose pairs hold many
+//! thousands of memories; searches then use the same expression so the planner can pick it,
+//! with an iterative scan and an exact fallback.
 //!
 //! Why not a typed `vector(n)` column: a migration cannot know `n`, and one column per dimension
-//! would need DDL per deployment anyway. The expression index gives the same speed, and searches
-//! use the same expression so the planner can pick it.
+//! would need DDL per deployment anyway. The expression index gives the same speed.
 //!
 //! `setup` checks and prepares the database at start-up; `store` answers the `MemoryStore`
 //! calls; `reembed` moves every memory to another embedder; this file holds the store, its SQL and the helpers both share.
@@ -31,6 +37,9 @@ use crate::embed::{EmbedError, Embedder};
 /// Largest dimension an HNSW index takes for `vector`.
 pub const MAX_INDEXED_DIMENSION: usize = 2_000;
 
+/// The HNSW index kept when `COACHD_MEMORY_HNSW` is on.
+pub const HNSW_INDEX: &str = "coach_memory_embedding_hnsw";
+
 /// Stores and searches memories in PostgreSQL with pgvector.
 #[derive(Debug, Clone)]
 pub struct PgMemoryStore {
@@ -40,6 +49,9 @@ pub struct PgMemoryStore {
     /// `BEGIN` plus the HNSW search settings, sent as one simple query (one round trip).
     begin_search_sql: String,
     dimension: usize,
+    /// `COACHD_MEMORY_HNSW`: searches go through the HNSW index (with the exact fallback) rather
+    /// than straight to the exact scan of the pair.
+    hnsw: bool,
     /// `COACHD_MEMORY_MERGE_SIMILARITY`; `None` when merging is off.
     merge_similarity: Option<f32>,
     sql: Arc<Sql>,
@@ -85,13 +97,14 @@ impl Sql {
                  from coach_memory \
                  where user_id = $1 and coach_id = $2 order by {typed} <=> $3 limit $4"
             ),
-            // The materialized CTE hides the HNSW index from the ordering: an exact scan of the
-            // pair's rows through the btree index on (user_id, coach_id).
+            // Ordered by the untyped column, which the index (on `embedding::vector(n)`) does not
+            // match: always an exact scan of the pair's rows through the btree on (user_id,
+            // coach_id), with a top-N sort (memory bounded by `limit`, however large the pair).
+            // Without the index (the default) this is the whole search: one statement, no
+            // transaction.
             search_exact: format!(
-                "with mine as materialized (select {columns}, embedding from coach_memory \
-                 where user_id = $1 and coach_id = $2) \
-                 select {columns}, 1 - (embedding <=> $3) as similarity from mine \
-                 order by embedding <=> $3, id desc limit $4"
+                "select {columns}, 1 - (embedding <=> $3) as similarity from coach_memory \
+                 where user_id = $1 and coach_id = $2 order by embedding <=> $3, id desc limit $4"
             ),
         }
     }
@@ -144,8 +157,9 @@ impl PgMemoryStore {
         Ok(self.pool.begin_with(self.begin_search_sql.clone()).await?)
     }
 
-    /// The plan of the first (index) step of [`MemoryStore::search_similar`], for diagnostics,
-    /// tests and the benchmark: it names `coach_memory_embedding_hnsw` when the HNSW index is used.
+    /// The plan of [`MemoryStore::search_similar`] (its first, index step with
+    /// `COACHD_MEMORY_HNSW` on), for diagnostics, tests and the benchmark: it names
+    /// `coach_memory_embedding_hnsw` when the HNSW index is used.
     pub async fn explain_search(
         &self,
         user_id: &str,
@@ -159,15 +173,19 @@ impl PgMemoryStore {
             .await?
             .pop()
             .ok_or_else(|| StoreError::Embed(EmbedError::Decode("no vector for the query".to_owned())))?;
+        let sql = if self.hnsw {
+            &self.sql.search_index
+        } else {
+            &self.sql.search_exact
+        };
         let mut tx = self.begin_search().await?;
-        let lines: Vec<String> =
-            sqlx::query_scalar(&format!("explain (costs off) {}", self.sql.search_index))
-                .bind(user_id)
-                .bind(coach_id)
-                .bind(&q)
-                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-                .fetch_all(&mut *tx)
-                .await?;
+        let lines: Vec<String> = sqlx::query_scalar(&format!("explain (costs off) {sql}"))
+            .bind(user_id)
+            .bind(coach_id)
+            .bind(&q)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&mut *tx)
+            .await?;
         tx.rollback().await?;
         Ok(lines.join("\n"))
     }

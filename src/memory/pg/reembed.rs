@@ -4,9 +4,9 @@
 //!
 //! While it runs (and until it finishes) `coach_memory_settings` records the target, and every
 //! start-up refuses to serve ([`SetupError::ReembedUnfinished`]): the table then holds vectors of
-//! two models. The HNSW index and the dimension check are dropped at the start (updating every
-//! row through an HNSW index is far slower than building it once) and rebuilt at the end by
-//! [`PgMemoryStore::prepare`].
+//! two models. The HNSW index (if `COACHD_MEMORY_HNSW` kept one) and the dimension check are
+//! dropped at the start (updating every row through an HNSW index is far slower than building it
+//! once) and rebuilt at the end by [`PgMemoryStore::prepare`], the index only when the setting is on.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;

@@ -1,11 +1,12 @@
 //! First-start and every-start set-up of the pgvector store: the dimension record, the
-//! dimension check constraint and the HNSW index, under an advisory lock.
+//! dimension check constraint and the optional HNSW index (`COACHD_MEMORY_HNSW`), under an
+//! advisory lock.
 
 use std::sync::Arc;
 
 use sqlx::PgPool;
 
-use super::{MAX_INDEXED_DIMENSION, PgMemoryStore, Sql, typed_embedding};
+use super::{HNSW_INDEX, MAX_INDEXED_DIMENSION, PgMemoryStore, Sql, typed_embedding};
 use crate::embed::Embedder;
 use crate::memory::{MemoryLimits, MemorySettings, SetupError};
 
@@ -14,8 +15,9 @@ pub(super) const SETUP_LOCK: &str = "coachd.coach_memory.setup";
 
 impl PgMemoryStore {
     /// Checks the database against the embedder's dimension and returns the store. On the first
-    /// start it records the dimension and model and creates the HNSW index and the dimension
-    /// check; later starts with another dimension or model fail with
+    /// start it records the dimension and model and creates the dimension check; at every start it
+    /// builds the HNSW index when `COACHD_MEMORY_HNSW` is on and it is missing (minutes over many
+    /// rows), and drops it when the setting is off (instant); later starts with another dimension or model fail with
     /// [`SetupError::EmbeddingDimension`] / [`SetupError::EmbeddingModel`], naming
     /// `coachd memory reembed`.
     /// Safe when several instances start at once (an advisory lock serialises them).
@@ -84,23 +86,35 @@ impl PgMemoryStore {
                 sqlx::query(&check).execute(&mut *tx).await.map_err(failed)?;
             }
         }
-        // Checked at every start, in case the index was dropped. Looked up first because even
-        // CREATE INDEX IF NOT EXISTS takes a lock that blocks writers of running instances.
-        let indexed: bool =
-            sqlx::query_scalar("select to_regclass('coach_memory_embedding_hnsw') is not null")
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(failed)?;
-        if !indexed {
+        // The vector index follows COACHD_MEMORY_HNSW at every start. Looked up first because even
+        // CREATE INDEX IF NOT EXISTS / DROP INDEX IF EXISTS take a lock that blocks the writers of
+        // running instances.
+        let indexed: bool = sqlx::query_scalar("select to_regclass($1) is not null")
+            .bind(HNSW_INDEX)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(failed)?;
+        if settings.hnsw && !indexed {
             // Default HNSW parameters (m = 16, ef_construction = 64); changing them later needs a
             // REINDEX anyway. Over existing rows this build blocks start-up: see BENCHMARKS.md.
-            tracing::info!(dimension, "building the HNSW index of coach_memory");
+            tracing::info!(
+                dimension,
+                "building the HNSW index of coach_memory (COACHD_MEMORY_HNSW=on)"
+            );
             let index = format!(
-                "create index if not exists coach_memory_embedding_hnsw on coach_memory \
+                "create index if not exists {HNSW_INDEX} on coach_memory \
                  using hnsw ({} vector_cosine_ops)",
                 typed_embedding(dimension)
             );
             sqlx::query(&index).execute(&mut *tx).await.map_err(failed)?;
+        } else if !settings.hnsw && indexed {
+            // Dropping is instant whatever the size, and gives the writes their speed back; per-pair
+            // searches never needed the index (an exact scan of the pair's rows).
+            tracing::info!("dropping the HNSW index of coach_memory (COACHD_MEMORY_HNSW=off)");
+            sqlx::query(&format!("drop index if exists {HNSW_INDEX}"))
+                .execute(&mut *tx)
+                .await
+                .map_err(failed)?;
         }
         tx.commit().await.map_err(failed)?;
 
@@ -115,6 +129,7 @@ impl PgMemoryStore {
                 settings.ef_search, settings.max_scan_tuples
             ),
             dimension,
+            hnsw: settings.hnsw,
             merge_similarity: (settings.merge_similarity > 0.0).then_some(settings.merge_similarity),
             sql: Arc::new(Sql::new(dimension)),
             stats: Arc::default(),

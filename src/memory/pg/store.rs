@@ -1,10 +1,12 @@
-//! The `MemoryStore` calls on PostgreSQL: batched idempotent inserts, the HNSW search with its
-//! exact fallback, listing and deletion.
+//! The `MemoryStore` calls on PostgreSQL: batched idempotent inserts, the exact per-pair search
+//! (or, with `COACHD_MEMORY_HNSW` on, the HNSW search with its exact fallback), listing and
+//! deletion.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
+use pgvector::Vector;
 use uuid::Uuid;
 
 use super::{PgMemoryStore, Row, ScoredRow};
@@ -184,52 +186,17 @@ impl MemoryStore for PgMemoryStore {
             let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
 
             self.stats.searches.fetch_add(1, Ordering::Relaxed);
-            let mut tx = self.begin_search().await?;
-            let mut rows: Vec<ScoredRow> = sqlx::query_as(&self.sql.search_index)
-                .bind(user_id)
-                .bind(coach_id)
-                .bind(&q)
-                .bind(limit_sql)
-                .fetch_all(&mut *tx)
-                .await?;
-            if rows.len() < limit {
-                // HNSW filters after the scan: even an iterative scan stops at max_scan_tuples, and
-                // may come back short while the pair has more rows. Then scan the pair exactly.
-                let total: i64 = match rows.first().and_then(|r| r.pair_total) {
-                    Some(total) => total,
-                    // No row to carry the count: ask (a pair without memories, or a scan that found
-                    // none of its rows).
-                    None => {
-                        sqlx::query_scalar(
-                            "select count(*) from coach_memory where user_id = $1 and coach_id = $2",
-                        )
-                        .bind(user_id)
-                        .bind(coach_id)
-                        .fetch_one(&mut *tx)
-                        .await?
-                    }
-                };
-                if usize::try_from(total).unwrap_or(usize::MAX) > rows.len() {
-                    tracing::debug!(
-                        found = rows.len(),
-                        total,
-                        limit,
-                        "HNSW scan came back short: exact scan"
-                    );
-                    self.stats.exact_fallbacks.fetch_add(1, Ordering::Relaxed);
-                    rows = sqlx::query_as(&self.sql.search_exact)
-                        .bind(user_id)
-                        .bind(coach_id)
-                        .bind(&q)
-                        .bind(limit_sql)
-                        .fetch_all(&mut *tx)
-                        .await?;
-                }
-            }
-            // Read-only: no commit round trip on the prompt's path. Dropping the transaction queues
-            // its ROLLBACK, which the pool flushes with the ping it sends on every release, in the
-            // background, before the connection serves anyone else.
-            drop(tx);
+            let rows: Vec<ScoredRow> = if self.hnsw {
+                self.search_through_index(user_id, coach_id, &q, limit).await?
+            } else {
+                sqlx::query_as(&self.sql.search_exact)
+                    .bind(user_id)
+                    .bind(coach_id)
+                    .bind(&q)
+                    .bind(limit_sql)
+                    .fetch_all(&self.pool)
+                    .await?
+            };
 
             let mut scored: Vec<ScoredMemory> = rows
                 .into_iter()
@@ -306,5 +273,66 @@ impl MemoryStore for PgMemoryStore {
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected())
+    }
+}
+
+impl PgMemoryStore {
+    /// The search with `COACHD_MEMORY_HNSW` on: the HNSW index with an iterative scan, and the
+    /// exact scan of the pair when that comes back short while the pair has more rows.
+    async fn search_through_index(
+        &self,
+        user_id: &str,
+        coach_id: &str,
+        q: &Vector,
+        limit: usize,
+    ) -> Result<Vec<ScoredRow>, StoreError> {
+        let limit_sql = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut tx = self.begin_search().await?;
+        let mut rows: Vec<ScoredRow> = sqlx::query_as(&self.sql.search_index)
+            .bind(user_id)
+            .bind(coach_id)
+            .bind(q)
+            .bind(limit_sql)
+            .fetch_all(&mut *tx)
+            .await?;
+        if rows.len() < limit {
+            // HNSW filters after the scan: even an iterative scan stops at max_scan_tuples, and
+            // may come back short while the pair has more rows. Then scan the pair exactly.
+            let total: i64 = match rows.first().and_then(|r| r.pair_total) {
+                Some(total) => total,
+                // No row to carry the count: ask (a pair without memories, or a scan that found
+                // none of its rows).
+                None => {
+                    sqlx::query_scalar(
+                        "select count(*) from coach_memory where user_id = $1 and coach_id = $2",
+                    )
+                    .bind(user_id)
+                    .bind(coach_id)
+                    .fetch_one(&mut *tx)
+                    .await?
+                }
+            };
+            if usize::try_from(total).unwrap_or(usize::MAX) > rows.len() {
+                tracing::debug!(
+                    found = rows.len(),
+                    total,
+                    limit,
+                    "HNSW scan came back short: exact scan"
+                );
+                self.stats.exact_fallbacks.fetch_add(1, Ordering::Relaxed);
+                rows = sqlx::query_as(&self.sql.search_exact)
+                    .bind(user_id)
+                    .bind(coach_id)
+                    .bind(q)
+                    .bind(limit_sql)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            }
+        }
+        // Read-only: no commit round trip on the prompt's path. Dropping the transaction queues
+        // its ROLLBACK, which the pool flushes with the ping it sends on every release, in the
+        // background, before the connection serves anyone else.
+        drop(tx);
+        Ok(rows)
     }
 }
