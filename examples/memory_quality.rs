@@ -16,7 +16,6 @@
 //! reads them; `.env` is read too). `QUALITY_MISSES=0` hides the list of missed queries.
 
 #[path = "../tests/memory_quality/eval.rs"]
-#[allow(dead_code)]
 mod eval;
 
 use std::sync::Arc;
@@ -49,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
         .or_else(|_| std::env::var("TEST_DATABASE_URL"))
         .context("set DATABASE_URL (or TEST_DATABASE_URL) to a PostgreSQL with pgvector")?;
     let settings = Settings::from_env()?;
-    let show_misses = std::env::var("QUALITY_MISSES").map_or(true, |v| v != "0");
+    let show_misses = std::env::var("QUALITY_MISSES").as_deref() != Ok("0");
 
     let set = LabelledSet::load()?;
     let shape = set.shape();

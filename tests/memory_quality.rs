@@ -9,6 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
+#[path = "memory_quality/eval.rs"]
 mod eval;
 
 use std::sync::Arc;

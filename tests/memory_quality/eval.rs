@@ -2,6 +2,9 @@
 //! PostgreSQL memory store: shared by `tests/memory_quality.rs` (which asserts the targets) and
 //! `examples/memory_quality.rs` (which prints the table), so both measure the same thing.
 
+// The test and the example each read part of what is here.
+#![allow(dead_code)]
+
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
