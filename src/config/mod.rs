@@ -312,13 +312,28 @@ pub fn load_dotenv() -> Result<Option<PathBuf>, String> {
     match dotenvy::dotenv() {
         Ok(path) => Ok(Some(path)),
         Err(e) if e.not_found() => Ok(None),
+        Err(e) => Err(dotenv_error(e)),
+    }
+}
+
+/// Parses `.env` text as [`load_dotenv`] reads its file, without touching the process
+/// environment: the pairs in file order, or the same message. For the fuzz targets (`fuzz/`).
+#[doc(hidden)]
+pub fn parse_dotenv(text: &[u8]) -> Result<Vec<(String, String)>, String> {
+    // `dotenvy::dotenv` skips a leading byte-order mark before iterating; so does this.
+    let text = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(text);
+    dotenvy::from_read_iter(text)
+        .map(|pair| pair.map_err(dotenv_error))
+        .collect()
+}
+
+fn dotenv_error(e: dotenvy::Error) -> String {
+    match e {
         // dotenvy's message quotes the rest of the file, which holds API keys: name the variable only.
-        Err(dotenvy::Error::LineParse(line, _)) => {
+        dotenvy::Error::LineParse(line, _) => {
             let var = line.split('=').next().unwrap_or_default().trim();
-            Err(format!(
-                "cannot read .env: syntax error in the line of {var} (check its quoting)"
-            ))
+            format!("cannot read .env: syntax error in the line of {var} (check its quoting)")
         }
-        Err(e) => Err(format!("cannot read .env: {e}")),
+        e => format!("cannot read .env: {e}"),
     }
 }

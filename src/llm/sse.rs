@@ -35,8 +35,10 @@ where
     })
 }
 
-/// The byte guard described in the module header.
-fn guard<S, E>(body: S) -> impl Stream<Item = Result<Bytes, SseError>> + Send
+/// The byte guard described in the module header. Public only for the fuzz targets (`fuzz/`),
+/// which check that it holds back at most an incomplete character.
+#[doc(hidden)]
+pub fn guard<S, E>(body: S) -> impl Stream<Item = Result<Bytes, SseError>> + Send
 where
     S: Stream<Item = Result<Bytes, E>> + Send + 'static,
     E: std::fmt::Display + Send + 'static,
