@@ -329,10 +329,22 @@ pub fn parse_dotenv(text: &[u8]) -> Result<Vec<(String, String)>, String> {
 
 fn dotenv_error(e: dotenvy::Error) -> String {
     match e {
-        // dotenvy's message quotes the rest of the file, which holds API keys: name the variable only.
+        // dotenvy's message quotes the rest of the file, which holds API keys: name the variable
+        // only, as the key grammar reads it (everything before a `=` may be a value too, when
+        // the line has no `=` or its key is quoted).
         dotenvy::Error::LineParse(line, _) => {
-            let var = line.split('=').next().unwrap_or_default().trim();
-            format!("cannot read .env: syntax error in the line of {var} (check its quoting)")
+            let line = line.trim_start();
+            let line = match line.strip_prefix("export") {
+                Some(rest) if rest.starts_with([' ', '\t']) => rest.trim_start(),
+                _ => line,
+            };
+            let end = line
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+                .unwrap_or(line.len());
+            match &line[..end] {
+                "" => "cannot read .env: syntax error in a line that starts with no variable name".to_owned(),
+                var => format!("cannot read .env: syntax error in the line of {var} (check its quoting)"),
+            }
         }
         e => format!("cannot read .env: {e}"),
     }
