@@ -319,13 +319,40 @@ pub fn load_dotenv() -> Result<Option<PathBuf>, String> {
     match dotenvy::dotenv() {
         Ok(path) => Ok(Some(path)),
         Err(e) if e.not_found() => Ok(None),
-        // dotenvy's message quotes the rest of the file, which holds API keys: name the variable only.
-        Err(dotenvy::Error::LineParse(line, _)) => {
-            let var = line.split('=').next().unwrap_or_default().trim();
-            Err(format!(
-                "cannot read .env: syntax error in the line of {var} (check its quoting)"
-            ))
+        Err(e) => Err(dotenv_error(e)),
+    }
+}
+
+/// Parses `.env` text as [`load_dotenv`] reads its file, without touching the process
+/// environment: the pairs in file order, or the same message. For the fuzz targets (`fuzz/`).
+#[doc(hidden)]
+pub fn parse_dotenv(text: &[u8]) -> Result<Vec<(String, String)>, String> {
+    // `dotenvy::dotenv` skips a leading byte-order mark before iterating; so does this.
+    let text = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(text);
+    dotenvy::from_read_iter(text)
+        .map(|pair| pair.map_err(dotenv_error))
+        .collect()
+}
+
+fn dotenv_error(e: dotenvy::Error) -> String {
+    match e {
+        // dotenvy's message quotes the rest of the file, which holds API keys: name the variable
+        // only, as the key grammar reads it (everything before a `=` may be a value too, when
+        // the line has no `=` or its key is quoted).
+        dotenvy::Error::LineParse(line, _) => {
+            let line = line.trim_start();
+            let line = match line.strip_prefix("export") {
+                Some(rest) if rest.starts_with([' ', '\t']) => rest.trim_start(),
+                _ => line,
+            };
+            let end = line
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+                .unwrap_or(line.len());
+            match &line[..end] {
+                "" => "cannot read .env: syntax error in a line that starts with no variable name".to_owned(),
+                var => format!("cannot read .env: syntax error in the line of {var} (check its quoting)"),
+            }
         }
-        Err(e) => Err(format!("cannot read .env: {e}")),
+        e => format!("cannot read .env: {e}"),
     }
 }

@@ -35,8 +35,10 @@ where
     })
 }
 
-/// The byte guard described in the module header.
-fn guard<S, E>(body: S) -> impl Stream<Item = Result<Bytes, SseError>> + Send
+/// The byte guard described in the module header. Public only for the fuzz targets (`fuzz/`),
+/// which check that it holds back at most an incomplete character.
+#[doc(hidden)]
+pub fn guard<S, E>(body: S) -> impl Stream<Item = Result<Bytes, SseError>> + Send
 where
     S: Stream<Item = Result<Bytes, E>> + Send + 'static,
     E: std::fmt::Display + Send + 'static,
@@ -57,11 +59,14 @@ where
             };
             pending.extend_from_slice(&chunk);
             if at_start {
-                if pending.len() < 3 && b"\xEF\xBB\xBF".starts_with(&pending) {
-                    continue;
-                }
-                if pending.starts_with(b"\xEF\xBB\xBF") {
+                // Every leading BOM, not only the one the spec ignores: eventsource-stream slices
+                // a BOM it sees first at byte 1 and panics, so none may reach it.
+                while pending.starts_with(b"\xEF\xBB\xBF") {
                     let _ = pending.split_to(3);
+                }
+                // Nothing yet, or the first bytes of another BOM: wait for more.
+                if b"\xEF\xBB\xBF".starts_with(&pending) {
+                    continue;
                 }
                 at_start = false;
             }
@@ -82,7 +87,13 @@ where
                         yield Ok(out);
                     }
                 }
-                Err(_) => {
+                Err(e) => {
+                    // The valid part first, as when the same bytes arrive in smaller chunks:
+                    // events completed before the bad byte must not depend on where TCP cut.
+                    let out = pending.split_to(e.valid_up_to()).freeze();
+                    if !out.is_empty() {
+                        yield Ok(out);
+                    }
                     yield Err(SseError::Utf8);
                     return;
                 }

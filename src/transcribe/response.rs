@@ -183,7 +183,9 @@ fn parse_cues(body: &str) -> Option<Vec<Segment>> {
     Some(segments)
 }
 
-/// `HH:MM:SS,mmm` (SRT), `HH:MM:SS.mmm` or `MM:SS.mmm` (WebVTT), in seconds.
+/// `HH:MM:SS,mmm` (SRT), `HH:MM:SS.mmm` or `MM:SS.mmm` (WebVTT), in seconds. Only a finite
+/// time: `f64` parsing also reads `inf`, `NaN` and `1e400` (infinite), which JSON cannot hold,
+/// so the job's result would carry `null` for a number.
 fn stamp(s: &str) -> Option<f64> {
     let s = s.replace(',', ".");
     let parts: Vec<&str> = s.split(':').collect();
@@ -196,7 +198,7 @@ fn stamp(s: &str) -> Option<f64> {
         [m, sec] => (0.0, m.parse::<f64>().ok()?, sec.parse::<f64>().ok()?),
         _ => return None,
     };
-    Some(h * 3600.0 + m * 60.0 + sec)
+    Some(h * 3600.0 + m * 60.0 + sec).filter(|t| t.is_finite())
 }
 
 #[cfg(test)]

@@ -1,0 +1,95 @@
+//! Inputs found by the cargo-fuzz targets (`fuzz/`, RELIABILITY.md "2. Fuzzing"), each kept as a
+//! test of the normal suite with the input inlined, so the fix cannot regress without a fuzzer.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use coachd::config::parse_dotenv;
+
+/// dotenv target: a line without `=` made the syntax error quote the whole line, value and all
+/// (an API key in a real `.env`), since the name was taken as everything before the first `=`.
+#[test]
+fn a_dotenv_syntax_error_names_the_variable_not_its_value() {
+    let err = parse_dotenv(b"A=1\nOPENAI_API_KEY sk-not-a-real-key\nB=2\n").unwrap_err();
+    assert!(!err.contains("sk-not-a-real-key"), "{err}");
+    assert!(err.contains("OPENAI_API_KEY"), "{err}");
+    // A line that opens with its value names no variable at all.
+    let err = parse_dotenv(b"\"sk-not-a-real-key\"\n").unwrap_err();
+    assert!(!err.contains("sk-not-a-real-key"), "{err}");
+    // An unterminated quote runs to the end of the file: still only the name.
+    let err = parse_dotenv(b"KEY=\"sk-not-a-real-key\nB=2\n").unwrap_err();
+    assert!(!err.contains("sk-not-a-real-key"), "{err}");
+    assert!(err.contains("KEY"), "{err}");
+    // The line the target made of `.env.example` (two lines run together): the message quoted
+    // the next line's comment.
+    let err = parse_dotenv(
+        b"COACHD_DB_MAX_CONNECTIONS=10\nCOACHD_DB_CONNECT_TIMEOUTn this directory instead of PostgreSQL\n",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        "cannot read .env: syntax error in the line of COACHD_DB_CONNECT_TIMEOUTn (check its quoting)"
+    );
+}
+
+/// The data of each event an SSE body decodes to (errors as their message), fed in `chunks`.
+async fn sse_data(chunks: Vec<&'static [u8]>) -> Vec<Result<String, String>> {
+    use futures::StreamExt;
+    let body = futures::stream::iter(
+        chunks
+            .into_iter()
+            .map(|c| Ok::<_, std::io::Error>(bytes::Bytes::from_static(c))),
+    );
+    coachd::llm::sse::events(body)
+        .map(|r| r.map(|e| e.data).map_err(|e| e.to_string()))
+        .collect()
+        .await
+}
+
+/// sse_decode target: an invalid byte after a complete event dropped that event when both came
+/// in one chunk, and kept it when the bytes came one by one: what a client got depended on
+/// where TCP cut the body. The event before the bad byte is now delivered either way.
+#[tokio::test]
+async fn an_event_before_invalid_utf8_is_kept_however_the_body_is_cut() {
+    const BODY: &[u8] = b"retry: 10\ndata:x\r\rdat\xe1:y \n";
+    let whole = sse_data(vec![BODY]).await;
+    let bytewise = sse_data(BODY.chunks(1).collect()).await;
+    assert_eq!(whole, bytewise);
+    assert_eq!(
+        whole,
+        vec![
+            Ok("x".to_owned()),
+            Err("the stream is not valid UTF-8".to_owned())
+        ]
+    );
+}
+
+/// transcribe_response target: a cue time of `00:00:03.277e377` (from the fuzzer's WebVTT) read
+/// as infinity, and `NaN` as NaN; both became `null` in the job's JSON result, which then no
+/// longer read back as a transcript. A time that is not finite is now a malformed cue.
+#[test]
+fn a_cue_time_that_is_not_finite_is_malformed() {
+    use coachd::transcribe::TranscribeError;
+    use coachd::transcribe::response::{ResponseFormat, parse};
+    for body in [
+        "WEBVTT\n\n01:00:01.500 --> 00:00:03.277e377\nHello\n",
+        "1\nNaN:00:00,000 --> 00:00:01,000\nHello\n",
+        "00:00.000 --> inf:00.000\nHello\n",
+    ] {
+        let got = parse(ResponseFormat::Vtt, body, None);
+        assert!(
+            matches!(got, Err(TranscribeError::InvalidResponse(_))),
+            "{body:?}: {got:?}"
+        );
+    }
+    // A well-formed cue still reads, and its transcript reads back from its JSON.
+    let t = parse(
+        ResponseFormat::Srt,
+        "1\n00:00:00,000 --> 00:00:01,500\nHello\n",
+        None,
+    )
+    .unwrap();
+    assert_eq!((t.segments[0].start, t.segments[0].end), (0.0, 1.5));
+    let back: coachd::transcribe::Transcript =
+        serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+    assert_eq!(back, t);
+}
