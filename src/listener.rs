@@ -208,7 +208,11 @@ pub struct Counted<Io> {
 }
 
 impl<Io: AsyncRead + Unpin> AsyncRead for Counted<Io> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
@@ -287,7 +291,10 @@ mod tests {
         let (soft, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).expect("getrlimit");
         assert_eq!(got.soft, soft);
         assert_eq!(got.hard, hard);
-        assert!(hard == rlimit::INFINITY || soft == hard, "soft {soft}, hard {hard}");
+        assert!(
+            hard == rlimit::INFINITY || soft == hard,
+            "soft {soft}, hard {hard}"
+        );
     }
 
     /// A listener of scripted connections (in-memory pipes), so counting needs no sockets.

@@ -600,7 +600,9 @@ fn counting_listener<L: axum::serve::Listener>(
         fd_reserve = limits.fd_reserve,
         "connection capacity: past it, new connections get 503 with Retry-After (WebSocket: close 1013)"
     );
-    let needed = (capacity as u64).saturating_mul(2).saturating_add(limits.fd_reserve);
+    let needed = (capacity as u64)
+        .saturating_mul(2)
+        .saturating_add(limits.fd_reserve);
     if limits.max_connections > 0 && needed > files.soft {
         tracing::warn!(
             max_connections = capacity,

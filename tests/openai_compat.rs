@@ -580,6 +580,10 @@ async fn past_the_stream_limit_a_stream_waits_for_a_place_then_gets_504() {
     let ok = statuses.iter().filter(|s| **s == 200).count();
     let timed_out = statuses.iter().filter(|s| **s == 504).count();
     assert_eq!((ok, timed_out), (40, 10), "{statuses:?}");
-    assert_eq!(fake.streams().0, 40, "the ten past the limit never reached the upstream");
+    assert_eq!(
+        fake.streams().0,
+        40,
+        "the ten past the limit never reached the upstream"
+    );
     app.stop().await.unwrap();
 }

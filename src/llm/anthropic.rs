@@ -134,7 +134,7 @@ impl Provider for Anthropic {
     }
 
     async fn stream(&self, request: ChatRequest) -> Result<EventStream, LlmError> {
-let lease = self.upstream.acquire().await.map_err(|_| LlmError::Timeout {
+        let lease = self.upstream.acquire().await.map_err(|_| LlmError::Timeout {
             provider: ProviderKind::Anthropic,
             phase: TimeoutPhase::Connect,
             after: self.connect_timeout,
@@ -350,12 +350,7 @@ mod tests {
             crate::llm::http::PoolLimits::default(),
         )
         .unwrap();
-        Anthropic::new(
-            upstream,
-            &settings,
-            Secret::new("k"),
-            Duration::from_secs(1),
-        )
+        Anthropic::new(upstream, &settings, Secret::new("k"), Duration::from_secs(1))
     }
 
     #[test]

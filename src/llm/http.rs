@@ -91,7 +91,8 @@ impl ClientConfig {
             HttpVersion::Http1 => b.http1_only(),
             HttpVersion::H2 => b.http2_prior_knowledge(),
         };
-        b.build().map_err(|e| format!("cannot build the HTTP client: {e}"))
+        b.build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))
     }
 
     /// Whether streams can share a connection: over HTTP/1.1 each has its own.

@@ -141,7 +141,7 @@ impl Provider for OpenAiCompatible {
 
     async fn stream(&self, request: ChatRequest) -> Result<EventStream, LlmError> {
         let body = self.request_body(&request);
-let lease = self.upstream.acquire().await.map_err(|_| LlmError::Timeout {
+        let lease = self.upstream.acquire().await.map_err(|_| LlmError::Timeout {
             provider: self.kind,
             phase: TimeoutPhase::Connect,
             after: self.connect_timeout,

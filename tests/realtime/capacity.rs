@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::app_with_fake;
 use crate::common::Services;
-use crate::common::realtime::{ws_connect, ws_send, ws_until, tokens_text};
+use crate::common::realtime::{tokens_text, ws_connect, ws_send, ws_until};
 
 #[tokio::test]
 async fn connections_past_capacity_are_refused_while_open_ones_carry_on() {
@@ -30,7 +30,11 @@ async fn connections_past_capacity_are_refused_while_open_ones_carry_on() {
     ws_until(&mut ws, "session").await;
 
     // A third connection is answered and closed.
-    let refused = reqwest::Client::new().get(app.url("/health/live")).send().await.unwrap();
+    let refused = reqwest::Client::new()
+        .get(app.url("/health/live"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(refused.status(), 503);
     assert_eq!(refused.headers()["retry-after"], "7");
     assert_eq!(refused.headers()["connection"], "close");
@@ -41,7 +45,10 @@ async fn connections_past_capacity_are_refused_while_open_ones_carry_on() {
     let url = app.ws_url(&format!("/realtime/sessions/{}/ws?token={}", s.id, s.token));
     let (mut late, resp) = tokio_tungstenite::connect_async(url).await.expect("upgrade");
     assert_eq!(resp.status(), 101);
-    match tokio::time::timeout(Duration::from_secs(10), late.next()).await.expect("a frame") {
+    match tokio::time::timeout(Duration::from_secs(10), late.next())
+        .await
+        .expect("a frame")
+    {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1013, "{frame:?}"),
         other => panic!("expected close 1013, got {other:?}"),
     }
@@ -57,11 +64,19 @@ async fn connections_past_capacity_are_refused_while_open_ones_carry_on() {
     drop(ws);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let status = reqwest::Client::new().get(app.url("/health/live")).send().await.unwrap().status();
+        let status = reqwest::Client::new()
+            .get(app.url("/health/live"))
+            .send()
+            .await
+            .unwrap()
+            .status();
         if status == 200 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "no place freed: still {status}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no place freed: still {status}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     app.stop().await.unwrap();

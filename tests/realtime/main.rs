@@ -7,9 +7,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod capacity;
 #[path = "../common/mod.rs"]
 mod common;
-mod capacity;
 mod http;
 mod sse;
 mod turns;
