@@ -440,7 +440,7 @@ async fn pooled(embedder: &dyn Embedder, set: &LabelledSet) -> anyhow::Result<Po
         ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
         let top = &ranked[..K.min(ranked.len())];
         let found = top.iter().filter(|(_, m)| q.relevant.contains(&m.id)).count();
-        recall += found as f64 / q.relevant.len().min(K).max(1) as f64;
+        recall += found as f64 / q.relevant.len().clamp(1, K) as f64;
         foreign += top
             .iter()
             .filter(|(_, m)| m.user != q.user || m.coach != q.coach)
