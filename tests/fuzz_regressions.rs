@@ -93,3 +93,58 @@ fn a_cue_time_that_is_not_finite_is_malformed() {
         serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
     assert_eq!(back, t);
 }
+
+/// sse_decode target: a body opening with two BOMs panicked inside eventsource-stream, which
+/// strips one and then slices the second at byte 1. Every leading BOM is now stripped, however
+/// the bytes are cut.
+#[tokio::test]
+async fn a_body_opening_with_two_boms_decodes_without_a_panic() {
+    const BODY: &[u8] = b"\xEF\xBB\xBF\xEF\xBB\xBFdata: a\n\n";
+    let whole = sse_data(vec![BODY]).await;
+    assert_eq!(whole, vec![Ok("a".to_owned())]);
+    let bytewise = sse_data(BODY.chunks(1).collect()).await;
+    assert_eq!(bytewise, whole);
+}
+
+/// A 16-bit PCM WAV of `channels` at `rate` Hz with `frames` silent frames.
+fn wav(channels: u16, rate: u32, frames: u32) -> Vec<u8> {
+    let data_len = frames * u32::from(channels) * 2;
+    let mut w = Vec::new();
+    w.extend_from_slice(b"RIFF");
+    w.extend_from_slice(&(36 + data_len).to_le_bytes());
+    w.extend_from_slice(b"WAVEfmt ");
+    w.extend_from_slice(&16u32.to_le_bytes());
+    w.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    w.extend_from_slice(&channels.to_le_bytes());
+    w.extend_from_slice(&rate.to_le_bytes());
+    w.extend_from_slice(&(rate * u32::from(channels) * 2).to_le_bytes());
+    w.extend_from_slice(&(channels * 2).to_le_bytes());
+    w.extend_from_slice(&16u16.to_le_bytes());
+    w.extend_from_slice(b"data");
+    w.extend_from_slice(&data_len.to_le_bytes());
+    w.resize(w.len() + data_len as usize, 0);
+    w
+}
+
+/// transcribe_audio target: a WAV whose header says a sample rate of 0 panicked symphonia 0.5.5
+/// (it builds a `TimeBase` with that denominator) inside `ChunkReader::open`. It is now refused
+/// as bad audio, naming the header, before symphonia sees it; so is a header with 0 channels.
+#[test]
+fn a_wav_with_sample_rate_zero_is_bad_audio_not_a_panic() {
+    use coachd::transcribe::audio::ChunkReader;
+    use coachd::transcribe::{AudioFormat, TranscribeError};
+    for (channels, rate, frames) in [(1, 0, 4), (0, 16_000, 0), (1, 0, 0)] {
+        let bytes = bytes::Bytes::from(wav(channels, rate, frames));
+        let got = std::panic::catch_unwind(|| ChunkReader::open(bytes, AudioFormat::Wav, 600))
+            .unwrap_or_else(|_| panic!("open panicked on a WAV of {channels} ch at {rate} Hz"));
+        match got {
+            Err(TranscribeError::BadAudio(m)) => assert!(m.contains("WAV header"), "{m}"),
+            other => panic!("{channels} ch at {rate} Hz: {other:?}"),
+        }
+    }
+    // The same file with a real rate still opens and decodes.
+    let ok = ChunkReader::open(bytes::Bytes::from(wav(1, 16_000, 1600)), AudioFormat::Wav, 600)
+        .unwrap()
+        .expect("a WAV is decodable here");
+    assert!(!ok.is_done());
+}

@@ -227,11 +227,43 @@ impl std::fmt::Debug for ChunkReader {
     }
 }
 
+/// Refuses a RIFF/WAVE file whose `fmt ` chunk says 0 channels or a sample rate of 0 before
+/// symphonia sees it: symphonia 0.5 builds its time base from the rate and panics on 0 (found
+/// by the `transcribe_audio` fuzz target). The caller's `spawn_blocking` would turn the panic
+/// into an error too, but this names the fault and keeps a worker's log free of a backtrace.
+/// Anything that is not a complete WAV header is left to symphonia.
+fn check_wav_header(bytes: &[u8]) -> Result<(), TranscribeError> {
+    if bytes.len() < 12 || &bytes[0..4] != b"RIFF" || &bytes[8..12] != b"WAVE" {
+        return Ok(());
+    }
+    let mut at = 12usize;
+    while let Some(header) = bytes.get(at..at.saturating_add(8)) {
+        let size = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+        if &header[0..4] == b"fmt " {
+            let Some(fmt) = bytes.get(at + 8..(at + 8).saturating_add(8)) else {
+                return Ok(());
+            };
+            let channels = u16::from_le_bytes([fmt[2], fmt[3]]);
+            let rate = u32::from_le_bytes([fmt[4], fmt[5], fmt[6], fmt[7]]);
+            if channels == 0 || rate == 0 {
+                return Err(TranscribeError::BadAudio(format!(
+                    "the WAV header says {channels} channel(s) at {rate} Hz"
+                )));
+            }
+            return Ok(());
+        }
+        // Chunks are padded to an even length.
+        at = at.saturating_add(8).saturating_add(size).saturating_add(size & 1);
+    }
+    Ok(())
+}
+
 impl ChunkReader {
     /// Opens the recording. `Ok(None)` when its container or codec is not one decoded here
     /// (Opus, say) and it may still be valid for the upstream; an error when a format that is
     /// always decodable here (WAV, MP3, FLAC) does not parse.
     pub fn open(bytes: Bytes, format: AudioFormat, chunk_secs: u32) -> Result<Option<Self>, TranscribeError> {
+        check_wav_header(&bytes)?;
         let len = bytes.len() as u64;
         let pos = Arc::new(AtomicU64::new(0));
         let source = Tracked {
