@@ -182,11 +182,14 @@ impl Application {
             }
             None => {
                 tracing::info!("memory: in-process (lost on restart)");
-                Arc::new(InProcessMemoryStore::new(
-                    embedder.clone(),
-                    MemoryLimits::from(&settings.memory),
-                    settings.memory.embedded_max,
-                ))
+                Arc::new(
+                    InProcessMemoryStore::new(
+                        embedder.clone(),
+                        MemoryLimits::from(&settings.memory),
+                        settings.memory.embedded_max,
+                    )
+                    .with_merge_similarity(settings.memory.merge_similarity),
+                )
             }
         };
         let limits = settings.context;

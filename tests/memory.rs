@@ -61,11 +61,10 @@ async fn store_of(kind: Kind, overrides: &[(&str, &str)]) -> Arc<dyn MemoryStore
                 .await
                 .unwrap(),
         ),
-        Kind::InProcess => Arc::new(InProcessMemoryStore::new(
-            embedder(),
-            MemoryLimits::from(&settings),
-            settings.embedded_max,
-        )),
+        Kind::InProcess => Arc::new(
+            InProcessMemoryStore::new(embedder(), MemoryLimits::from(&settings), settings.embedded_max)
+                .with_merge_similarity(settings.merge_similarity),
+        ),
     }
 }
 
@@ -105,6 +104,7 @@ on_both_stores!(
     integer_and_uuid_ids_both_work,
     invalid_input_is_refused,
     limits_are_capped_at_the_list_maximum,
+    near_duplicates_merge_only_when_the_setting_is_on,
 );
 
 async fn stored_memories_are_listed_newest_first_with_paging(kind: Kind) {
@@ -748,13 +748,9 @@ fn note(text: &str, memory_type: &str) -> NewMemory {
     }
 }
 
-#[tokio::test]
-async fn near_duplicates_merge_only_when_the_setting_is_on() {
-    let pool = fresh_pool().await;
+async fn near_duplicates_merge_only_when_the_setting_is_on(kind: Kind) {
     // Off by default: a reworded copy is stored again.
-    let off = PgMemoryStore::prepare(pool.clone(), embedder(), &memory_settings(&[]))
-        .await
-        .unwrap();
+    let off = store_of(kind, &[]).await;
     let first = off
         .store_batch(vec![note("I run every morning before work", "habit")])
         .await
@@ -765,43 +761,43 @@ async fn near_duplicates_merge_only_when_the_setting_is_on() {
         .unwrap()[0];
     assert!(first.created && again.created && first.id != again.id);
 
-    let pool = fresh_pool().await;
-    let on = PgMemoryStore::prepare(
-        pool.clone(),
-        embedder(),
-        &memory_settings(&[("COACHD_MEMORY_MERGE_SIMILARITY", "0.95")]),
-    )
-    .await
-    .unwrap();
+    let on = store_of(kind, &[("COACHD_MEMORY_MERGE_SIMILARITY", "0.95")]).await;
     let first = on
         .store_batch(vec![note("I run every morning before work", "habit")])
         .await
         .unwrap()[0];
-    let before: chrono::DateTime<chrono::Utc> =
-        sqlx::query_scalar("select created_at from coach_memory where id = $1")
-            .bind(first.id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let later = on
+        .store_batch(vec![note(
+            "my manager wants the quarterly report by Friday",
+            "goal",
+        )])
+        .await
+        .unwrap()[0];
+    let created_at =
+        |page: &[coachd::memory::Memory], id| page.iter().find(|m| m.id == id).map(|m| m.created_at).unwrap();
+    let (page, _) = on.list("u-merge", "c-merge", 10, 0).await.unwrap();
+    let before = created_at(&page, first.id);
+    assert_eq!(page[0].id, later.id, "newest first before the merge");
     let outcomes = on
         .store_batch(vec![
             note("I run every morning before work!", "habit"),
             note("I run every morning before work!", "goal"),
             note("my manager wants the quarterly report by Friday", "habit"),
+            // Near-copies inside one batch are compared with stored rows only: both are stored.
+            note("the team offsite is in March in Lisbon", "insight"),
+            note("the team offsite is in March in Lisbon!", "insight"),
         ])
         .await
         .unwrap();
     // The near-copy is merged into the first memory, refreshing its timestamp.
     assert_eq!((outcomes[0].id, outcomes[0].created), (first.id, false));
-    let after: chrono::DateTime<chrono::Utc> =
-        sqlx::query_scalar("select created_at from coach_memory where id = $1")
-            .bind(first.id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    // Another type, an unrelated text and a near-copy within the batch are stored.
+    assert!(outcomes[1..].iter().all(|o| o.created), "{outcomes:?}");
+    let (page, total) = on.list("u-merge", "c-merge", 10, 0).await.unwrap();
+    assert_eq!(total, 6);
+    let after = created_at(&page, first.id);
     assert!(after > before, "{before} then {after}");
-    // Another type and an unrelated text are stored.
-    assert!(outcomes[1].created && outcomes[2].created);
-    let (_, total) = on.list("u-merge", "c-merge", 10, 0).await.unwrap();
-    assert_eq!(total, 3);
+    // The merged memory now lists before the one stored after it (newest first by timestamp).
+    let rank = |id| page.iter().position(|m| m.id == id).unwrap();
+    assert!(rank(first.id) < rank(later.id), "{page:#?}");
 }

@@ -1,6 +1,7 @@
 //! The in-process memory store: exact cosine search over the pair's memories in a map, for a
 //! coachd without PostgreSQL. Same validation, de-duplication, ordering and paging as the
-//! pgvector store; bounded by `COACHD_MEMORY_EMBEDDED_MAX` (the oldest memories go first).
+//! pgvector store, near-duplicate merging included; bounded by `COACHD_MEMORY_EMBEDDED_MAX` (the
+//! oldest memories go first).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
@@ -93,6 +94,28 @@ impl Inner {
         true
     }
 
+    /// The stored memory of `p`'s (user, coach, type) most similar to `embedding` with a cosine
+    /// of at least `threshold`, leaving out `skip` (the memories of the batch being stored, since
+    /// the PostgreSQL store compares only with rows stored before the batch).
+    fn nearest_of_type(
+        &self,
+        p: &Prepared,
+        embedding: &[f32],
+        threshold: f32,
+        skip: &BTreeSet<Uuid>,
+    ) -> Option<Uuid> {
+        self.pairs
+            .get(&(p.user_id.clone(), p.coach_id.clone()))?
+            .iter()
+            .filter(|id| !skip.contains(id))
+            .filter_map(|id| self.entries.get(id))
+            .filter(|e| e.memory.memory_type == p.memory_type)
+            .map(|e| (cosine_similarity(&e.embedding, embedding), e.memory.id))
+            .filter(|(sim, _)| *sim >= threshold)
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, id)| id)
+    }
+
     fn pair_ids(&self, user_id: &str, coach_id: &str) -> Vec<Uuid> {
         self.pairs
             .get(&(user_id.to_owned(), coach_id.to_owned()))
@@ -107,6 +130,8 @@ pub struct InProcessMemoryStore {
     embedder: Arc<dyn Embedder>,
     limits: MemoryLimits,
     max_memories: usize,
+    /// `COACHD_MEMORY_MERGE_SIMILARITY`; `None` when merging is off.
+    merge_similarity: Option<f32>,
     // A std RwLock: never held across an await (embedding happens before the lock is taken).
     inner: RwLock<Inner>,
 }
@@ -118,8 +143,17 @@ impl InProcessMemoryStore {
             embedder,
             limits,
             max_memories: max_memories.max(1),
+            merge_similarity: None,
             inner: RwLock::new(Inner::default()),
         }
+    }
+
+    /// Merges a new memory into a stored one of the same (user, coach, type) whose cosine
+    /// similarity is at least `threshold` (its timestamp refreshed, its id returned) instead of
+    /// storing it; 0 or less turns merging off (`COACHD_MEMORY_MERGE_SIMILARITY`).
+    pub fn with_merge_similarity(mut self, threshold: f32) -> Self {
+        self.merge_similarity = (threshold > 0.0).then_some(threshold);
+        self
     }
 
     fn read(&self) -> Result<std::sync::RwLockReadGuard<'_, Inner>, StoreError> {
@@ -147,6 +181,8 @@ impl MemoryStore for InProcessMemoryStore {
             .collect::<Result<Vec<_>, _>>()?;
         let mut outcomes: Vec<Option<StoreOutcome>> = vec![None; prepared.len()];
         let mut pending: Vec<(usize, Prepared)> = prepared.into_iter().enumerate().collect();
+        // Memories this batch created: never merge targets for the rest of the batch.
+        let mut created: BTreeSet<Uuid> = BTreeSet::new();
         // Usually one round. Another only when a memory seen as a duplicate was deleted before the
         // write lock was taken, so it still needs a vector. The locks live in blocks of their
         // own: a std lock guard must never be held across an await.
@@ -174,8 +210,20 @@ impl MemoryStore for InProcessMemoryStore {
                         created: false,
                     });
                 } else if let Some(v) = by_text.get(p.text.as_str()) {
+                    let merged = self
+                        .merge_similarity
+                        .and_then(|t| inner.nearest_of_type(&p, v, t, &created));
+                    if let Some(id) = merged {
+                        if let Some(e) = inner.entries.get_mut(&id) {
+                            e.memory.created_at = Utc::now().trunc_subsecs(6);
+                        }
+                        outcomes[i] = Some(StoreOutcome { id, created: false });
+                        continue;
+                    }
                     let v = (*v).clone();
-                    outcomes[i] = Some(inner.insert(p, v, self.max_memories));
+                    let outcome = inner.insert(p, v, self.max_memories);
+                    created.insert(outcome.id);
+                    outcomes[i] = Some(outcome);
                 } else {
                     retry.push((i, p));
                 }
@@ -237,15 +285,19 @@ impl MemoryStore for InProcessMemoryStore {
     ) -> Result<(Vec<Memory>, u64), StoreError> {
         let limit = limit.min(self.limits.list_max);
         let inner = self.read()?;
-        let ids = inner.pair_ids(user_id, coach_id);
-        let total = ids.len() as u64;
-        // Newest first: ids are UUID v7, so descending id order is descending creation order.
-        let page = ids
+        let mut entries: Vec<&Entry> = inner
+            .pair_ids(user_id, coach_id)
             .iter()
-            .rev()
+            .filter_map(|id| inner.entries.get(id))
+            .collect();
+        let total = entries.len() as u64;
+        // Newest first by timestamp then id, as the PostgreSQL store orders: a merge refreshes a
+        // timestamp, so id order alone is not creation order any more.
+        entries.sort_by(|a, b| (b.memory.created_at, b.memory.id).cmp(&(a.memory.created_at, a.memory.id)));
+        let page = entries
+            .into_iter()
             .skip(offset)
             .take(limit)
-            .filter_map(|id| inner.entries.get(id))
             .map(|e| e.memory.clone())
             .collect();
         Ok((page, total))

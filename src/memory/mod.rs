@@ -40,7 +40,7 @@ pub struct MemorySettings {
     pub embedded_max: usize,
     /// `COACHD_MEMORY_MERGE_SIMILARITY`: a new memory whose cosine similarity to a stored one of
     /// the same (user, coach, type) is at least this is merged into it (its timestamp refreshed)
-    /// instead of stored; 0 (the default) turns merging off. PostgreSQL store only.
+    /// instead of stored; 0 (the default) turns merging off. Both stores.
     pub merge_similarity: f32,
 }
 
