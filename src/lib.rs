@@ -80,6 +80,7 @@ pub mod persist;
 pub mod redis;
 pub mod routes;
 pub mod secret;
+pub mod server;
 pub mod session;
 pub mod startup;
 pub mod state;

@@ -207,6 +207,13 @@ pub struct Counted<Io> {
     _live: Live,
 }
 
+impl<Io> Counted<Io> {
+    /// False for a connection accepted past capacity, to be answered with a refusal.
+    pub fn admitted(&self) -> bool {
+        self.admitted
+    }
+}
+
 impl<Io: AsyncRead + Unpin> AsyncRead for Counted<Io> {
     fn poll_read(
         mut self: Pin<&mut Self>,

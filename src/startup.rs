@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::coach::notes::{InProcessNotesStore, NotesStore, PgNotesStore};
@@ -424,11 +425,9 @@ impl Application {
             }
         });
         let listener = counting_listener(listener, &state.settings.connections);
-        let app = app.into_make_service_with_connect_info::<crate::listener::Admission>();
         // The listener closes on `shutdown`, not on the stop signal: between the two lies the
         // drain delay, when /health/ready already answers 503 and everything else is served.
-        let server = axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
-        let server = server.into_future();
+        let server = crate::server::serve(listener, app, state.settings.http.clone(), token.clone());
         tokio::pin!(server);
         tracing::info!(%addr, node_id = %state.settings.cluster.node_id, "coachd listening");
 
@@ -529,6 +528,7 @@ where
 pub fn build_router(state: AppState) -> Router {
     let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
     let max_body = state.settings.max_body_bytes;
+    let body_timeout = state.settings.http.body_timeout;
     let node_id: Arc<str> = Arc::from(state.settings.cluster.node_id.as_str());
     let metrics = state.settings.metrics.enabled;
     let mut app = routes::router().merge(routes::jobs::router(state.settings.jobs.max_upload_bytes));
@@ -547,6 +547,8 @@ pub fn build_router(state: AppState) -> Router {
                 .into_response()
         })
         .layer(DefaultBodyLimit::max(max_body))
+        // A body that sends nothing for this long fails its read (400), freeing the connection.
+        .layer(RequestBodyTimeoutLayer::new(body_timeout))
         .layer(CatchPanicLayer::custom(|_| {
             Error::Internal(anyhow::anyhow!("handler panicked")).into_response()
         }))

@@ -116,6 +116,8 @@ pub struct Settings {
     pub cluster: crate::session::cluster::ClusterSettings,
     /// How many client connections the node takes, and the answer past that.
     pub connections: crate::listener::ConnectionLimits,
+    /// Time and size limits of request heads and bodies (`COACHD_HTTP_*`).
+    pub http: crate::server::HttpLimits,
     /// `COACHD_MAX_TRANSCRIPT_CHARS`: longest transcript for notes.
     pub max_transcript_chars: usize,
     /// `COACHD_PERSONAS_FILE`: TOML file of extra or replacing coach personas.
@@ -266,6 +268,13 @@ impl Settings {
                 max_connections: r.int("COACHD_MAX_CONNECTIONS", 0, 0, 100_000_000)?,
                 fd_reserve: r.int("COACHD_FD_RESERVE", 256, 16, 1_000_000)?,
                 retry_after: r.seconds("COACHD_CAPACITY_RETRY_AFTER_SECS", 5, 1, 3_600)?,
+            },
+            http: crate::server::HttpLimits {
+                header_timeout: r.seconds("COACHD_HTTP_HEADER_TIMEOUT_SECS", 10, 1, 3_600)?,
+                body_timeout: r.seconds("COACHD_HTTP_BODY_TIMEOUT_SECS", 30, 1, 3_600)?,
+                max_header_bytes: r.int("COACHD_HTTP_MAX_HEADER_BYTES", 65_536, 8_192, 16 << 20)?,
+                max_headers: r.int("COACHD_HTTP_MAX_HEADERS", 100, 16, 10_000)?,
+                h2_max_streams: r.int("COACHD_HTTP2_MAX_STREAMS", 200, 1, 100_000)?,
             },
             max_transcript_chars: r.int("COACHD_MAX_TRANSCRIPT_CHARS", 200_000, 1, 10_000_000)?,
             personas_file: r.raw("COACHD_PERSONAS_FILE").map(PathBuf::from),
