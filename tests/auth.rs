@@ -47,6 +47,22 @@ fn unsigned(claims: &Value) -> String {
     format!("{header}.{payload}.")
 }
 
+/// A JWT with this header, signed HMAC-SHA256 with `secret` whatever the header says.
+fn signed_with_header(header: &str, secret: &str, claims: &Value) -> String {
+    use hmac::{Hmac, Mac};
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(input.as_bytes());
+    format!("{input}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+}
+
+/// The text of an RSA public key, as an attacker of RS/HS confusion would use for an HMAC key.
+const PUBLIC_KEY_PEM: &str = "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAu1SU1LfVLPHCozMxH2Mo\n-----END PUBLIC KEY-----\n";
+
 async fn app_with(fake: &FakeUpstream, extra: &[(&str, &str)]) -> TestApp {
     let base = fake.base_url();
     let mut vars = vec![
@@ -238,6 +254,17 @@ async fn llm_routes_need_a_valid_jwt_when_the_secret_is_set() {
         ),
         ("HS384", jwt_with(Algorithm::HS384, SECRET, &claims("user-a"))),
         ("alg none", unsigned(&claims("user-a"))),
+        // RS/HS confusion, both ways round: a header naming RS256 over a valid HS256 signature
+        // by the secret (the algorithm is pinned, not read from the header), and HS256 keyed
+        // with a public key's text (what a server that verified RS256 with it would accept).
+        (
+            "RS256 header, HS256 signature",
+            signed_with_header(r#"{"alg":"RS256","typ":"JWT"}"#, SECRET, &claims("user-a")),
+        ),
+        (
+            "HS256 keyed with a public key",
+            jwt_with(Algorithm::HS256, PUBLIC_KEY_PEM, &claims("user-a")),
+        ),
         ("garbage", "not.a.jwt".to_owned()),
     ];
     for (what, token) in cases {

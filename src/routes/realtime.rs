@@ -18,6 +18,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::rate_limit::enforce;
 use super::validate::Id;
 use super::{JsonBody, QueryParams, wants_sse};
 use crate::auth::{Caller, Policy, UserOrKey};
@@ -69,6 +70,7 @@ struct CreateBody {
         (status = 400, description = "Invalid input", body = ErrorBody),
         (status = 401, description = "API keys are configured and none valid was sent", body = ErrorBody),
         (status = 403, description = "A JWT user acting on another user's data", body = ErrorBody),
+        (status = 429, description = "The user created RATE_LIMIT_REQUESTS sessions within RATE_LIMIT_TTL", body = ErrorBody),
         (status = 503, description = "At COACHD_MAX_SESSIONS", body = ErrorBody),
     )
 )]
@@ -96,6 +98,9 @@ async fn create(
             format!("transport must be http, sse or websocket, not {name:?}"),
         ));
     };
+    // Creation is counted per user like the other per-user routes: without it one user could
+    // take every one of the node's COACHD_MAX_SESSIONS places in a burst.
+    let rate = enforce(&state, &user_id, CREATE_ROUTE).await?;
     let session = state.sessions.open(&user_id, &body.coach_id, transport).await?;
     let (token, expires) = state.session_tokens.issue(&session.id, &session.user_id);
     let persona = state.personas.resolve(&body.coach_id);
@@ -118,8 +123,11 @@ async fn create(
             "websocket": format!("/realtime/sessions/{id}/ws?token={token}"),
         },
     });
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    Ok((StatusCode::CREATED, rate, Json(body)).into_response())
 }
+
+/// The rate limiter's endpoint name of session creation.
+const CREATE_ROUTE: &str = "/realtime/sessions";
 
 /// Who acts on one session: the session's token (`X-Session-Token`, checked against the session
 /// once it is found), else the caller by [`Policy::KeyOrUser`].

@@ -3,13 +3,14 @@
 //! `sse` streams, `websocket` sessions and close codes, what happens to `turns` (cancel,
 //! disconnect, upstream failures, notes), and the `write_behind` queue. Every event received is
 //! validated against `proto/server.schema.json`. `capacity`: connections past
-//! `COACHD_MAX_CONNECTIONS` are refused.
+//! `COACHD_MAX_CONNECTIONS` are refused. `hostile`: slowloris, floods and replays get bounded answers.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod capacity;
 #[path = "../common/mod.rs"]
 mod common;
+mod hostile;
 mod http;
 mod sse;
 mod turns;
