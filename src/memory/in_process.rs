@@ -293,7 +293,7 @@ impl MemoryStore for InProcessMemoryStore {
         let total = entries.len() as u64;
         // Newest first by timestamp then id, as the PostgreSQL store orders: a merge refreshes a
         // timestamp, so id order alone is not creation order any more.
-        entries.sort_by(|a, b| (b.memory.created_at, b.memory.id).cmp(&(a.memory.created_at, a.memory.id)));
+        entries.sort_by_key(|e| std::cmp::Reverse((e.memory.created_at, e.memory.id)));
         let page = entries
             .into_iter()
             .skip(offset)
