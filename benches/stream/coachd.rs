@@ -152,6 +152,13 @@ pub async fn start_coachd(
             std::env::var("COACHD_BENCH_UPSTREAM").unwrap_or_else(|_| "auto".into()),
         )
         .env("COACHD_API_KEYS", API_KEY)
+        // Over shared h2c a relayed stream holds one descriptor (its client's), not two, so the
+        // derived capacity ((open files - reserve) / 2) would refuse streams the node can hold.
+        .envs(
+            std::env::var("COACHD_BENCH_UPSTREAM")
+                .is_ok_and(|u| u == "h2")
+                .then_some(("COACHD_MAX_CONNECTIONS", "19000")),
+        )
         .env(
             "COACHD_LOG",
             std::env::var("COACHD_BENCH_LOG").unwrap_or_else(|_| "warn".into()),

@@ -194,16 +194,36 @@ pub struct Row {
     pub server_us_per_token: Option<f64>,
     pub fake_us_per_token: f64,
     pub clients_us_per_token: f64,
+    /// The server's RSS (KiB) before the path's streams start, at its peak while they run
+    /// (sampled every 100 ms), and once they have ended; none on the direct path.
+    pub rss_kib: Option<(u64, u64, u64)>,
 }
 
 /// Runs one path of a level: every worker on its connection, timed as described in the header.
-async fn run_path(path: PathKind, level: Level, pids: Pids, conns: Vec<Conn>) -> Row {
+async fn run_path(path: PathKind, level: Level, pids: Pids, conns: Vec<Conn>, rss_start: Option<u64>) -> Row {
     let n = conns.len().max(1);
     let ramp = level.ramp();
     let t0 = Instant::now() + Duration::from_millis(50);
     let timed_from = t0 + ramp;
     let end = timed_from + level.window;
     let cpu0 = CpuSnapshot::take(pids);
+    // From the level's start, before its sessions and connections: their cost is the stream's.
+    let rss_before = pids.server.and(rss_start);
+    let sampling = tokio_util::sync::CancellationToken::new();
+    let sampler = pids.server.map(|pid| {
+        let stop = sampling.clone();
+        tokio::spawn(async move {
+            let mut peak = 0;
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            while !stop.is_cancelled() {
+                tokio::select! {
+                    _ = tick.tick() => peak = peak.max(crate::measure::rss_kib(pid).unwrap_or(0)),
+                    () = stop.cancelled() => {}
+                }
+            }
+            peak
+        })
+    });
     let tasks: Vec<_> = conns
         .into_iter()
         .enumerate()
@@ -230,6 +250,16 @@ async fn run_path(path: PathKind, level: Level, pids: Pids, conns: Vec<Conn>) ->
     }
     let elapsed = t0.elapsed();
     let (server, fake, clients) = CpuSnapshot::take(pids).since(cpu0);
+    sampling.cancel();
+    let peak = match sampler {
+        Some(task) => task.await.ok(),
+        None => None,
+    };
+    let rss_after = pids.server.and_then(|pid| crate::measure::rss_kib(pid).ok());
+    let rss_kib = match (rss_before, peak, rss_after) {
+        (Some(b), Some(p), Some(a)) => Some((b, p.max(b), a)),
+        _ => None,
+    };
     if let Some(e) = first_error {
         eprintln!("{} x{}: a stream failed: {e}", path.name(), level.streams);
     }
@@ -245,6 +275,7 @@ async fn run_path(path: PathKind, level: Level, pids: Pids, conns: Vec<Conn>) ->
         server_us_per_token: pids.server.map(|_| per_token(server)),
         fake_us_per_token: per_token(fake),
         clients_us_per_token: per_token(clients),
+        rss_kib,
     }
 }
 
@@ -264,11 +295,15 @@ pub async fn run_level(
 ) -> Result<Vec<Row>, BoxError> {
     let n = level.streams;
     fake.set_script(level.tokens, level.interval)?;
-    let client = reqwest::Client::builder()
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(2 * n + 16)
-        .build()?;
+    let new_client = || {
+        reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(2 * n + 16)
+            .build()
+    };
+    let client = new_client()?;
     let coachd = servers.coachd;
+    let rss_start = crate::measure::rss_kib(coachd.pid()).ok();
     let needs_sessions = paths
         .iter()
         .any(|p| matches!(p, PathKind::SessionSse | PathKind::WebSocket));
@@ -278,7 +313,7 @@ pub async fn run_level(
             sessions.push(clients::create_session(&client, &coachd.base, i).await?);
         }
     }
-    let openai = |url: String, key: &str, model: &str| {
+    let openai = |client: &reqwest::Client, url: String, key: &str, model: &str| {
         let target = Arc::new(OpenAiTarget {
             url,
             key: key.to_owned(),
@@ -290,19 +325,31 @@ pub async fn run_level(
     };
     let mut rows = Vec::new();
     for &path in paths {
+        // A client (and pool) per path: at 10 000 streams the previous path's idle connections
+        // would otherwise hold this process's descriptors.
+        let client = new_client()?;
         let mut server = Some(coachd.pid());
         let conns = match path {
             PathKind::Direct => {
                 server = None;
-                openai(format!("{}/chat/completions", fake.base_url()), "bench", "bench")
+                openai(
+                    &client,
+                    format!("{}/chat/completions", fake.base_url()),
+                    "bench",
+                    "bench",
+                )
             }
-            PathKind::ChatCompletions => {
-                openai(format!("{}/v1/chat/completions", coachd.base), API_KEY, "chat")
-            }
+            PathKind::ChatCompletions => openai(
+                &client,
+                format!("{}/v1/chat/completions", coachd.base),
+                API_KEY,
+                "chat",
+            ),
             PathKind::LiteLlm => {
                 let litellm = servers.litellm.ok_or("no LiteLLM running")?;
                 server = Some(litellm.pid());
                 openai(
+                    &client,
                     format!("{}/v1/chat/completions", litellm.base),
                     crate::litellm::MASTER_KEY,
                     crate::litellm::MODEL,
@@ -329,7 +376,7 @@ pub async fn run_level(
             server,
             fake: fake.pid(),
         };
-        rows.push(run_path(path, level, pids, conns).await);
+        rows.push(run_path(path, level, pids, conns, rss_start).await);
     }
     for (id, _) in &sessions {
         clients::end_session(&client, &coachd.base, id).await;
@@ -382,9 +429,72 @@ pub async fn run_ws_level(
         server: Some(attach.pid()),
         fake: fake.pid(),
     };
-    let row = run_path(PathKind::WebSocket, level, pids, conns).await;
+    let row = run_path(PathKind::WebSocket, level, pids, conns, None).await;
     for (id, _) in &sessions {
         clients::end_session(&client, &owner.base, id).await;
     }
     Ok(row)
+}
+
+/// What a set of workers did: tokens received, streams failed, and the first failure.
+#[derive(Debug, Default)]
+pub struct MixedOut {
+    pub tokens: usize,
+    pub failed: usize,
+    pub first_error: Option<String>,
+}
+
+/// `n` workers over a mix of transports, a third each (session WebSocket, session SSE,
+/// `/v1/chat/completions`), their starts spread over `ramp`, streaming back to back until `end`
+/// (the soak). Returns once every worker has ended.
+pub async fn run_mixed(
+    coachd: &Coachd,
+    n: usize,
+    ramp: Duration,
+    end: Instant,
+) -> Result<MixedOut, BoxError> {
+    let client = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(2 * n + 16)
+        .build()?;
+    let target = Arc::new(OpenAiTarget {
+        url: format!("{}/v1/chat/completions", coachd.base),
+        key: API_KEY.to_owned(),
+        model: "chat".to_owned(),
+    });
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        conns.push(match i % 3 {
+            0 => {
+                let (id, token) = clients::create_session(&client, &coachd.base, i).await?;
+                Conn::Ws(Box::new(clients::ws_open(coachd.port, &id, &token).await?))
+            }
+            1 => {
+                let (id, _) = clients::create_session(&client, &coachd.base, i).await?;
+                Conn::SessionSse(client.clone(), coachd.base.clone(), id)
+            }
+            _ => Conn::OpenAi(client.clone(), target.clone()),
+        });
+    }
+    let t0 = Instant::now();
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, conn)| {
+            let start = t0 + ramp.mul_f64(i as f64 / n.max(1) as f64);
+            tokio::spawn(worker(conn, start, end, end))
+        })
+        .collect();
+    let mut out = MixedOut::default();
+    for t in tasks {
+        match t.await {
+            Ok(w) => {
+                out.tokens += w.tokens;
+                out.failed += w.failed;
+                out.first_error = out.first_error.or(w.first_error);
+            }
+            Err(_) => out.failed += 1,
+        }
+    }
+    Ok(out)
 }

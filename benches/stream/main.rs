@@ -10,7 +10,8 @@
 //! ```sh
 //! cargo bench --bench stream                                    # latency, stores, idle
 //! COACHD_BENCH_QUICK=1 cargo bench --bench stream               # 1 and 50 streams, 500 idle sessions
-//! COACHD_BENCH_ONLY=latency|stores|idle|litellm|nodes cargo bench --bench stream   # some sections
+//! COACHD_BENCH_ONLY=latency|stores|idle|hostile|soak|litellm|nodes cargo bench --bench stream  # some sections
+//! COACHD_BENCH_ONLY=soak COACHD_BENCH_THINK_MS=1000 cargo bench --bench stream  # 1 000 sessions, 30 min
 //! COACHD_BENCH_ONLY=nodes cargo bench --bench stream            # cross-node delivery (own redis-server)
 //! COACHD_BENCH_PEER=litellm cargo bench --bench stream          # the default sections and litellm
 //! set -a; . .services/env; set +a; COACHD_BENCH_ONLY=stores cargo bench --bench stream  # real stores
@@ -18,6 +19,7 @@
 //! COACHD_BENCH_PATHS=ws,chat cargo bench --bench stream       # only these paths (and direct)
 //! COACHD_BENCH_PIN=1 cargo bench --bench stream                 # the server on a CPU of its own
 //! COACHD_BENCH_UPSTREAM=h2 cargo bench --bench stream            # coachd to the fake over shared h2c
+//! COACHD_BENCH_LEVEL=10000:20:200:8 cargo bench --bench stream  # one level: streams:tokens:ms:window s
 //! COACHD_BENCH_THINK_MS=200 cargo bench --bench stream          # pause between a worker's turns
 //! COACHD_BENCH_LOG=debug cargo bench --bench stream             # the servers' logs to stderr
 //! COACHD_BENCH_BIN=/path/to/coachd cargo bench --bench stream   # another coachd build
@@ -26,7 +28,8 @@
 //! Layout: `load.rs` the levels, workers and paths; `clients.rs` one client per path;
 //! `coachd.rs` the coachd process and CPU placement; `fake.rs` the fake's process;
 //! `measure.rs` traces, percentiles and `/proc`; `report.rs` the tables; `stores.rs`, `idle.rs`,
-//! `litellm.rs` and `nodes.rs` (cross-node delivery) the other sections.
+//! `hostile.rs` (memory under floods), `soak.rs` (the 30-minute soak), `litellm.rs` and `nodes.rs` (cross-node delivery) the
+//! other sections.
 
 #![allow(
     clippy::disallowed_methods,
@@ -36,12 +39,14 @@
 mod clients;
 mod coachd;
 mod fake;
+mod hostile;
 mod idle;
 mod litellm;
 mod load;
 mod measure;
 mod nodes;
 mod report;
+mod soak;
 mod stores;
 
 use std::time::Duration;
@@ -71,6 +76,15 @@ fn levels(quick: bool) -> Vec<Level> {
         // One stream: short ones, so the window holds enough of them for a percentile.
         vec![level(1, 10, 10, 8), level(100, 40, 50, 6), level(1000, 40, 50, 6)]
     };
+    // `COACHD_BENCH_LEVEL=streams:tokens:interval_ms:window_secs`: one level of this shape instead
+    // (issue 16's 10 000 streams at 5 tokens a second: 10000:20:200:8).
+    if let Ok(shape) = std::env::var("COACHD_BENCH_LEVEL") {
+        let n: Vec<u64> = shape.split(':').filter_map(|v| v.trim().parse().ok()).collect();
+        if let [streams, tokens, interval_ms, window_secs] = n[..] {
+            return vec![level(streams as usize, tokens as usize, interval_ms, window_secs)];
+        }
+        eprintln!("COACHD_BENCH_LEVEL={shape:?} is not streams:tokens:interval_ms:window_secs; ignored");
+    }
     match std::env::var("COACHD_BENCH_STREAMS") {
         Ok(keep) => levels
             .into_iter()
@@ -129,12 +143,19 @@ async fn main() -> Result<(), BoxError> {
         println!("\n## Streaming latency at steady concurrency\n");
         report::print_rows(&rows);
         report::print_added(&rows);
+        report::print_memory(&rows);
     }
     if section("stores") {
         stores::run(&mut fake, placement, &levels).await?;
     }
     if section("idle") {
         idle::run(&fake, placement, if quick { 500 } else { 10_000 }).await?;
+    }
+    if section("hostile") {
+        hostile::run(&fake, placement).await?;
+    }
+    if section("soak") {
+        soak::run(&mut fake, placement).await?;
     }
     if section("litellm") {
         litellm::run(&mut fake, placement, &levels).await?;

@@ -42,6 +42,33 @@ pub fn print_rows(rows: &[Row]) {
     }
 }
 
+/// coachd's memory while each path's streams were live: RSS at the level's start (before its
+/// sessions and connections), at its peak, after, and the growth per live stream (issue 16's
+/// target: at most 32 KiB per relayed stream). Only the first coachd path of a level starts
+/// clean: run one path per invocation (`COACHD_BENCH_PATHS=ws`) for its figure.
+pub fn print_memory(rows: &[Row]) {
+    println!("\n### coachd's memory per live stream\n");
+    println!(
+        "| path | streams | RSS before MiB | RSS peak MiB | RSS after MiB | KiB per live stream | ≤ 32 KiB |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---|");
+    for r in rows {
+        let Some((before, peak, after)) = r.rss_kib else {
+            continue;
+        };
+        let per = (peak - before) as f64 / r.level.streams.max(1) as f64;
+        println!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {per:.1} | {} |",
+            r.path.name(),
+            r.level.streams,
+            before as f64 / 1024.0,
+            peak as f64 / 1024.0,
+            after as f64 / 1024.0,
+            verdict(per <= 32.0)
+        );
+    }
+}
+
 fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "NOT met" }
 }

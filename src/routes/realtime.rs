@@ -592,7 +592,7 @@ async fn disconnect(
 
 #[utoipa::path(
     get, path = "/realtime/stats", tag = "realtime",
-    description = "Session, connection and write-behind counters. Not for end users (403 with a JWT).",
+    description = "Session, connection and write-behind counters, and the tasks alive on the runtime. Not for end users (403 with a JWT).",
     security((), ("api_key" = []), ("api_key" = [], "bearer" = [])),
     responses(
         (status = 200, description = "Statistics"),
@@ -627,6 +627,12 @@ async fn stats(State(state): State<AppState>, caller: Caller) -> Result<Json<Val
         "active_sessions": state.sessions.live_count(),
         "max_sessions": state.settings.realtime.sessions.max_sessions,
         "sessions": state.sessions.stats(),
+        // Tasks alive on the runtime: what a soak watches for leaks (sessions, connections,
+        // write-behind and upkeep all run as tasks).
+        "runtime": {
+            "alive_tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
+            "workers": tokio::runtime::Handle::current().metrics().num_workers(),
+        },
         "write_behind": {
             "queue_depth": wb.depth(),
             "queue_capacity": wb.capacity(),

@@ -1,0 +1,150 @@
+//! The `soak` section (issue 15, part 5; RELIABILITY.md): `COACHD_BENCH_SOAK_SESSIONS` (1 000)
+//! workers over mixed transports (session WebSocket, session SSE, `/v1/chat/completions`)
+//! stream back to back with a pause between turns for `COACHD_BENCH_SOAK_SECS` (1 800), while
+//! coachd's RSS, open descriptors, threads and alive runtime tasks are sampled every
+//! `COACHD_BENCH_SOAK_EVERY_SECS` (10). After a warm-up of a fifth of the run, each series should
+//! stay within ±5 % of its mean. Prints the samples (the plot data) and the verdict.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::BoxError;
+use crate::coachd::{API_KEY, Placement, start_coachd};
+use crate::fake::FakeProcess;
+use crate::load::run_mixed;
+use crate::measure::rss_kib;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at_secs: f64,
+    rss_kib: u64,
+    fds: usize,
+    threads: u64,
+    tasks: u64,
+    sessions: u64,
+}
+
+fn threads(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+pub async fn run(fake: &mut FakeProcess, placement: Placement) -> Result<(), BoxError> {
+    let sessions = env_u64("COACHD_BENCH_SOAK_SESSIONS", 1_000) as usize;
+    let secs = env_u64("COACHD_BENCH_SOAK_SECS", 1_800);
+    let every = Duration::from_secs(env_u64("COACHD_BENCH_SOAK_EVERY_SECS", 10).max(1));
+    // Turns of 20 tokens at 50 ms (a second each), with COACHD_BENCH_THINK_MS between them.
+    fake.set_script(20, Duration::from_millis(50))?;
+    if std::env::var_os("COACHD_BENCH_THINK_MS").is_none() {
+        eprintln!("soak: COACHD_BENCH_THINK_MS is unset: workers stream back to back, no pause");
+    }
+    let coachd = start_coachd(fake.base_url(), placement, &[]).await?;
+    let pid = coachd.pid();
+    let stats_client = reqwest::Client::new();
+    let began = Instant::now();
+    let end = began + Duration::from_secs(secs);
+    let load = run_mixed(&coachd, sessions, Duration::from_secs(5), end);
+    tokio::pin!(load);
+    let mut samples = Vec::new();
+    let mut tick = tokio::time::interval(every);
+    let out = loop {
+        tokio::select! {
+            out = &mut load => break out?,
+            _ = tick.tick() => {
+                let stats: Value = match stats_client
+                    .get(format!("{}/realtime/stats", coachd.base))
+                    .header("x-api-key", API_KEY)
+                    .send()
+                    .await
+                {
+                    Ok(r) => r.json().await.unwrap_or(Value::Null),
+                    Err(_) => Value::Null,
+                };
+                samples.push(Sample {
+                    at_secs: began.elapsed().as_secs_f64(),
+                    rss_kib: rss_kib(pid).unwrap_or(0),
+                    fds: fds(pid),
+                    threads: threads(pid),
+                    tasks: stats["runtime"]["alive_tasks"].as_u64().unwrap_or(0),
+                    sessions: stats["active_sessions"].as_u64().unwrap_or(0),
+                });
+            }
+        }
+    };
+
+    println!("\n## Soak: {sessions} workers over mixed transports for {secs} s\n");
+    println!(
+        "tokens received {}, streams failed {}{}\n",
+        out.tokens,
+        out.failed,
+        out.first_error
+            .map(|e| format!(" (first: {e})"))
+            .unwrap_or_default()
+    );
+    println!("| t s | RSS MiB | open fds | threads | alive tasks | live sessions |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for s in &samples {
+        println!(
+            "| {:.0} | {:.1} | {} | {} | {} | {} |",
+            s.at_secs,
+            s.rss_kib as f64 / 1024.0,
+            s.fds,
+            s.threads,
+            s.tasks,
+            s.sessions
+        );
+    }
+    let warm = samples.len() / 5;
+    let steady = &samples[warm.min(samples.len())..];
+    let band = |name: &str, v: Vec<f64>| {
+        if v.is_empty() {
+            return;
+        }
+        let mean = v.iter().sum::<f64>() / v.len() as f64;
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(*x), h.max(*x)));
+        let spread = if mean > 0.0 {
+            (hi - mean).max(mean - lo) / mean * 100.0
+        } else {
+            0.0
+        };
+        println!(
+            "- {name}: mean {mean:.1}, min {lo:.1}, max {hi:.1}, ±{spread:.1} % after warm-up: {}",
+            if spread <= 5.0 {
+                "flat (±5 % met)"
+            } else {
+                "NOT within ±5 %"
+            }
+        );
+    };
+    println!("\nAfter the first {warm} samples:\n");
+    band(
+        "RSS MiB",
+        steady.iter().map(|s| s.rss_kib as f64 / 1024.0).collect(),
+    );
+    band("open fds", steady.iter().map(|s| s.fds as f64).collect());
+    band("threads", steady.iter().map(|s| s.threads as f64).collect());
+    band("alive tasks", steady.iter().map(|s| s.tasks as f64).collect());
+    Ok(())
+}
