@@ -17,8 +17,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, Listener};
+use axum::serve::Listener;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// How many client connections one node takes (`COACHD_MAX_CONNECTIONS`, `COACHD_FD_RESERVE`,
@@ -208,9 +207,11 @@ pub struct Counted<Io> {
 }
 
 impl<Io> Counted<Io> {
-    /// False for a connection accepted past capacity, to be answered with a refusal.
-    pub fn admitted(&self) -> bool {
-        self.admitted
+    /// Whether the connection came within capacity: the `ConnectInfo` its requests carry.
+    pub fn admission(&self) -> Admission {
+        Admission {
+            admitted: self.admitted,
+        }
     }
 }
 
@@ -250,18 +251,33 @@ impl<Io: AsyncWrite + Unpin> AsyncWrite for Counted<Io> {
     }
 }
 
-/// Whether a connection came within capacity: the `ConnectInfo` of every request.
+/// Whether a connection came within capacity: the `ConnectInfo` of every request (inserted by
+/// `crate::server`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Admission {
     /// False for a connection accepted past capacity, which gets a refusal and is closed.
     pub admitted: bool,
 }
 
-impl<L: Listener> Connected<IncomingStream<'_, CountingListener<L>>> for Admission {
-    fn connect_info(stream: IncomingStream<'_, CountingListener<L>>) -> Self {
-        Admission {
-            admitted: stream.io().admitted,
+/// A listener of scripted connections (in-memory pipes), so the listener and the server loop
+/// are tested without sockets, in paused time.
+#[cfg(test)]
+pub(crate) struct Pipes(pub(crate) tokio::sync::mpsc::UnboundedReceiver<tokio::io::DuplexStream>);
+
+#[cfg(test)]
+impl Listener for Pipes {
+    type Io = tokio::io::DuplexStream;
+    type Addr = ();
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.0.recv().await {
+            Some(io) => (io, ()),
+            None => std::future::pending().await,
         }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(())
     }
 }
 
@@ -302,25 +318,6 @@ mod tests {
             hard == rlimit::INFINITY || soft == hard,
             "soft {soft}, hard {hard}"
         );
-    }
-
-    /// A listener of scripted connections (in-memory pipes), so counting needs no sockets.
-    struct Pipes(tokio::sync::mpsc::UnboundedReceiver<tokio::io::DuplexStream>);
-
-    impl Listener for Pipes {
-        type Io = tokio::io::DuplexStream;
-        type Addr = ();
-
-        async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-            match self.0.recv().await {
-                Some(io) => (io, ()),
-                None => std::future::pending().await,
-            }
-        }
-
-        fn local_addr(&self) -> io::Result<Self::Addr> {
-            Ok(())
-        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -88,9 +88,7 @@ where
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => break,
         };
-        let admission = Admission {
-            admitted: io.admitted(),
-        };
+        let admission = io.admission();
         connections.spawn(serve_connection(
             io,
             app.clone(),
@@ -161,27 +159,9 @@ async fn serve_connection<I>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::listener::CountingListener;
+    use crate::listener::{CountingListener, Pipes};
     use axum::routing::get;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-
-    struct Pipes(tokio::sync::mpsc::UnboundedReceiver<DuplexStream>);
-
-    impl Listener for Pipes {
-        type Io = DuplexStream;
-        type Addr = ();
-
-        async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-            match self.0.recv().await {
-                Some(io) => (io, ()),
-                None => std::future::pending().await,
-            }
-        }
-
-        fn local_addr(&self) -> io::Result<Self::Addr> {
-            Ok(())
-        }
-    }
 
     fn limits() -> HttpLimits {
         HttpLimits {
@@ -214,6 +194,17 @@ mod tests {
         client
     }
 
+    /// Sends one GET and returns the reply, leaving the connection open.
+    async fn get_root(client: &mut DuplexStream) -> String {
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0; 1024];
+        let n = client.read(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
     /// Reads until the server closes the pipe; what it wrote.
     async fn read_to_close(client: &mut DuplexStream) -> String {
         let mut out = Vec::new();
@@ -244,13 +235,7 @@ mod tests {
         let stop = CancellationToken::new();
         let (tx, _server) = start(stop.clone());
         let mut client = connect(&tx);
-        client
-            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = vec![0; 1024];
-        let n = client.read(&mut buf).await.unwrap();
-        let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let reply = get_root(&mut client).await;
         assert!(
             reply.starts_with("HTTP/1.1 200") && reply.ends_with("ok"),
             "{reply}"
@@ -290,13 +275,7 @@ mod tests {
         let stop = CancellationToken::new();
         let (tx, server) = start(stop.clone());
         let mut client = connect(&tx);
-        client
-            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = vec![0; 1024];
-        let n = client.read(&mut buf).await.unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        assert!(get_root(&mut client).await.starts_with("HTTP/1.1 200"));
         stop.cancel();
         // The idle keep-alive connection closes, and the loop returns once it has.
         assert_eq!(read_to_close(&mut client).await, "");

@@ -606,6 +606,7 @@ async fn stats(State(state): State<AppState>, caller: Caller) -> Result<Json<Val
         return Err(Error::Forbidden);
     }
     let wb = &state.write_behind;
+    let runtime = tokio::runtime::Handle::current().metrics();
     let cluster = match state.sessions.cluster() {
         None => Value::Null,
         Some(cluster) => {
@@ -630,8 +631,8 @@ async fn stats(State(state): State<AppState>, caller: Caller) -> Result<Json<Val
         // Tasks alive on the runtime: what a soak watches for leaks (sessions, connections,
         // write-behind and upkeep all run as tasks).
         "runtime": {
-            "alive_tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
-            "workers": tokio::runtime::Handle::current().metrics().num_workers(),
+            "alive_tasks": runtime.num_alive_tasks(),
+            "workers": runtime.num_workers(),
         },
         "write_behind": {
             "queue_depth": wb.depth(),
