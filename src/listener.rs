@@ -252,7 +252,7 @@ impl<Io: AsyncWrite + Unpin> AsyncWrite for Counted<Io> {
 }
 
 /// Whether a connection came within capacity: the `ConnectInfo` of every request (inserted by
-/// `crate::server`).
+/// the server loop).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Admission {
     /// False for a connection accepted past capacity, which gets a refusal and is closed.
