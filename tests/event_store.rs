@@ -110,7 +110,7 @@ fn in_process_backend() -> Backend {
 
 async fn appends_keep_one_order_and_drop_duplicates(b: &Backend) {
     let s = &b.store;
-    let lease = s.create(&meta("s1"), "node-a").await.unwrap();
+    let lease = s.create(&meta("s1"), "node-a").await.unwrap().unwrap();
     let progress = Progress::default();
     let Appended::Ok { epoch, last_seq } = s
         .append("s1", &lease, &tokens("s1", 1..=5), &progress)
@@ -148,9 +148,18 @@ async fn appends_keep_one_order_and_drop_duplicates(b: &Backend) {
 
 async fn a_lease_once_replaced_is_fenced(b: &Backend) {
     let s = &b.store;
-    let first = s.create(&meta("s2"), "node-a").await.unwrap();
+    let first = s.create(&meta("s2"), "node-a").await.unwrap().unwrap();
     assert_eq!(s.owner("s2").await.unwrap(), Some(first.clone()));
     assert!(s.acquire("s2", "node-b").await.unwrap().is_none(), "held");
+    assert!(
+        s.create(&meta("s2"), "node-b").await.unwrap().is_none(),
+        "a registration never steals a live lease"
+    );
+    assert_eq!(
+        s.owner("s2").await.unwrap(),
+        Some(first.clone()),
+        "still the first"
+    );
     assert!(s.renew("s2", &first).await.unwrap());
 
     assert!(s.release("s2", &first).await.unwrap());
@@ -193,7 +202,7 @@ async fn a_lease_once_replaced_is_fenced(b: &Backend) {
 
 async fn a_lost_log_gets_a_new_epoch_and_stops_covering(b: &Backend) {
     let s = &b.store;
-    let lease = s.create(&meta("s3"), "node-a").await.unwrap();
+    let lease = s.create(&meta("s3"), "node-a").await.unwrap().unwrap();
     let Appended::Ok { epoch: before, .. } = s
         .append("s3", &lease, &tokens("s3", 1..=10), &Progress::default())
         .await
@@ -227,7 +236,7 @@ async fn a_lost_log_gets_a_new_epoch_and_stops_covering(b: &Backend) {
 
 async fn the_log_is_capped(b: &Backend) {
     let s = &b.store;
-    let lease = s.create(&meta("s4"), "node-a").await.unwrap();
+    let lease = s.create(&meta("s4"), "node-a").await.unwrap().unwrap();
     for chunk in 0..10u64 {
         let first = chunk * 20 + 1;
         s.append(
@@ -259,7 +268,7 @@ async fn metadata_follows_progress_and_end(b: &Backend) {
         s.acquire("nope", "node-a").await.unwrap().is_none(),
         "no session, no lease"
     );
-    let lease = s.create(&meta("s5"), "node-a").await.unwrap();
+    let lease = s.create(&meta("s5"), "node-a").await.unwrap().unwrap();
     let progress = Progress {
         turns_done: 2,
         next_turn: 4,
@@ -327,7 +336,12 @@ async fn the_in_process_store_passes_the_suite() {
 #[tokio::test]
 async fn redis_keys_are_hash_tagged_prefixed_and_expire() {
     let (backend, store) = redis_backend().await;
-    let lease = backend.store.create(&meta("s6"), "node-a").await.unwrap();
+    let lease = backend
+        .store
+        .create(&meta("s6"), "node-a")
+        .await
+        .unwrap()
+        .unwrap();
     backend
         .store
         .append("s6", &lease, &tokens("s6", 1..=2), &Progress::default())
@@ -352,7 +366,12 @@ async fn each_appended_event_is_published_with_its_epoch_in_order() {
     let mut messages = subscriber.message_rx();
     subscriber.subscribe(store.channel("s7")).await.unwrap();
 
-    let lease = backend.store.create(&meta("s7"), "node-a").await.unwrap();
+    let lease = backend
+        .store
+        .create(&meta("s7"), "node-a")
+        .await
+        .unwrap()
+        .unwrap();
     let Appended::Ok { epoch, .. } = backend
         .store
         .append("s7", &lease, &tokens("s7", 1..=3), &Progress::default())

@@ -63,7 +63,8 @@ impl ConnectionManager {
             },
         };
         let lease = match cluster.shared.create(&meta, cluster.node_id()).await {
-            Ok(lease) => Some(lease),
+            // A new id has no lease yet; were one there, the writer's registration finds out.
+            Ok(lease) => lease,
             Err(e) => {
                 tracing::warn!(session_id = %id, error = %e, "cannot register the new session in Redis; it runs here and registers later");
                 None

@@ -58,7 +58,7 @@ struct Running {
 }
 
 async fn writer(store: &Arc<InProcessEventStore>, id: &str) -> Running {
-    let lease = store.create(&meta(id), "node-a").await.unwrap();
+    let lease = store.create(&meta(id), "node-a").await.unwrap().unwrap();
     let wake = Arc::new(Notify::new());
     let log = Arc::new(EventLog::starting_at(id, 1_000, 0, Some(wake.clone())));
     let stats = Arc::new(ClusterStats::default());
@@ -161,6 +161,55 @@ async fn another_owner_fences_the_writer_which_stops_the_session() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_owner_without_a_lease_that_another_node_holds_stops_at_its_next_renewal() {
+    // Found by tests/faults.rs: Redis was out of reach longer than the lease; the owner's writer
+    // saw no lease at all and dropped its own, another node then took the session over, and
+    // this copy, idle with nothing to append, went on as the owner (renewing nothing), later
+    // served a turn with its stale turn count and re-registered over the other node's lease.
+    let store = store();
+    let b = store.create(&meta("s"), "node-b").await.unwrap().unwrap();
+    let wake = Arc::new(Notify::new());
+    let log = Arc::new(EventLog::starting_at("s", 1_000, 0, Some(wake.clone())));
+    let setup = OwnerSetup {
+        store: store.clone(),
+        meta: meta("s"),
+        lease: None,
+        written: 0,
+        renew_every: LEASE / 3,
+        node: "node-a".into(),
+        stats: Arc::new(ClusterStats::default()),
+    };
+    let fenced = CancellationToken::new();
+    let (_ended, ended_rx) = oneshot::channel();
+    let task = tokio::spawn(Writer::new(setup, log, wake, fenced.clone(), ended_rx).run());
+    tokio::time::timeout(LEASE, fenced.cancelled())
+        .await
+        .expect("fenced at its next renewal, with nothing published");
+    task.await.unwrap();
+    assert_eq!(
+        store.owner("s").await.unwrap(),
+        Some(b),
+        "the lease stays with node b"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_owner_whose_lapsed_lease_nobody_took_takes_it_back() {
+    let store = store();
+    let w = writer(&store, "s").await;
+    let first = store.owner("s").await.unwrap().unwrap();
+    store.drop_lease("s");
+    tokio::time::sleep(LEASE).await;
+    let now = store.owner("s").await.unwrap().unwrap();
+    assert_eq!(now.node, "node-a");
+    assert!(now.fence > first.fence, "taken back under a new fencing token");
+    assert!(store.acquire("s", "node-b").await.unwrap().is_none());
+    assert!(!w.fenced.is_cancelled());
+    w.fenced.cancel();
+    w.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_lost_lease_with_no_other_owner_is_taken_again() {
     let store = store();
     let w = writer(&store, "s").await;
@@ -207,7 +256,7 @@ async fn at_shutdown_the_lease_is_handed_back_and_at_the_end_the_session_is_mark
 async fn a_taken_over_session_ends_the_open_turn_as_interrupted_stores_it_and_goes_on() {
     let h = harness(Setup::default());
     let store = store();
-    let lease = store.create(&meta("s"), "node-a").await.unwrap();
+    let lease = store.create(&meta("s"), "node-a").await.unwrap().unwrap();
     store.drop_lease("s");
     let lease_b = store.acquire("s", "node-b").await.unwrap().unwrap();
     assert!(lease_b.fence > lease.fence);
@@ -315,7 +364,7 @@ async fn relay_of(
     crate::session::store::Lease,
 ) {
     let h = harness(Setup::default());
-    let lease = store.create(&meta("s"), "node-a").await.unwrap();
+    let lease = store.create(&meta("s"), "node-a").await.unwrap().unwrap();
     let cluster = relay_cluster(store.clone());
     let (tx, _rx) = tokio::sync::mpsc::channel(4);
     let handle = h.manager.remote_handle(&meta("s"), tx);

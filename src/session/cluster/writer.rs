@@ -132,8 +132,11 @@ impl Writer {
                 self.setup.stats.events_lost.add(lost);
                 tracing::warn!(session_id = %self.setup.meta.session_id, lost, "the shared log misses events the in-process log dropped");
             }
-            if self.setup.lease.is_none() && !self.register().await {
-                return Drained::Behind;
+            if self.setup.lease.is_none() {
+                match self.reclaim().await {
+                    Drained::Done => {}
+                    other => return other,
+                }
             }
             let Some(lease) = self.setup.lease.clone() else {
                 return Drained::Behind;
@@ -168,42 +171,66 @@ impl Writer {
         }
     }
 
-    /// A refused append: another owner (fenced), or no lease at all (Redis lost it): register
-    /// again and retry.
+    /// A refused append or renewal: another owner (fenced), or no lease at all: take it back.
     async fn fenced_or_lost(&mut self, lease: &Lease) -> Drained {
         match self.setup.store.owner(&self.setup.meta.session_id).await {
             Ok(Some(owner)) if owner != *lease => Drained::Fenced,
             Ok(_) => {
                 self.setup.lease = None;
-                Drained::Behind
+                self.reclaim().await
             }
             Err(_) => Drained::Behind,
         }
     }
 
-    /// Records the session (again) and takes a lease: after a failed create, or after Redis
-    /// lost the keys.
-    async fn register(&mut self) -> bool {
+    /// Without a lease (it lapsed while Redis was out of reach, Redis lost the keys, or the first
+    /// registration failed): take the lease back only if no other node took it meanwhile, since
+    /// that node has taken the session over and this copy must stop. `Done` once the lease is
+    /// ours again.
+    async fn reclaim(&mut self) -> Drained {
+        let id = &self.setup.meta.session_id;
+        match self.setup.store.acquire(id, &self.setup.node).await {
+            Ok(Some(lease)) => {
+                tracing::info!(session_id = %id, fence = lease.fence, "lease taken back after it lapsed");
+                self.setup.lease = Some(lease);
+                return Drained::Done;
+            }
+            Ok(None) => {}
+            Err(_) => return Drained::Behind,
+        }
+        // Refused: the lease is held by another node, or the session's keys are gone.
+        match self.setup.store.owner(id).await {
+            Ok(Some(_)) => Drained::Fenced,
+            Ok(None) => self.register().await,
+            Err(_) => Drained::Behind,
+        }
+    }
+
+    /// Records the session again and takes a lease: after a failed create, or after Redis lost
+    /// the keys. Refused (fenced) when another node holds a live lease by then.
+    async fn register(&mut self) -> Drained {
         match self.setup.store.create(&self.setup.meta, &self.setup.node).await {
-            Ok(lease) => {
+            Ok(Some(lease)) => {
                 tracing::info!(session_id = %self.setup.meta.session_id, fence = lease.fence, "session registered in the shared store");
                 self.setup.lease = Some(lease);
-                true
+                Drained::Done
             }
+            Ok(None) => Drained::Fenced,
             Err(e) => {
                 self.failures += 1;
                 if self.failures == 1 || self.failures.is_multiple_of(100) {
                     tracing::warn!(session_id = %self.setup.meta.session_id, error = %e, "cannot register the session in the shared store");
                 }
-                false
+                Drained::Behind
             }
         }
     }
 
-    /// Renews the lease; `false` only when another node holds it.
+    /// Renews the lease (or, without one, takes it back); `false` only when another node holds
+    /// it. An idle session finds out here that it was taken over, before it serves anything.
     async fn renew(&mut self) -> bool {
         let Some(lease) = self.setup.lease.clone() else {
-            return true;
+            return !matches!(self.reclaim().await, Drained::Fenced);
         };
         match self.setup.store.renew(&self.setup.meta.session_id, &lease).await {
             Ok(true) => true,

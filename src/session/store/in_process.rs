@@ -81,11 +81,14 @@ impl InProcessEventStore {
 
 #[async_trait]
 impl EventStore for InProcessEventStore {
-    async fn create(&self, meta: &SessionMeta, node: &str) -> Result<Lease, StoreError> {
+    async fn create(&self, meta: &SessionMeta, node: &str) -> Result<Option<Lease>, StoreError> {
         let mut sessions = self.lock();
         let entry = sessions.entry(meta.session_id.clone()).or_default();
+        if entry.live_lease().is_some() {
+            return Ok(None);
+        }
         entry.meta = Some(meta.clone());
-        Ok(self.grant(entry, node))
+        Ok(Some(self.grant(entry, node)))
     }
 
     async fn acquire(&self, session_id: &str, node: &str) -> Result<Option<Lease>, StoreError> {

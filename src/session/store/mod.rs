@@ -145,8 +145,10 @@ pub struct StoreLimits {
 /// The shared session store.
 #[async_trait]
 pub trait EventStore: Send + Sync + fmt::Debug {
-    /// Records a new session and gives `node` its lease.
-    async fn create(&self, meta: &SessionMeta, node: &str) -> Result<Lease, StoreError>;
+    /// Records a new session (or records it again after the store lost it) and gives `node` its
+    /// lease; `None` when a live lease is held already (another node took the session over while
+    /// this one could not reach the store), so a re-registration never steals a lease.
+    async fn create(&self, meta: &SessionMeta, node: &str) -> Result<Option<Lease>, StoreError>;
 
     /// Takes the lease of a session whose lease is free; `None` when another node holds it.
     async fn acquire(&self, session_id: &str, node: &str) -> Result<Option<Lease>, StoreError>;

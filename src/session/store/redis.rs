@@ -19,9 +19,11 @@ use super::{
 use crate::redis::Script;
 use crate::session::event::{EndedBy, EventBody, Published, SessionStatus};
 
-/// KEYS: meta, lease, fence. ARGV: info JSON, progress JSON, node, lease ms, ttl ms.
+/// KEYS: meta, lease, fence. ARGV: info JSON, progress JSON, node, lease ms, ttl ms. -1: a live
+/// lease is held (the metadata is left as it is).
 static CREATE: Script = Script::new(
     r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
 local f = redis.call('INCR', KEYS[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[5])
 redis.call('HSET', KEYS[1], 'info', ARGV[1], 'progress', ARGV[2], 'status', 'active')
@@ -204,7 +206,7 @@ impl RedisEventStore {
 
 #[async_trait]
 impl EventStore for RedisEventStore {
-    async fn create(&self, meta: &SessionMeta, node: &str) -> Result<Lease, StoreError> {
+    async fn create(&self, meta: &SessionMeta, node: &str) -> Result<Option<Lease>, StoreError> {
         let id = &meta.session_id;
         let info = json(&Info {
             user_id: meta.user_id.clone(),
@@ -220,9 +222,7 @@ impl EventStore for RedisEventStore {
             millis(self.limits.lease_ttl).into(),
             millis(self.limits.session_ttl).into(),
         ];
-        self.grant(&CREATE, keys, args, node)
-            .await?
-            .ok_or_else(|| internal("the create script gave no fencing token"))
+        self.grant(&CREATE, keys, args, node).await
     }
 
     async fn acquire(&self, session_id: &str, node: &str) -> Result<Option<Lease>, StoreError> {
