@@ -236,6 +236,7 @@ fn sentence(rng: &mut StdRng, words: usize) -> String {
 fn memory(rng: &mut StdRng, cfg: &Config, i: usize) -> NewMemory {
     let words = rng.gen_range(8..=16);
     NewMemory {
+        dedup_key: None,
         // The number keeps every text distinct, so de-duplication does not shrink the data set.
         text: format!("{} (note {i})", sentence(rng, words)),
         user_id: format!("user-{}", i % cfg.users),
@@ -249,6 +250,7 @@ fn memory(rng: &mut StdRng, cfg: &Config, i: usize) -> NewMemory {
 fn large_memory(rng: &mut StdRng, i: usize) -> NewMemory {
     let words = rng.gen_range(8..=16);
     NewMemory {
+        dedup_key: None,
         text: format!("{} (large {i})", sentence(rng, words)),
         user_id: LARGE_USER.to_owned(),
         coach_id: LARGE_COACH.to_owned(),

@@ -11,7 +11,8 @@ use std::time::Duration;
 use coachd::Settings;
 use coachd::context::rate_limit::{InProcessRateLimiter, RateLimit, RateLimiter, RedisRateLimiter};
 use coachd::context::{
-    ContextCache, ContextLimits, ContextMessage, InProcessContextCache, RedisContextCache,
+    ContextCache, ContextLimits, ContextMessage, InProcessContextCache, RedisContextCache, StoredThrough,
+    TurnKey,
 };
 use fred::interfaces::{KeysInterface, ListInterface};
 use serde_json::json;
@@ -141,6 +142,8 @@ on_both_backends!(
     messages_round_trip_with_metadata,
     lists_are_capped,
     a_turn_appends_its_messages_together_in_order,
+    a_turn_written_twice_is_stored_once,
+    the_stored_mark_round_trips_and_goes_with_the_session,
     keys_and_ttls_follow_the_reference_patterns,
     user_coach_context_is_kept_per_pair,
     last_session_follows_the_latest_append,
@@ -249,6 +252,79 @@ async fn a_turn_appends_its_messages_together_in_order(kind: Kind) {
             "{pair_ttl:?}"
         );
     }
+}
+
+async fn a_turn_written_twice_is_stored_once(kind: Kind) {
+    // A retry after a lost reply, or a turn two nodes each ended during a split: the second
+    // write of a turn stores nothing, in the session list and in the user–coach list.
+    let b = backend(kind, reference_limits(), default_rate()).await;
+    let turn = |n| TurnKey {
+        session_id: "s1",
+        user_id: "u1",
+        coach_id: "c1",
+        turn_number: n,
+    };
+    let full = vec![msg("user", "q1"), msg("assistant", "the whole reply")];
+    let partial = vec![msg("user", "q1"), msg("assistant", "the whole")];
+    assert!(b.cache.append_turn(&turn(1), full.clone()).await.unwrap());
+    assert!(b.cache.append_user_coach_turn(&turn(1), full).await.unwrap());
+    assert!(!b.cache.append_turn(&turn(1), partial.clone()).await.unwrap());
+    assert!(!b.cache.append_user_coach_turn(&turn(1), partial).await.unwrap());
+    // The same turn number of another session is another turn.
+    let other = TurnKey {
+        session_id: "s2",
+        ..turn(1)
+    };
+    assert!(
+        b.cache
+            .append_user_coach_turn(&other, vec![msg("user", "q1 of s2")])
+            .await
+            .unwrap()
+    );
+    assert!(
+        b.cache
+            .append_turn(&turn(2), vec![msg("user", "q2")])
+            .await
+            .unwrap()
+    );
+
+    let session = b.cache.recent_messages("s1", 100).await.unwrap();
+    assert_eq!(contents(&session), ["q1", "the whole reply", "q2"]);
+    let pair = b.cache.user_coach_context("u1", "c1", 100).await.unwrap();
+    assert_eq!(contents(&pair), ["q1", "the whole reply", "q1 of s2"]);
+    assert_eq!(b.cache.last_session("u1").await.unwrap().as_deref(), Some("s1"));
+
+    // Clearing the session forgets its turns too.
+    b.cache.clear_session("s1").await.unwrap();
+    assert!(
+        b.cache
+            .append_turn(&turn(1), vec![msg("user", "again")])
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        contents(&b.cache.recent_messages("s1", 100).await.unwrap()),
+        ["again"]
+    );
+}
+
+async fn the_stored_mark_round_trips_and_goes_with_the_session(kind: Kind) {
+    let b = backend(kind, reference_limits(), default_rate()).await;
+    assert_eq!(b.cache.stored_through("s1").await.unwrap(), None);
+    let mark = StoredThrough {
+        turn: 7,
+        end_seq: 120,
+    };
+    b.cache.mark_stored("s1", mark).await.unwrap();
+    assert_eq!(b.cache.stored_through("s1").await.unwrap(), Some(mark));
+    assert_eq!(b.cache.stored_through("s2").await.unwrap(), None);
+    let ttl = b.ttl("session:s1:stored").await.unwrap();
+    assert!(
+        ttl > Duration::from_secs(3_500),
+        "expires with the session's context: {ttl:?}"
+    );
+    b.cache.clear_session("s1").await.unwrap();
+    assert_eq!(b.cache.stored_through("s1").await.unwrap(), None);
 }
 
 async fn keys_and_ttls_follow_the_reference_patterns(kind: Kind) {

@@ -195,6 +195,7 @@ async fn the_app_embeds_memories_through_the_openai_provider() {
     assert_eq!(app.state.embedder.dimension(), 64);
 
     let memory = |text: &str| NewMemory {
+        dedup_key: None,
         text: text.to_owned(),
         user_id: "1".to_owned(),
         coach_id: "2".to_owned(),

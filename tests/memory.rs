@@ -70,6 +70,7 @@ async fn store_of(kind: Kind, overrides: &[(&str, &str)]) -> Arc<dyn MemoryStore
 
 fn new(user: &str, coach: &str, kind: &str, text: &str) -> NewMemory {
     NewMemory {
+        dedup_key: None,
         text: text.to_owned(),
         user_id: user.to_owned(),
         coach_id: coach.to_owned(),
@@ -97,6 +98,7 @@ macro_rules! on_both_stores {
 on_both_stores!(
     stored_memories_are_listed_newest_first_with_paging,
     an_exact_duplicate_is_stored_once,
+    a_memory_with_a_dedup_key_is_stored_once_per_key_whatever_its_text,
     a_batch_reports_outcomes_in_input_order,
     search_ranks_related_memories_first,
     search_stays_within_the_pair_and_honours_min_similarity,
@@ -134,6 +136,41 @@ async fn stored_memories_are_listed_newest_first_with_paging(kind: Kind) {
     assert!(page.is_empty(), "limit 0 only counts");
     assert_eq!(total, 5);
     assert_eq!(store.list("1", "other", 10, 0).await.unwrap().1, 0);
+}
+
+async fn a_memory_with_a_dedup_key_is_stored_once_per_key_whatever_its_text(kind: Kind) {
+    // Write-behind keys a conversation turn by session and turn: a turn one node finished and
+    // another ended as interrupted (a split) is one memory, the first text written.
+    let store = store_of(kind, &[]).await;
+    let turn = |text: &str, key: &str| NewMemory {
+        dedup_key: Some(key.to_owned()),
+        ..new("1", "2", "conversation", text)
+    };
+    let first = store
+        .store(turn("User: hi\nCoach: the whole reply", "turn s1 3"))
+        .await
+        .unwrap();
+    assert!(first.created);
+    let again = store
+        .store(turn("User: hi\nCoach: the whole", "turn s1 3"))
+        .await
+        .unwrap();
+    assert_eq!((again.id, again.created), (first.id, false));
+    let other = store
+        .store(turn("User: hi\nCoach: the whole reply", "turn s1 4"))
+        .await
+        .unwrap();
+    assert!(
+        other.created,
+        "another key is another memory, even with the same text"
+    );
+    let (listed, total) = store.list("1", "2", 10, 0).await.unwrap();
+    assert_eq!(total, 2);
+    assert!(
+        listed
+            .iter()
+            .all(|m| m.text == "User: hi\nCoach: the whole reply")
+    );
 }
 
 async fn an_exact_duplicate_is_stored_once(kind: Kind) {
@@ -740,6 +777,7 @@ async fn the_database_refuses_vectors_of_another_dimension() {
 
 fn note(text: &str, memory_type: &str) -> NewMemory {
     NewMemory {
+        dedup_key: None,
         text: text.to_owned(),
         user_id: "u-merge".to_owned(),
         coach_id: "c-merge".to_owned(),

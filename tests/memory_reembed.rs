@@ -54,6 +54,7 @@ async fn filled(embedder: Arc<dyn Embedder>) -> (String, PgPool) {
         .into_iter()
         .enumerate()
         .map(|(i, text)| NewMemory {
+            dedup_key: None,
             text,
             user_id: format!("user-{}", i % 3),
             coach_id: "coach-1".to_owned(),

@@ -19,6 +19,7 @@ async fn seed(app: &TestApp, user: &str, coach: &str, texts: &[&str]) -> Vec<uui
     let batch = texts
         .iter()
         .map(|t| NewMemory {
+            dedup_key: None,
             text: (*t).to_owned(),
             user_id: user.to_owned(),
             coach_id: coach.to_owned(),

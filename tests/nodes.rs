@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use coachd::fake_upstream::{FakeUpstream, Script};
 use common::TestApp;
 use common::realtime::{Session, WsRead, tokens_text, ws_connect, ws_next, ws_send, ws_until};
+use common::services::{OwnRedis, free_port};
 use fred::interfaces::{ClientLike, KeysInterface, ListInterface};
 use serde_json::{Value, json};
 
@@ -561,56 +562,6 @@ async fn a_coachd_process_killed_mid_turn_hands_its_session_to_another_node() {
     b.stop().await.unwrap();
 }
 
-/// A Redis of this test's own (no persistence), so it can be killed and restarted.
-struct OwnRedis {
-    port: u16,
-    child: tokio::process::Child,
-}
-
-impl OwnRedis {
-    async fn start(port: u16) -> Self {
-        let child = tokio::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server on PATH");
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                return OwnRedis { port, child };
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("redis-server did not start on port {port}");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn kill(mut self) -> u16 {
-        self.child.kill().await.unwrap();
-        self.port
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// How a stream came out of the Redis restart.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 enum Outcome {
@@ -667,7 +618,7 @@ async fn a_redis_restart_under_load_ends_every_stream_cleanly_or_with_a_resync()
         }
         remote_seen.push(seen);
     }
-    let port = redis.kill().await;
+    let (port, _) = redis.kill().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let redis = OwnRedis::start(port).await;
 
@@ -705,6 +656,115 @@ async fn a_redis_restart_under_load_ends_every_stream_cleanly_or_with_a_resync()
         app.stop().await.unwrap();
     }
     redis.kill().await;
+}
+
+#[tokio::test]
+async fn a_turn_a_killed_owner_finished_but_never_stored_is_stored_by_the_node_that_takes_over() {
+    // Write-behind lives in memory: turn 2 ends on the owner process while PostgreSQL is down,
+    // so its memory write is still being retried when the owner is killed. The node that takes
+    // the session over finds turn 2 after the last turn recorded as stored, and stores it (the
+    // context, which had it already, keeps it once).
+    let fake = FakeUpstream::start().await.unwrap();
+    fake.set_default(Script::text("noted"));
+    let pg = common::services::OwnPostgres::start().await;
+    let (prefix, redis) = (common::fresh_prefix(), common::redis_url());
+    let mut env = node_env(&fake, "node-proc", &pg.url(), &prefix, &redis);
+    env.push(("COACHD_PROMPT_FETCH_TIMEOUT_MS".into(), "200".into()));
+    env.push(("COACHD_LOG".into(), "warn".into()));
+    let scratch = common::services::ScratchDir::new("nodes");
+    let owner = common::services::Coachd::start(&["serve"], &env, &scratch.0.join("owner.log")).await;
+    let base = owner.base();
+    let client = reqwest::Client::new();
+    let created: Value = client
+        .post(format!("{base}/realtime/sessions"))
+        .json(&json!({"user_id": "u-kill", "coach_id": "sales", "transport": "http"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["session_id"].as_str().unwrap().to_owned();
+    let turn = |text: &'static str| {
+        let (client, url) = (client.clone(), format!("{base}/realtime/sessions/{id}/turn"));
+        async move {
+            let r = client
+                .post(url)
+                .json(&json!({"text": text}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    let db = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    let stored_turns = |db: sqlx::PgPool, id: String| async move {
+        let rows: Vec<(i64,)> = sqlx::query_as(
+            "select (metadata->>'turn_number')::bigint from coach_memory \
+             where memory_type = 'conversation' and metadata->>'session_id' = $1 order by 1",
+        )
+        .bind(id)
+        .fetch_all(&db)
+        .await
+        .unwrap();
+        rows.into_iter().map(|r| r.0).collect::<Vec<_>>()
+    };
+    turn("first, stored everywhere").await;
+    for _ in 0..100 {
+        if stored_turns(db.clone(), id.clone()).await == [1] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stored_turns(db.clone(), id.clone()).await, [1]);
+    db.close().await;
+
+    pg.crash().await;
+    turn("second, while PostgreSQL is down").await;
+    let redis_conn = redis_client(&redis).await;
+    let context_key = format!("{prefix}session:{id}:context");
+    assert_eq!(
+        stored_context(&redis_conn, &context_key, 4).await.len(),
+        4,
+        "turn 2 is in the context"
+    );
+    owner.kill().await;
+    pg.start_server().await;
+
+    let b = node_app(&node_env(&fake, "node-b", &pg.url(), &prefix, &redis)).await;
+    // 503 until the dead owner's lease lapses (1.5 s), then b takes the session over.
+    let mut answer = (0, Value::Null);
+    for _ in 0..50 {
+        answer = post(
+            &b,
+            &format!("/realtime/sessions/{id}/turn"),
+            json!({"text": "third, on b"}),
+        )
+        .await;
+        if answer.0 != 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, reply) = answer;
+    assert_eq!((status, reply["turn_number"].as_u64()), (200, Some(3)), "{reply}");
+    b.wait_written(2).await;
+    let db = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    assert_eq!(
+        stored_turns(db.clone(), id.clone()).await,
+        [1, 2, 3],
+        "turn 2 stored by b, once"
+    );
+    let contents = stored_context(&redis_conn, &context_key, 6).await;
+    let turns: Vec<u64> = contents
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .map(|m| m["metadata"]["turn_number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(turns, [1, 2, 3], "the context keeps each turn once: {contents:?}");
+    db.close().await;
+    redis_conn.quit().await.unwrap();
+    b.stop().await.unwrap();
 }
 
 #[tokio::test]

@@ -1,14 +1,14 @@
 //! The in-process context cache: the same lists, caps and TTLs as the Redis one, in a map, for a
 //! single coachd with no Redis. Expired entries vanish on read and are swept now and then on write.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::{ContextCache, ContextLimits, ContextMessage, StoreError, keys};
+use super::{ContextCache, ContextLimits, ContextMessage, StoreError, StoredThrough, TurnKey, keys};
 
 /// Writes between two sweeps of expired entries: often enough that abandoned sessions do not pile
 /// up, rarely enough that the O(n) sweep costs nothing per write.
@@ -24,6 +24,10 @@ struct Expiring<T> {
 struct Inner {
     lists: HashMap<String, Expiring<VecDeque<ContextMessage>>>,
     pointers: HashMap<String, Expiring<String>>,
+    /// Per list, the turns it holds (see `ContextCache::append_turn`), expiring with it.
+    turns: HashMap<String, Expiring<HashSet<String>>>,
+    /// Per session (by its `session_stored` key), how far write-behind has stored it.
+    stored: HashMap<String, Expiring<StoredThrough>>,
     writes: u64,
 }
 
@@ -33,6 +37,8 @@ impl Inner {
         if self.writes.is_multiple_of(SWEEP_EVERY) {
             self.lists.retain(|_, e| e.expires_at > now);
             self.pointers.retain(|_, e| e.expires_at > now);
+            self.turns.retain(|_, e| e.expires_at > now);
+            self.stored.retain(|_, e| e.expires_at > now);
         }
     }
 
@@ -50,6 +56,19 @@ impl Inner {
             entry.value.pop_front();
         }
         entry.expires_at = now + limits.session_ttl;
+    }
+
+    /// Records `mark` as stored in `list`; `false` when it was already.
+    fn mark_turn(&mut self, list: &str, mark: String, ttl: Duration, now: Instant) -> bool {
+        let entry = self.turns.entry(list.to_owned()).or_insert_with(|| Expiring {
+            value: HashSet::new(),
+            expires_at: now,
+        });
+        if entry.expires_at <= now {
+            entry.value.clear();
+        }
+        entry.expires_at = now + ttl;
+        entry.value.insert(mark)
     }
 
     fn tail(&self, key: &str, limit: usize, now: Instant) -> Vec<ContextMessage> {
@@ -107,7 +126,8 @@ impl InProcessContextCache {
                 .lists
                 .get(key)
                 .map(|e| e.expires_at)
-                .or_else(|| inner.pointers.get(key).map(|e| e.expires_at))?;
+                .or_else(|| inner.pointers.get(key).map(|e| e.expires_at))
+                .or_else(|| inner.stored.get(key).map(|e| e.expires_at))?;
             (at > now).then(|| at - now)
         })
         .ok()
@@ -139,6 +159,75 @@ impl ContextCache for InProcessContextCache {
                 now,
             );
             inner.after_write(now);
+        })
+    }
+
+    async fn append_turn(&self, turn: &TurnKey<'_>, msgs: Vec<ContextMessage>) -> Result<bool, StoreError> {
+        if msgs.is_empty() {
+            return Ok(true);
+        }
+        let limits = self.limits;
+        let list = keys::session_context(turn.session_id);
+        self.with(|inner, now| {
+            if !inner.mark_turn(&list, turn.mark(), limits.session_ttl, now) {
+                return false;
+            }
+            for msg in msgs {
+                inner.push(list.clone(), msg, &limits, now);
+            }
+            inner.set_pointer(
+                keys::last_session(turn.user_id),
+                turn.session_id,
+                limits.user_session_ttl,
+                now,
+            );
+            inner.after_write(now);
+            true
+        })
+    }
+
+    async fn append_user_coach_turn(
+        &self,
+        turn: &TurnKey<'_>,
+        msgs: Vec<ContextMessage>,
+    ) -> Result<bool, StoreError> {
+        if msgs.is_empty() {
+            return Ok(true);
+        }
+        let limits = self.limits;
+        let list = keys::user_coach_context(turn.user_id, turn.coach_id);
+        self.with(|inner, now| {
+            if !inner.mark_turn(&list, turn.mark(), limits.session_ttl, now) {
+                return false;
+            }
+            for msg in msgs {
+                inner.push(list.clone(), msg, &limits, now);
+            }
+            inner.after_write(now);
+            true
+        })
+    }
+
+    async fn mark_stored(&self, session_id: &str, mark: StoredThrough) -> Result<(), StoreError> {
+        let ttl = self.limits.session_ttl;
+        self.with(|inner, now| {
+            inner.stored.insert(
+                keys::session_stored(session_id),
+                Expiring {
+                    value: mark,
+                    expires_at: now + ttl,
+                },
+            );
+        })
+    }
+
+    async fn stored_through(&self, session_id: &str) -> Result<Option<StoredThrough>, StoreError> {
+        self.with(|inner, now| {
+            inner
+                .stored
+                .get(&keys::session_stored(session_id))
+                .filter(|e| e.expires_at > now)
+                .map(|e| e.value)
         })
     }
 
@@ -196,7 +285,10 @@ impl ContextCache for InProcessContextCache {
 
     async fn clear_session(&self, session_id: &str) -> Result<(), StoreError> {
         self.with(|inner, _| {
-            inner.lists.remove(&keys::session_context(session_id));
+            let list = keys::session_context(session_id);
+            inner.turns.remove(&list);
+            inner.stored.remove(&keys::session_stored(session_id));
+            inner.lists.remove(&list);
         })
     }
 }

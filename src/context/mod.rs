@@ -45,6 +45,50 @@ impl ContextMessage {
     }
 }
 
+/// One finished turn of a session, the identity under which its messages are appended once.
+#[derive(Debug, Clone, Copy)]
+pub struct TurnKey<'a> {
+    /// Session.
+    pub session_id: &'a str,
+    /// User.
+    pub user_id: &'a str,
+    /// Coach.
+    pub coach_id: &'a str,
+    /// Turn number in the session.
+    pub turn_number: u32,
+}
+
+/// How far write-behind has stored a session: its turns through `turn`, which ended at seq
+/// `end_seq` of the session's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredThrough {
+    /// The turn.
+    pub turn: u32,
+    /// The seq of its `turn_end`.
+    pub end_seq: u64,
+}
+
+impl StoredThrough {
+    fn encode(self) -> String {
+        format!("{} {}", self.turn, self.end_seq)
+    }
+
+    fn decode(s: &str) -> Option<Self> {
+        let (turn, seq) = s.split_once(' ')?;
+        Some(Self {
+            turn: turn.parse().ok()?,
+            end_seq: seq.parse().ok()?,
+        })
+    }
+}
+
+impl TurnKey<'_> {
+    /// The turn's mark in a list's set of stored turns.
+    pub(crate) fn mark(&self) -> String {
+        format!("{}:{}", self.session_id, self.turn_number)
+    }
+}
+
 /// Short-term context of sessions and user–coach pairs, and each user's last session.
 /// Every list is capped at [`ContextLimits::max_messages`] (the oldest messages go first) and
 /// expires [`ContextLimits::session_ttl`] after its last append.
@@ -71,6 +115,29 @@ pub trait ContextCache: Send + Sync + fmt::Debug {
         coach_id: &str,
         msgs: Vec<ContextMessage>,
     ) -> Result<(), StoreError>;
+
+    /// [`append_messages`](Self::append_messages) of one finished turn, at most once: a second
+    /// write of the same turn answers `false` and stores nothing. Write-behind needs this where
+    /// a write can repeat: a retry after a reply Redis applied but never sent, or a turn that two
+    /// nodes each ended while Redis was out of reach (the old owner finishing it, the new owner
+    /// ending it as interrupted). Each list remembers the turns it holds for as long as it lives.
+    async fn append_turn(&self, turn: &TurnKey<'_>, msgs: Vec<ContextMessage>) -> Result<bool, StoreError>;
+
+    /// [`append_turn`](Self::append_turn) for the user–coach context.
+    async fn append_user_coach_turn(
+        &self,
+        turn: &TurnKey<'_>,
+        msgs: Vec<ContextMessage>,
+    ) -> Result<bool, StoreError>;
+
+    /// Records that every store holds the session's turns through `turn`, whose `turn_end` has
+    /// seq `end_seq` in the session's log: a node that takes the session over re-stores the
+    /// finished turns after it (write-behind lives in memory, so a node killed with turns
+    /// still queued would otherwise lose them). Expires with the session's context.
+    async fn mark_stored(&self, session_id: &str, mark: StoredThrough) -> Result<(), StoreError>;
+
+    /// What [`mark_stored`](Self::mark_stored) last recorded for the session.
+    async fn stored_through(&self, session_id: &str) -> Result<Option<StoredThrough>, StoreError>;
 
     /// The `limit` most recent messages of a session, oldest first.
     async fn recent_messages(
@@ -133,6 +200,11 @@ pub mod keys {
     /// `session:{session_id}:context`
     pub fn session_context(session_id: &str) -> String {
         format!("session:{session_id}:context")
+    }
+
+    /// `session:{session_id}:stored`: how far write-behind has stored the session.
+    pub fn session_stored(session_id: &str) -> String {
+        format!("session:{session_id}:stored")
     }
 
     /// `user:{user_id}:last_session`

@@ -7,7 +7,7 @@ use fred::clients::Pool;
 use fred::interfaces::{KeysInterface, ListInterface};
 use fred::types::{Expiration, Value};
 
-use super::{ContextCache, ContextLimits, ContextMessage, StoreError, keys};
+use super::{ContextCache, ContextLimits, ContextMessage, StoreError, StoredThrough, TurnKey, keys};
 use crate::redis::Script;
 
 /// KEYS[1]: a context list; KEYS[2] (optional): a last-session pointer.
@@ -24,6 +24,26 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 if KEYS[2] then
   redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+end
+return n
+",
+);
+
+/// [`APPEND`] of one turn, once. KEYS[1]: a context list; KEYS[2]: the list's set of stored
+/// turns (a hash, same TTL); KEYS[3] (optional): a last-session pointer. ARGV: as for APPEND, with
+/// the turn's mark at 5 and the messages from 6. -1: the turn was stored already.
+static APPEND_ONCE: Script = Script::new(
+    r"
+if redis.call('HSETNX', KEYS[2], ARGV[5], '1') == 0 then return -1 end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+local n = redis.call('RPUSH', KEYS[1], unpack(ARGV, 6))
+local cap = tonumber(ARGV[1])
+if n > cap then
+  redis.call('LTRIM', KEYS[1], -cap, -1)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if KEYS[3] then
+  redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
 end
 return n
 ",
@@ -58,10 +78,23 @@ impl RedisContextCache {
         pointer: Option<(String, &str)>,
         msgs: &[ContextMessage],
     ) -> Result<(), StoreError> {
+        self.append_with(list, pointer, None, msgs).await.map(|_| ())
+    }
+
+    /// Appends `msgs`; with `once`, only when that turn mark is new (`false` otherwise).
+    async fn append_with(
+        &self,
+        list: String,
+        pointer: Option<(String, &str)>,
+        once: Option<String>,
+        msgs: &[ContextMessage],
+    ) -> Result<bool, StoreError> {
         if msgs.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
+        let marks = once.as_ref().map(|_| format!("{list}:turns"));
         let mut keys = vec![list];
+        keys.extend(marks);
         let mut args: Vec<Value> = vec![
             clamp_i64(self.limits.max_messages).into(),
             millis(self.limits.session_ttl).into(),
@@ -74,6 +107,10 @@ impl RedisContextCache {
             }
             None => args.extend([Value::from(""), Value::from(0_i64)]),
         }
+        let once = once.is_some_and(|mark| {
+            args.push(mark.into());
+            true
+        });
         for msg in msgs {
             let json = serde_json::to_string(msg).map_err(|e| StoreError::Internal {
                 backend: "redis",
@@ -81,8 +118,9 @@ impl RedisContextCache {
             })?;
             args.push(json.into());
         }
-        APPEND.run::<i64>(&self.pool, keys, args).await?;
-        Ok(())
+        let script = if once { &APPEND_ONCE } else { &APPEND };
+        let n = script.run::<i64>(&self.pool, keys, args).await?;
+        Ok(n >= 0)
     }
 
     async fn tail(&self, list: String, limit: usize) -> Result<Vec<ContextMessage>, StoreError> {
@@ -108,6 +146,41 @@ impl ContextCache for RedisContextCache {
         let list = self.key(&keys::session_context(session_id));
         let pointer = self.key(&keys::last_session(user_id));
         self.append(list, Some((pointer, session_id)), &msgs).await
+    }
+
+    async fn append_turn(&self, turn: &TurnKey<'_>, msgs: Vec<ContextMessage>) -> Result<bool, StoreError> {
+        let list = self.key(&keys::session_context(turn.session_id));
+        let pointer = self.key(&keys::last_session(turn.user_id));
+        self.append_with(list, Some((pointer, turn.session_id)), Some(turn.mark()), &msgs)
+            .await
+    }
+
+    async fn append_user_coach_turn(
+        &self,
+        turn: &TurnKey<'_>,
+        msgs: Vec<ContextMessage>,
+    ) -> Result<bool, StoreError> {
+        let list = self.key(&keys::user_coach_context(turn.user_id, turn.coach_id));
+        self.append_with(list, None, Some(turn.mark()), &msgs).await
+    }
+
+    async fn mark_stored(&self, session_id: &str, mark: StoredThrough) -> Result<(), StoreError> {
+        let ttl = Expiration::PX(millis(self.limits.session_ttl));
+        self.pool
+            .set::<(), _, _>(
+                self.key(&keys::session_stored(session_id)),
+                mark.encode(),
+                Some(ttl),
+                None,
+                false,
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn stored_through(&self, session_id: &str) -> Result<Option<StoredThrough>, StoreError> {
+        let value: Option<String> = self.pool.get(self.key(&keys::session_stored(session_id))).await?;
+        Ok(value.as_deref().and_then(StoredThrough::decode))
     }
 
     async fn recent_messages(
@@ -162,9 +235,13 @@ impl ContextCache for RedisContextCache {
     }
 
     async fn clear_session(&self, session_id: &str) -> Result<(), StoreError> {
+        let list = self.key(&keys::session_context(session_id));
+        // Two commands, not one DEL of both: the keys need not share a Cluster slot.
+        self.pool.del::<i64, _>(format!("{list}:turns")).await?;
         self.pool
-            .del::<i64, _>(self.key(&keys::session_context(session_id)))
+            .del::<i64, _>(self.key(&keys::session_stored(session_id)))
             .await?;
+        self.pool.del::<i64, _>(list).await?;
         Ok(())
     }
 }

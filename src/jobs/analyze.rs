@@ -209,6 +209,7 @@ pub async fn run(
             .take(settings.max_memory_chunks)
             .enumerate()
             .map(|(i, c)| NewMemory {
+                dedup_key: None,
                 text: c,
                 user_id: job.user_id.clone(),
                 coach_id: job.coach_id.clone(),
@@ -217,6 +218,7 @@ pub async fn run(
             })
             .collect();
         memories.extend(insights.iter().map(|i| NewMemory {
+            dedup_key: None,
             text: truncate(&i.text, max_chars).to_owned(),
             user_id: job.user_id.clone(),
             coach_id: job.coach_id.clone(),

@@ -105,6 +105,11 @@ pub struct NewMemory {
     pub memory_type: String,
     /// A JSON object (or null, stored as `{}`).
     pub metadata: serde_json::Value,
+    /// What identifies the memory for de-duplication when not its text: a conversation turn is
+    /// keyed by its session and turn number, so a turn written twice (a retry whose first reply
+    /// was lost, or a turn two nodes each ended while they could not see each other) is stored
+    /// once, whichever text came first.
+    pub dedup_key: Option<String>,
 }
 
 /// A stored memory.
@@ -255,7 +260,7 @@ pub(crate) fn prepare(m: NewMemory, limits: &MemoryLimits) -> Result<Prepared, S
         _ => return Err(StoreError::Invalid("metadata must be a JSON object".to_owned())),
     };
     Ok(Prepared {
-        hash: content_hash(text),
+        hash: content_hash(m.dedup_key.as_deref().unwrap_or(text)),
         text: text.to_owned(),
         user_id: m.user_id,
         coach_id: m.coach_id,
@@ -336,6 +341,7 @@ mod tests {
 
     fn new(text: &str) -> NewMemory {
         NewMemory {
+            dedup_key: None,
             text: text.to_owned(),
             user_id: "1".to_owned(),
             coach_id: "2".to_owned(),

@@ -39,7 +39,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::context::{ContextCache, ContextMessage};
+use crate::context::{ContextCache, ContextMessage, StoredThrough, TurnKey};
 use crate::error::StoreError;
 use crate::llm::Usage;
 use crate::memory::{MemoryStore, NewMemory};
@@ -85,6 +85,9 @@ pub struct TurnRecord {
     pub at: DateTime<Utc>,
     /// The trace context of the turn's span, when traces are on: the write joins that trace.
     pub trace: Option<SpanContext>,
+    /// The seq of its `turn_end` in the session's log (0: not from a session log), recorded
+    /// with the session once every store holds the turn (see `ContextCache::mark_stored`).
+    pub end_seq: u64,
 }
 
 /// Write-behind settings.
@@ -386,16 +389,26 @@ impl Worker {
         }
         // Each store on its own and at once: one that is down neither skips nor delays the others.
         let given_up = &self.stats.given_up;
+        // Each store takes the turn once (a repeated write of it stores nothing): see
+        // `ContextCache::append_turn` and `NewMemory::dedup_key`.
+        let turn = TurnKey {
+            session_id: &r.session_id,
+            user_id: &r.user_id,
+            coach_id: &r.coach_id,
+            turn_number: r.turn_number,
+        };
         let (session, user_coach, memory) = tokio::join!(
             self.retry("session_context", &given_up.session_context, || async {
                 self.context
-                    .append_messages(&r.session_id, &r.user_id, &r.coach_id, messages.clone())
+                    .append_turn(&turn, messages.clone())
                     .await
+                    .map(|_| ())
             }),
             self.retry("user_coach_context", &given_up.user_coach_context, || async {
                 self.context
-                    .append_user_coach_messages(&r.user_id, &r.coach_id, messages.clone())
+                    .append_user_coach_turn(&turn, messages.clone())
                     .await
+                    .map(|_| ())
             }),
             self.retry("memory", &given_up.memory, || async {
                 let mut text = format!("User: {}", r.user_text);
@@ -405,6 +418,8 @@ impl Worker {
                 }
                 self.memory
                     .store(NewMemory {
+                        // Once per turn, whatever its text (see `NewMemory::dedup_key`).
+                        dedup_key: Some(format!("turn\u{0}{}\u{0}{}", r.session_id, r.turn_number)),
                         text: clip(&text, self.config.memory_max_bytes).to_owned(),
                         user_id: r.user_id.clone(),
                         coach_id: r.coach_id.clone(),
@@ -423,6 +438,17 @@ impl Worker {
         if session && user_coach && memory {
             self.stats.written.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(metric::WRITE_BEHIND_WRITTEN).increment(1);
+            if r.end_seq > 0 {
+                let mark = StoredThrough {
+                    turn: r.turn_number,
+                    end_seq: r.end_seq,
+                };
+                // Best effort: without the mark, a takeover only re-stores more (and every store
+                // takes a turn once).
+                if let Err(e) = self.context.mark_stored(&r.session_id, mark).await {
+                    tracing::debug!(session_id = %r.session_id, turn = r.turn_number, error = %e, "cannot record how far the session is stored");
+                }
+            }
         } else {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
@@ -498,6 +524,7 @@ pub(crate) mod tests {
             usage: None,
             at: Utc::now(),
             trace: None,
+            end_seq: 0,
         }
     }
 

@@ -10,6 +10,7 @@
 )]
 
 pub mod realtime;
+pub mod services;
 
 use std::sync::Once;
 

@@ -364,6 +364,7 @@ async fn search_all(store: &PgMemoryStore, name: &str, set: &LabelledSet) -> any
         let batch = chunk
             .iter()
             .map(|m| NewMemory {
+                dedup_key: None,
                 text: m.text.clone(),
                 user_id: m.user.clone(),
                 coach_id: m.coach.clone(),

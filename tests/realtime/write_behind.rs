@@ -179,6 +179,7 @@ async fn a_redis_outage_does_not_skip_the_postgres_memory_write() {
         usage: None,
         at: chrono::Utc::now(),
         trace: None,
+        end_seq: 0,
     })
     .await;
 

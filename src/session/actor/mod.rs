@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use self::turn::{Pending, Turn, next_step};
-use super::cluster::takeover::Recovered;
+use super::cluster::takeover::{FinishedTurn, Recovered};
 use super::event::{EndedBy, ErrorCause, EventBody, FinishReason, JobUpdate, PersonaInfo, SessionStatus};
 use super::manager::{Deps, EndOutcome, Registry, SessionInfo};
 use super::{SessionHandle, TurnMode};
@@ -105,6 +105,8 @@ pub(super) struct Actor {
     /// A taken-over session's turn that was streaming on its old owner: number, user text,
     /// partial reply; ended as interrupted when the task starts.
     recovered_open: Option<(u32, String, String)>,
+    /// A taken-over session's turns that the old owner may not have stored.
+    recovered_unstored: Vec<FinishedTurn>,
 }
 
 impl Actor {
@@ -133,6 +135,7 @@ impl Actor {
             fenced: CancellationToken::new(),
             ended_tx: None,
             recovered_open: None,
+            recovered_unstored: Vec::new(),
         }
     }
 
@@ -147,6 +150,7 @@ impl Actor {
             self.next_turn = r.next_turn;
             self.transcript = r.transcript;
             self.recovered_open = r.open;
+            self.recovered_unstored = r.unstored;
         }
         self
     }
@@ -171,6 +175,9 @@ impl Actor {
     }
 
     pub(super) async fn run(mut self) {
+        for turn in std::mem::take(&mut self.recovered_unstored) {
+            self.restore_finished_turn(turn);
+        }
         if let Some((number, user_text, partial)) = self.recovered_open.take() {
             self.end_recovered_turn(number, user_text, partial);
         }

@@ -25,6 +25,7 @@ use crate::llm::ProviderKind;
 use crate::llm::{EventStream, LlmError, LlmEvent, Message, Params, Routed, Usage};
 use crate::metric::FirstToken;
 use crate::persist::TurnRecord;
+use crate::session::cluster::takeover::FinishedTurn;
 use crate::session::event::{ErrorCause, EventBody, FinishReason, extract_actions};
 
 /// A message waiting for its turn.
@@ -318,7 +319,7 @@ impl Actor {
     pub(super) fn end_recovered_turn(&mut self, number: u32, user_text: String, partial: String) {
         self.deps.stats.turns_interrupted.inc();
         let actions = extract_actions(&partial, self.deps.limits.max_actions);
-        self.handle.log.publish(EventBody::TurnEnd {
+        let end_seq = self.handle.log.publish(EventBody::TurnEnd {
             turn_number: number,
             reply_text: partial.clone(),
             actions,
@@ -345,6 +346,26 @@ impl Actor {
             usage: None,
             at: Utc::now(),
             trace: None,
+            end_seq,
+        });
+    }
+
+    /// Hands write-behind a turn the old owner finished but may not have stored (its write-behind
+    /// queue died with it); a turn that was stored after all is not stored twice.
+    pub(super) fn restore_finished_turn(&mut self, turn: FinishedTurn) {
+        self.writer.push(TurnRecord {
+            session_id: self.handle.id.to_string(),
+            user_id: self.handle.user_id.to_string(),
+            coach_id: self.handle.coach_id.to_string(),
+            turn_number: turn.number,
+            user_text: turn.user_text,
+            reply_text: turn.reply_text,
+            interrupted: turn.interrupted,
+            finish_reason: turn.finish_reason.to_string(),
+            usage: turn.usage,
+            at: Utc::now(),
+            trace: None,
+            end_seq: turn.end_seq,
         });
     }
 
@@ -396,7 +417,7 @@ impl Actor {
             (true, _) => stats.turns_interrupted.inc(),
         }
         let actions = extract_actions(&turn.reply, self.deps.limits.max_actions);
-        self.handle.log.publish(EventBody::TurnEnd {
+        let end_seq = self.handle.log.publish(EventBody::TurnEnd {
             turn_number: turn.number,
             reply_text: turn.reply.clone(),
             actions,
@@ -424,6 +445,7 @@ impl Actor {
             usage: turn.usage,
             at: Utc::now(),
             trace: turn.trace,
+            end_seq,
         });
     }
 }

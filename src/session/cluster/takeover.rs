@@ -7,12 +7,33 @@
 
 use std::collections::VecDeque;
 
+use crate::context::StoredThrough;
 use crate::error::Error;
-use crate::session::event::EventBody;
+use crate::llm::Usage;
+use crate::session::event::{EventBody, FinishReason, Published};
 use crate::session::manager::{ConnectionManager, SessionHandle};
 use crate::session::store::SessionMeta;
 
 use super::writer::OwnerSetup;
+
+/// A turn the old owner finished, as its log kept it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinishedTurn {
+    /// Turn number.
+    pub number: u32,
+    /// What the user said.
+    pub user_text: String,
+    /// The reply.
+    pub reply_text: String,
+    /// How it ended.
+    pub finish_reason: FinishReason,
+    /// Cut short.
+    pub interrupted: bool,
+    /// Token counts.
+    pub usage: Option<Usage>,
+    /// The seq of its `turn_end`.
+    pub end_seq: u64,
+}
 
 /// What a taken-over session starts from.
 #[derive(Debug, Default)]
@@ -25,6 +46,9 @@ pub struct Recovered {
     pub transcript: VecDeque<(String, String)>,
     /// The turn that was streaming: number, user text, and the partial reply.
     pub open: Option<(u32, String, String)>,
+    /// Turns the old owner finished after the last one write-behind recorded as stored: its
+    /// queue died with it, so they are handed to this node's write-behind again.
+    pub unstored: Vec<FinishedTurn>,
 }
 
 impl ConnectionManager {
@@ -47,11 +71,32 @@ impl ConnectionManager {
         let progress = meta.progress.clone();
         // From the open turn's start (its tokens make the partial reply); without one, only the
         // log's last seq is needed.
-        let after = progress
+        let open_after = progress
             .open_turn
             .as_ref()
             .map_or(u64::MAX - 1, |o| o.start_seq.saturating_sub(1));
-        let history = cluster.shared.history(&id, after, log_events).await?;
+        let history = cluster.shared.history(&id, open_after, log_events).await?;
+        // And the turns finished after the last one write-behind recorded as stored: they may
+        // have been lost with the old owner's queue (without a record, whatever the log keeps).
+        let stored = match self.deps.context.stored_through(&id).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(session_id = %id, error = %e, "cannot read how far the session is stored; re-storing what its log keeps");
+                None
+            }
+        };
+        let mut finished = Vec::new();
+        let mut after = stored.map_or(0, |s| s.end_seq);
+        // A page at a time up to the open turn; the log keeps at most `log_events` anyway.
+        while after < open_after.min(history.last_seq) {
+            let page = cluster.shared.history(&id, after, log_events).await?;
+            let Some(last) = page.events.last().map(|e| e.seq) else {
+                break;
+            };
+            after = last;
+            finished.extend(page.events);
+        }
+        let unstored = finished_after(&finished, stored);
         let open = progress.open_turn.as_ref().map(|open| {
             let partial: String = history
                 .events
@@ -72,6 +117,7 @@ impl ConnectionManager {
             next_turn: progress.next_turn.max(1),
             transcript,
             open,
+            unstored,
         };
         cluster.stats.takeovers.inc();
         tracing::info!(
@@ -80,6 +126,7 @@ impl ConnectionManager {
             fence = lease.fence,
             last_seq = history.last_seq,
             interrupted_turn = recovered.open.as_ref().map(|o| o.0),
+            restored_turns = recovered.unstored.len(),
             "session taken over: its owner's lease lapsed"
         );
         let owner = OwnerSetup {
@@ -120,4 +167,52 @@ impl ConnectionManager {
         }
         transcript
     }
+}
+
+/// The turns that end in `events` after `stored`, with the user text of their `turn_start` (a
+/// turn whose start the log no longer keeps cannot be stored whole, and is left out).
+pub(crate) fn finished_after(
+    events: &[std::sync::Arc<Published>],
+    stored: Option<StoredThrough>,
+) -> Vec<FinishedTurn> {
+    let done = stored.map_or(0, |s| s.turn);
+    let mut started: Vec<(u32, &str)> = Vec::new();
+    let mut out = Vec::new();
+    for e in events {
+        match &e.body {
+            EventBody::TurnStart {
+                turn_number,
+                user_text,
+                ..
+            } => started.push((*turn_number, user_text.as_str())),
+            EventBody::TurnEnd {
+                turn_number,
+                reply_text,
+                usage,
+                finish_reason,
+                interrupted,
+                ..
+            } if *turn_number > done => {
+                let Some(&(_, user_text)) = started.iter().find(|(n, _)| n == turn_number) else {
+                    tracing::warn!(
+                        seq = e.seq,
+                        turn = turn_number,
+                        "a finished turn's start is older than the log: not re-stored"
+                    );
+                    continue;
+                };
+                out.push(FinishedTurn {
+                    number: *turn_number,
+                    user_text: user_text.to_owned(),
+                    reply_text: reply_text.clone(),
+                    finish_reason: finish_reason.clone(),
+                    interrupted: *interrupted,
+                    usage: *usage,
+                    end_seq: e.seq,
+                });
+            }
+            _ => {}
+        }
+    }
+    out
 }

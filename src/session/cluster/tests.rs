@@ -13,10 +13,12 @@ use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::ClusterStats;
-use super::takeover::Recovered;
+use super::takeover::{FinishedTurn, Recovered, finished_after};
 use super::writer::{OwnerSetup, Writer};
+use crate::context::StoredThrough;
 use crate::session::TurnMode;
 use crate::session::event::{EndedBy, EventBody, SessionStatus, TransportKind};
+use crate::session::event::{FinishReason, Published};
 use crate::session::log::EventLog;
 use crate::session::store::{EventStore, InProcessEventStore, Progress, SessionMeta, StoreLimits};
 use crate::session::testing::{Setup, harness};
@@ -278,6 +280,16 @@ async fn a_taken_over_session_ends_the_open_turn_as_interrupted_stores_it_and_go
         ]
         .into(),
         open: Some((3, "three".to_owned(), "half a rep".to_owned())),
+        // Turn 2 finished on the old owner, which died before its write-behind stored it.
+        unstored: vec![FinishedTurn {
+            number: 2,
+            user_text: "two".into(),
+            reply_text: "r2".into(),
+            finish_reason: FinishReason::Stop,
+            interrupted: false,
+            usage: None,
+            end_seq: 30,
+        }],
     };
     let session = h
         .manager
@@ -312,11 +324,11 @@ async fn a_taken_over_session_ends_the_open_turn_as_interrupted_stores_it_and_go
         .unwrap();
     assert_eq!(n, 4, "turn numbers go on");
 
-    // The interrupted turn went to write-behind like any other.
+    // The unstored turn and the interrupted one went to write-behind like any other.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let context = h.manager.deps.context.recent_messages("s", 10).await.unwrap();
     let texts: Vec<&str> = context.iter().map(|m| m.content.as_str()).collect();
-    assert_eq!(&texts[..2], ["three", "half a rep"]);
+    assert_eq!(&texts[..4], ["two", "r2", "three", "half a rep"]);
     // The shared log got the new events, numbered on.
     let shared = store.history("s", 41, 10).await.unwrap();
     assert_eq!(shared.events.first().map(|e| e.seq), Some(42));
@@ -505,4 +517,59 @@ async fn a_new_epoch_that_still_covers_the_relay_goes_on_without_a_resync() {
         .collect();
     assert_eq!(seqs, [4, 5]);
     assert_eq!(relay.cluster_stats().relay_resyncs.get(), 0);
+}
+
+#[test]
+fn the_turns_to_store_again_are_those_finished_after_the_stored_mark() {
+    let start = |seq, n: u32| {
+        Arc::new(Published::new(
+            "s",
+            seq,
+            EventBody::TurnStart {
+                turn_number: n,
+                user_text: format!("q{n}"),
+                client_id: None,
+            },
+        ))
+    };
+    let end = |seq, n: u32| {
+        Arc::new(Published::new(
+            "s",
+            seq,
+            EventBody::TurnEnd {
+                turn_number: n,
+                reply_text: format!("a{n}"),
+                actions: Vec::new(),
+                usage: None,
+                finish_reason: FinishReason::Stop,
+                interrupted: false,
+                provider: None,
+                model: None,
+            },
+        ))
+    };
+    // Turn 1's start is older than the log; turn 4 is still open.
+    let events = vec![
+        end(10, 1),
+        start(11, 2),
+        end(15, 2),
+        start(16, 3),
+        end(20, 3),
+        start(21, 4),
+    ];
+    let numbers = |stored| -> Vec<(u32, String, u64)> {
+        finished_after(&events, stored)
+            .into_iter()
+            .map(|t| (t.number, t.user_text, t.end_seq))
+            .collect()
+    };
+    assert_eq!(
+        numbers(None),
+        [(2, "q2".to_owned(), 15), (3, "q3".to_owned(), 20)],
+        "without a mark, every turn the log keeps whole"
+    );
+    let mark = StoredThrough { turn: 2, end_seq: 15 };
+    assert_eq!(numbers(Some(mark)), [(3, "q3".to_owned(), 20)]);
+    let all = StoredThrough { turn: 3, end_seq: 20 };
+    assert!(numbers(Some(all)).is_empty());
 }
