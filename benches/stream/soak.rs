@@ -27,6 +27,7 @@ struct Sample {
     at_secs: f64,
     rss_kib: u64,
     fds: usize,
+    sockets: Sockets,
     threads: u64,
     tasks: u64,
     sessions: u64,
@@ -41,6 +42,62 @@ fn threads(pid: u32) -> u64 {
                 .and_then(|v| v.trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// coachd's TCP sockets by what is at the other end: its clients (the load), the upstream, and
+/// anything else (Redis, PostgreSQL, listeners). Read from the process's fd links and its
+/// network namespace's socket tables.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sockets {
+    clients: usize,
+    upstream: usize,
+    other: usize,
+}
+
+fn port_of(url: &str) -> u16 {
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0)
+}
+
+fn sockets(pid: u32, own_port: u16, upstream_port: u16) -> Sockets {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().into_owned();
+                    Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = Sockets::default();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(remote), Some(inode)) = (cols.get(1), cols.get(2), cols.get(9)) else {
+                continue;
+            };
+            if !inodes.contains(*inode) {
+                continue;
+            }
+            let port = |a: &str| a.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            let (lp, rp) = (port(local).unwrap_or(0), port(remote).unwrap_or(0));
+            if lp == own_port && rp != 0 {
+                out.clients += 1;
+            } else if rp == upstream_port {
+                out.upstream += 1;
+            } else {
+                out.other += 1;
+            }
+        }
+    }
+    out
 }
 
 fn fds(pid: u32) -> usize {
@@ -60,6 +117,7 @@ pub async fn run(fake: &mut FakeProcess, placement: Placement) -> Result<(), Box
     }
     let coachd = start_coachd(fake.base_url(), placement, &[]).await?;
     let pid = coachd.pid();
+    let (own_port, upstream_port) = (port_of(&coachd.base), port_of(fake.base_url()));
     let stats_client = reqwest::Client::new();
     let began = Instant::now();
     let end = began + Duration::from_secs(secs);
@@ -84,6 +142,7 @@ pub async fn run(fake: &mut FakeProcess, placement: Placement) -> Result<(), Box
                     at_secs: began.elapsed().as_secs_f64(),
                     rss_kib: rss_kib(pid).unwrap_or(0),
                     fds: fds(pid),
+                    sockets: sockets(pid, own_port, upstream_port),
                     threads: threads(pid),
                     tasks: stats["runtime"]["alive_tasks"].as_u64().unwrap_or(0),
                     sessions: stats["active_sessions"].as_u64().unwrap_or(0),
@@ -101,14 +160,19 @@ pub async fn run(fake: &mut FakeProcess, placement: Placement) -> Result<(), Box
             .map(|e| format!(" (first: {e})"))
             .unwrap_or_default()
     );
-    println!("| t s | RSS MiB | open fds | threads | alive tasks | live sessions |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| t s | RSS MiB | open fds | client sockets | upstream sockets | other sockets | threads | alive tasks | live sessions |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for s in &samples {
         println!(
-            "| {:.0} | {:.1} | {} | {} | {} | {} |",
+            "| {:.0} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
             s.at_secs,
             s.rss_kib as f64 / 1024.0,
             s.fds,
+            s.sockets.clients,
+            s.sockets.upstream,
+            s.sockets.other,
             s.threads,
             s.tasks,
             s.sessions
@@ -144,6 +208,17 @@ pub async fn run(fake: &mut FakeProcess, placement: Placement) -> Result<(), Box
         steady.iter().map(|s| s.rss_kib as f64 / 1024.0).collect(),
     );
     band("open fds", steady.iter().map(|s| s.fds as f64).collect());
+    band(
+        "open fds less client sockets",
+        steady
+            .iter()
+            .map(|s| (s.fds - s.sockets.clients.min(s.fds)) as f64)
+            .collect(),
+    );
+    band(
+        "client sockets",
+        steady.iter().map(|s| s.sockets.clients as f64).collect(),
+    );
     band("threads", steady.iter().map(|s| s.threads as f64).collect());
     band("alive tasks", steady.iter().map(|s| s.tasks as f64).collect());
     Ok(())

@@ -10,32 +10,17 @@ use fred::types::{Expiration, Value};
 use super::{ContextCache, ContextLimits, ContextMessage, StoreError, StoredThrough, TurnKey, keys};
 use crate::redis::Script;
 
-/// KEYS[1]: a context list; KEYS[2] (optional): a last-session pointer.
-/// ARGV: cap, list TTL (ms), session id and pointer TTL (ms) (unused without KEYS[2]), then one or
-/// more message JSONs, pushed in order by one RPUSH.
-/// coachd talks to one Redis (not Cluster), so the two keys need not share a hash slot.
+/// KEYS[1]: a context list; KEYS[2]: the list's set of stored turns (a hash with the list's TTL);
+/// KEYS[3] (optional): a last-session pointer. ARGV: cap, list TTL (ms), session id and pointer TTL
+/// (ms) (unused without KEYS[3]), the turn's mark ('' for an append that is not a turn), then one
+/// or more message JSONs, pushed in order by one RPUSH. -1: that turn was stored already.
+/// coachd talks to one Redis (not Cluster), so the keys need not share a hash slot.
 static APPEND: Script = Script::new(
     r"
-local n = redis.call('RPUSH', KEYS[1], unpack(ARGV, 5))
-local cap = tonumber(ARGV[1])
-if n > cap then
-  redis.call('LTRIM', KEYS[1], -cap, -1)
+if ARGV[5] ~= '' then
+  if redis.call('HSETNX', KEYS[2], ARGV[5], '1') == 0 then return -1 end
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-if KEYS[2] then
-  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
-end
-return n
-",
-);
-
-/// [`APPEND`] of one turn, once. KEYS[1]: a context list; KEYS[2]: the list's set of stored
-/// turns (a hash, same TTL); KEYS[3] (optional): a last-session pointer. ARGV: as for APPEND, with
-/// the turn's mark at 5 and the messages from 6. -1: the turn was stored already.
-static APPEND_ONCE: Script = Script::new(
-    r"
-if redis.call('HSETNX', KEYS[2], ARGV[5], '1') == 0 then return -1 end
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
 local n = redis.call('RPUSH', KEYS[1], unpack(ARGV, 6))
 local cap = tonumber(ARGV[1])
 if n > cap then
@@ -92,9 +77,8 @@ impl RedisContextCache {
         if msgs.is_empty() {
             return Ok(true);
         }
-        let marks = once.as_ref().map(|_| format!("{list}:turns"));
-        let mut keys = vec![list];
-        keys.extend(marks);
+        let marks = format!("{list}:turns");
+        let mut keys = vec![list, marks];
         let mut args: Vec<Value> = vec![
             clamp_i64(self.limits.max_messages).into(),
             millis(self.limits.session_ttl).into(),
@@ -107,10 +91,7 @@ impl RedisContextCache {
             }
             None => args.extend([Value::from(""), Value::from(0_i64)]),
         }
-        let once = once.is_some_and(|mark| {
-            args.push(mark.into());
-            true
-        });
+        args.push(once.unwrap_or_default().into());
         for msg in msgs {
             let json = serde_json::to_string(msg).map_err(|e| StoreError::Internal {
                 backend: "redis",
@@ -118,8 +99,7 @@ impl RedisContextCache {
             })?;
             args.push(json.into());
         }
-        let script = if once { &APPEND_ONCE } else { &APPEND };
-        let n = script.run::<i64>(&self.pool, keys, args).await?;
+        let n = APPEND.run::<i64>(&self.pool, keys, args).await?;
         Ok(n >= 0)
     }
 
