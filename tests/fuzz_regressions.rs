@@ -148,3 +148,43 @@ fn a_wav_with_sample_rate_zero_is_bad_audio_not_a_panic() {
         .expect("a WAV is decodable here");
     assert!(!ok.is_done());
 }
+
+#[test]
+fn a_markdown_heading_right_after_its_paragraph_keeps_the_document_as_written() {
+    // Found by the extract_parse target: a Markdown upload's output is the document as written
+    // (here a heading follows its paragraph without a blank line), while its sections, split at
+    // the heading, join with one. Same lines, in the same order.
+    use coachd::extract::{DocFormat, Extracted, Limits, parse};
+    let doc = b"# Intake\n\nFirst.\n## Goals\n- Run\n";
+    let limits = Limits {
+        max_pages: 8,
+        max_output_bytes: 64 * 1024,
+    };
+    let e = parse(doc, DocFormat::Markdown, limits).unwrap();
+    assert_eq!(e.markdown, "# Intake\n\nFirst.\n## Goals\n- Run");
+    let titles: Vec<Option<&str>> = e.sections.iter().map(|s| s.title.as_deref()).collect();
+    assert_eq!(titles, [Some("Intake"), Some("Goals")]);
+    let rebuilt = Extracted::from_sections(DocFormat::Markdown, e.sections.clone(), e.pages);
+    assert_eq!(rebuilt.markdown, "# Intake\n\nFirst.\n\n## Goals\n- Run");
+    let lines = |m: &str| {
+        m.lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(lines(&rebuilt.markdown), lines(&e.markdown));
+}
+
+/// transcribe_audio target: bytes that are no WAV (a shifted `RIFF`) hold an ADTS sync word past
+/// their middle; symphonia's default probe then read them as raw AAC, whose length estimate
+/// (symphonia-codec-aac 0.5.5) subtracts the start position twice and overflows (a panic under
+/// overflow checks). coachd's probe reads only the accepted containers, so they are bad audio.
+#[test]
+fn bytes_that_look_like_raw_aac_are_bad_audio_not_an_overflow() {
+    use coachd::transcribe::audio::ChunkReader;
+    use coachd::transcribe::{AudioFormat, TranscribeError};
+    let bytes = bytes::Bytes::from_static(include_bytes!("data/fuzz/adts-length-overflow.bin"));
+    let got = std::panic::catch_unwind(|| ChunkReader::open(bytes, AudioFormat::Wav, 600))
+        .unwrap_or_else(|_| panic!("open panicked"));
+    assert!(matches!(got, Err(TranscribeError::BadAudio(_))), "{got:?}");
+}

@@ -20,7 +20,7 @@ use symphonia::core::errors::Error as SymphoniaError;
 use symphonia::core::formats::{FormatOptions, FormatReader};
 use symphonia::core::io::{MediaSource, MediaSourceStream};
 use symphonia::core::meta::MetadataOptions;
-use symphonia::core::probe::Hint;
+use symphonia::core::probe::{Hint, Probe};
 
 use super::{AudioFormat, TranscribeError};
 
@@ -227,6 +227,29 @@ impl std::fmt::Debug for ChunkReader {
     }
 }
 
+/// The containers an upload may be in (WAV, MP3, M4A, WebM, Ogg, FLAC), with the ID3v2 tags an
+/// MP3 often starts with. symphonia's default probe also reads raw ADTS AAC, which no accepted
+/// type is, and whose reader overflows on some inputs (symphonia-codec-aac 0.5.5 subtracts the
+/// start position twice when it estimates the length; found by the `transcribe_audio` fuzz
+/// target, a panic with overflow checks and a wrapped estimate without): it is left out.
+fn probe() -> &'static Probe {
+    static PROBE: std::sync::OnceLock<Probe> = std::sync::OnceLock::new();
+    PROBE.get_or_init(|| {
+        use symphonia::default::formats::{
+            FlacReader, IsoMp4Reader, MkvReader, MpaReader, OggReader, WavReader,
+        };
+        let mut probe = Probe::default();
+        probe.register_all::<WavReader>();
+        probe.register_all::<MpaReader>();
+        probe.register_all::<FlacReader>();
+        probe.register_all::<OggReader>();
+        probe.register_all::<IsoMp4Reader>();
+        probe.register_all::<MkvReader>();
+        probe.register_all::<symphonia_metadata::id3v2::Id3v2Reader>();
+        probe
+    })
+}
+
 /// Refuses a RIFF/WAVE file whose `fmt ` chunk says 0 channels or a sample rate of 0 before
 /// symphonia sees it: symphonia 0.5 builds its time base from the rate and panics on 0 (found
 /// by the `transcribe_audio` fuzz target). The caller's `spawn_blocking` would turn the panic
@@ -281,7 +304,7 @@ impl ChunkReader {
                 Ok(None)
             }
         };
-        let probed = match symphonia::default::get_probe().format(
+        let probed = match probe().format(
             &hint,
             stream,
             &FormatOptions::default(),
