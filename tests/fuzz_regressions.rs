@@ -175,16 +175,23 @@ fn a_markdown_heading_right_after_its_paragraph_keeps_the_document_as_written() 
     assert_eq!(lines(&rebuilt.markdown), lines(&e.markdown));
 }
 
-/// transcribe_audio target: bytes that are no WAV (a shifted `RIFF`) hold an ADTS sync word past
-/// their middle; symphonia's default probe then read them as raw AAC, whose length estimate
-/// (symphonia-codec-aac 0.5.5) subtracts the start position twice and overflows (a panic under
-/// overflow checks). coachd's probe reads only the accepted containers, so they are bad audio.
+/// transcribe_audio target, twice: bytes accepted as WAV that are no WAV (a shifted `RIFF`) but
+/// hold another container's marker further in. symphonia's default probe tried every reader at
+/// every marker: as raw ADTS AAC its length estimate overflowed (symphonia-codec-aac 0.5.5
+/// subtracts the start position twice), as Matroska its size reader did (symphonia-format-mkv
+/// 0.5.5, a zero first byte); panics under overflow checks. coachd now reads an upload only as
+/// the container it was accepted as, so both are bad audio.
 #[test]
-fn bytes_that_look_like_raw_aac_are_bad_audio_not_an_overflow() {
+fn bytes_accepted_as_wav_are_read_only_as_wav() {
     use coachd::transcribe::audio::ChunkReader;
     use coachd::transcribe::{AudioFormat, TranscribeError};
-    let bytes = bytes::Bytes::from_static(include_bytes!("data/fuzz/adts-length-overflow.bin"));
-    let got = std::panic::catch_unwind(|| ChunkReader::open(bytes, AudioFormat::Wav, 600))
-        .unwrap_or_else(|_| panic!("open panicked"));
-    assert!(matches!(got, Err(TranscribeError::BadAudio(_))), "{got:?}");
+    for input in [
+        &include_bytes!("data/fuzz/adts-length-overflow.bin")[..],
+        &include_bytes!("data/fuzz/mkv-vint-overflow.bin")[..],
+    ] {
+        let bytes = bytes::Bytes::from_static(input);
+        let got = std::panic::catch_unwind(|| ChunkReader::open(bytes, AudioFormat::Wav, 600))
+            .unwrap_or_else(|_| panic!("open panicked on {} bytes", input.len()));
+        assert!(matches!(got, Err(TranscribeError::BadAudio(_))), "{got:?}");
+    }
 }

@@ -227,27 +227,27 @@ impl std::fmt::Debug for ChunkReader {
     }
 }
 
-/// The containers an upload may be in (WAV, MP3, M4A, WebM, Ogg, FLAC), with the ID3v2 tags an
-/// MP3 often starts with. symphonia's default probe also reads raw ADTS AAC, which no accepted
-/// type is, and whose reader overflows on some inputs (symphonia-codec-aac 0.5.5 subtracts the
-/// start position twice when it estimates the length; found by the `transcribe_audio` fuzz
-/// target, a panic with overflow checks and a wrapped estimate without): it is left out.
-fn probe() -> &'static Probe {
-    static PROBE: std::sync::OnceLock<Probe> = std::sync::OnceLock::new();
-    PROBE.get_or_init(|| {
-        use symphonia::default::formats::{
-            FlacReader, IsoMp4Reader, MkvReader, MpaReader, OggReader, WavReader,
-        };
-        let mut probe = Probe::default();
-        probe.register_all::<WavReader>();
-        probe.register_all::<MpaReader>();
-        probe.register_all::<FlacReader>();
-        probe.register_all::<OggReader>();
-        probe.register_all::<IsoMp4Reader>();
-        probe.register_all::<MkvReader>();
-        probe.register_all::<symphonia_metadata::id3v2::Id3v2Reader>();
-        probe
-    })
+/// A probe that reads only the container the upload was accepted as (its magic bytes, else its
+/// declared type; `AudioFormat::detect`), with the ID3v2 tags an MP3 often starts with.
+/// symphonia's default probe tries every reader it has at every marker it finds, so any bytes
+/// reached every reader: raw ADTS AAC (no accepted type) overflows when it estimates the length
+/// (symphonia-codec-aac 0.5.5 subtracts the start position twice), and the Matroska reader
+/// overflows on a zero first byte of a size (symphonia-format-mkv 0.5.5, `read_vint`); both found
+/// by the `transcribe_audio` fuzz target (panics under overflow checks, wrapped values in release;
+/// either way contained, since decoding runs on a blocking thread whose panic fails the job).
+fn probe_for(format: AudioFormat) -> Probe {
+    use symphonia::default::formats::{FlacReader, IsoMp4Reader, MkvReader, MpaReader, OggReader, WavReader};
+    let mut probe = Probe::default();
+    match format {
+        AudioFormat::Wav => probe.register_all::<WavReader>(),
+        AudioFormat::Mp3 => probe.register_all::<MpaReader>(),
+        AudioFormat::M4a => probe.register_all::<IsoMp4Reader>(),
+        AudioFormat::Webm => probe.register_all::<MkvReader>(),
+        AudioFormat::Ogg => probe.register_all::<OggReader>(),
+        AudioFormat::Flac => probe.register_all::<FlacReader>(),
+    }
+    probe.register_all::<symphonia_metadata::id3v2::Id3v2Reader>();
+    probe
 }
 
 /// Refuses a RIFF/WAVE file whose `fmt ` chunk says 0 channels or a sample rate of 0 before
@@ -304,7 +304,7 @@ impl ChunkReader {
                 Ok(None)
             }
         };
-        let probed = match probe().format(
+        let probed = match probe_for(format).format(
             &hint,
             stream,
             &FormatOptions::default(),
