@@ -613,3 +613,29 @@ async fn dropping_the_extraction_kills_the_child() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// extract_parse target: a PDF whose page names itself as its parent sends the PDF reader into
+/// endless recursion (a stack overflow, or with an unlimited stack, gigabytes). In the child it
+/// is a typed failure within the limits (today `crashed`: the child aborts on the stack
+/// overflow), and the next document extracts.
+#[tokio::test]
+async fn a_pdf_page_that_is_its_own_parent_is_a_typed_failure_and_the_caller_goes_on() {
+    let extractor = Extractor::new(settings());
+    let pdf = include_bytes!("data/fuzz/pdf-page-its-own-parent.pdf");
+    let err = extractor
+        .extract(Bytes::from_static(pdf), DocFormat::Pdf)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ExtractError::Crashed(_) | ExtractError::Corrupt(_) | ExtractError::Timeout { .. }
+        ),
+        "{err:?}"
+    );
+    let ok = extractor
+        .extract(Bytes::from(sample::docx()), DocFormat::Docx)
+        .await
+        .unwrap();
+    assert!(ok.markdown.contains("# Coaching Plan"));
+}
