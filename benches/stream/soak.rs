@@ -29,7 +29,8 @@ struct Sample {
     fds: usize,
     sockets: Sockets,
     threads: u64,
-    tasks: u64,
+    /// `None` when the stats request failed (under load it can time out): not a count of 0.
+    tasks: Option<u64>,
     sessions: u64,
 }
 
@@ -144,7 +145,7 @@ pub async fn run(fake: &mut FakeProcess, placement: Placement) -> Result<(), Box
                     fds: fds(pid),
                     sockets: sockets(pid, own_port, upstream_port),
                     threads: threads(pid),
-                    tasks: stats["runtime"]["alive_tasks"].as_u64().unwrap_or(0),
+                    tasks: stats["runtime"]["alive_tasks"].as_u64(),
                     sessions: stats["active_sessions"].as_u64().unwrap_or(0),
                 });
             }
@@ -174,7 +175,7 @@ pub async fn run(fake: &mut FakeProcess, placement: Placement) -> Result<(), Box
             s.sockets.upstream,
             s.sockets.other,
             s.threads,
-            s.tasks,
+            s.tasks.map_or_else(|| "–".to_owned(), |t| t.to_string()),
             s.sessions
         );
     }
@@ -220,6 +221,9 @@ pub async fn run(fake: &mut FakeProcess, placement: Placement) -> Result<(), Box
         steady.iter().map(|s| s.sockets.clients as f64).collect(),
     );
     band("threads", steady.iter().map(|s| s.threads as f64).collect());
-    band("alive tasks", steady.iter().map(|s| s.tasks as f64).collect());
+    band(
+        "alive tasks",
+        steady.iter().filter_map(|s| s.tasks).map(|t| t as f64).collect(),
+    );
     Ok(())
 }
