@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use coachd::fake_upstream::{FakeUpstream, Fault, Script};
 use common::realtime::assert_valid_event;
-use common::services::{Coachd, OwnPostgres, OwnRedis, ScratchDir, free_port};
+use common::services::{Coachd, OwnPostgres, OwnRedis, ScratchDir, free_port, redis_client};
 use eventsource_stream::Eventsource;
 use fred::interfaces::{ClientLike, ListInterface};
 use futures::{SinkExt, Stream, StreamExt};
@@ -1095,23 +1095,6 @@ async fn faults_under_load_leave_no_stream_hanging_no_turn_unstored_and_no_job_l
     drop(workers);
     drop(a);
     drop(pg);
-}
-
-/// A client of the harness's Redis, once it answers (a restarted one first loads its
-/// append-only file and answers `LOADING` meanwhile).
-async fn redis_client(url: &str) -> fred::clients::Client {
-    use fred::prelude::*;
-    for _ in 0..200 {
-        let client = Builder::from_config(Config::from_url(url).unwrap())
-            .build()
-            .unwrap();
-        if client.init().await.is_ok() && client.ping::<String>(None).await.is_ok() {
-            return client;
-        }
-        let _ = client.quit().await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the harness's Redis at {url} did not answer");
 }
 
 /// Jobs accepted and not final now (the killed worker holds some of them).

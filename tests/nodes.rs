@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use coachd::fake_upstream::{FakeUpstream, Script};
 use common::TestApp;
 use common::realtime::{Session, WsRead, tokens_text, ws_connect, ws_next, ws_send, ws_until};
-use common::services::{OwnRedis, free_port};
+use common::services::{OwnRedis, free_port, redis_client};
 use fred::interfaces::{ClientLike, KeysInterface, ListInterface};
 use serde_json::{Value, json};
 
@@ -294,15 +294,6 @@ async fn a_cancel_sent_to_b_stops_the_upstream_request_on_a() {
     }
 }
 
-async fn redis_client(url: &str) -> fred::clients::Client {
-    use fred::prelude::*;
-    let client = Builder::from_config(Config::from_url(url).unwrap())
-        .build()
-        .unwrap();
-    client.init().await.unwrap();
-    client
-}
-
 /// The session context write-behind stored under `key`, once it holds `n` messages (5 s at most).
 async fn stored_context(redis: &fred::clients::Client, key: &str, n: usize) -> Vec<Value> {
     let mut stored: Vec<String> = Vec::new();
@@ -440,34 +431,12 @@ async fn a_coachd_process_killed_mid_turn_hands_its_session_to_another_node() {
         common::fresh_prefix(),
         common::redis_url(),
     );
-    let port = free_port();
-    let mut owner = std::process::Command::new(env!("CARGO_BIN_EXE_coachd"))
-        .arg("serve")
-        .env_clear()
-        .envs(node_env(&fake, "node-proc", &db, &prefix, &redis))
-        .env("PORT", port.to_string())
-        .env("COACHD_HOST", "127.0.0.1")
-        .env("COACHD_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start coachd serve");
-    let base = format!("http://127.0.0.1:{port}");
+    let mut env = node_env(&fake, "node-proc", &db, &prefix, &redis);
+    env.push(("COACHD_LOG".into(), "warn".into()));
+    let scratch = common::services::ScratchDir::new("nodes");
+    let owner = common::services::Coachd::start(&["serve"], &env, &scratch.0.join("owner.log")).await;
+    let base = owner.base();
     let client = reqwest::Client::new();
-    let mut up = false;
-    for _ in 0..300 {
-        if client
-            .get(format!("{base}/health/ready"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(up, "coachd serve answered /health/ready on {port}");
     let b = node_app(&node_env(&fake, "node-b", &db, &prefix, &redis)).await;
 
     let created: Value = client
@@ -499,9 +468,8 @@ async fn a_coachd_process_killed_mid_turn_hands_its_session_to_another_node() {
         }
     }
 
-    owner.kill().unwrap();
+    owner.kill().await;
     let killed = Instant::now();
-    owner.wait().unwrap();
     assert_eq!(
         fake.wait_disconnects(1, Duration::from_secs(5)).await,
         1,

@@ -58,6 +58,40 @@ impl Inner {
         entry.expires_at = now + limits.session_ttl;
     }
 
+    /// Appends `msgs` to `list` (and points `pointer`'s user at the session); with `mark`, only
+    /// when that turn is not in the list yet (`false` then, and nothing is written).
+    fn append(
+        &mut self,
+        list: String,
+        pointer: Option<(&str, &str)>,
+        mark: Option<String>,
+        msgs: Vec<ContextMessage>,
+        limits: &ContextLimits,
+        now: Instant,
+    ) -> bool {
+        if msgs.is_empty() {
+            return true;
+        }
+        if let Some(mark) = mark
+            && !self.mark_turn(&list, mark, limits.session_ttl, now)
+        {
+            return false;
+        }
+        for msg in msgs {
+            self.push(list.clone(), msg, limits, now);
+        }
+        if let Some((user_id, session_id)) = pointer {
+            self.set_pointer(
+                keys::last_session(user_id),
+                session_id,
+                limits.user_session_ttl,
+                now,
+            );
+        }
+        self.after_write(now);
+        true
+    }
+
     /// Records `mark` as stored in `list`; `false` when it was already.
     fn mark_turn(&mut self, list: &str, mark: String, ttl: Duration, now: Instant) -> bool {
         let entry = self.turns.entry(list.to_owned()).or_insert_with(|| Expiring {
@@ -144,46 +178,18 @@ impl ContextCache for InProcessContextCache {
         _coach_id: &str,
         msgs: Vec<ContextMessage>,
     ) -> Result<(), StoreError> {
-        if msgs.is_empty() {
-            return Ok(());
-        }
         let limits = self.limits;
+        let list = keys::session_context(session_id);
         self.with(|inner, now| {
-            for msg in msgs {
-                inner.push(keys::session_context(session_id), msg, &limits, now);
-            }
-            inner.set_pointer(
-                keys::last_session(user_id),
-                session_id,
-                limits.user_session_ttl,
-                now,
-            );
-            inner.after_write(now);
+            inner.append(list, Some((user_id, session_id)), None, msgs, &limits, now);
         })
     }
 
     async fn append_turn(&self, turn: &TurnKey<'_>, msgs: Vec<ContextMessage>) -> Result<bool, StoreError> {
-        if msgs.is_empty() {
-            return Ok(true);
-        }
         let limits = self.limits;
         let list = keys::session_context(turn.session_id);
-        self.with(|inner, now| {
-            if !inner.mark_turn(&list, turn.mark(), limits.session_ttl, now) {
-                return false;
-            }
-            for msg in msgs {
-                inner.push(list.clone(), msg, &limits, now);
-            }
-            inner.set_pointer(
-                keys::last_session(turn.user_id),
-                turn.session_id,
-                limits.user_session_ttl,
-                now,
-            );
-            inner.after_write(now);
-            true
-        })
+        let pointer = Some((turn.user_id, turn.session_id));
+        self.with(|inner, now| inner.append(list, pointer, Some(turn.mark()), msgs, &limits, now))
     }
 
     async fn append_user_coach_turn(
@@ -191,21 +197,9 @@ impl ContextCache for InProcessContextCache {
         turn: &TurnKey<'_>,
         msgs: Vec<ContextMessage>,
     ) -> Result<bool, StoreError> {
-        if msgs.is_empty() {
-            return Ok(true);
-        }
         let limits = self.limits;
         let list = keys::user_coach_context(turn.user_id, turn.coach_id);
-        self.with(|inner, now| {
-            if !inner.mark_turn(&list, turn.mark(), limits.session_ttl, now) {
-                return false;
-            }
-            for msg in msgs {
-                inner.push(list.clone(), msg, &limits, now);
-            }
-            inner.after_write(now);
-            true
-        })
+        self.with(|inner, now| inner.append(list, None, Some(turn.mark()), msgs, &limits, now))
     }
 
     async fn mark_stored(&self, session_id: &str, mark: StoredThrough) -> Result<(), StoreError> {
@@ -245,15 +239,10 @@ impl ContextCache for InProcessContextCache {
         coach_id: &str,
         msgs: Vec<ContextMessage>,
     ) -> Result<(), StoreError> {
-        if msgs.is_empty() {
-            return Ok(());
-        }
         let limits = self.limits;
+        let list = keys::user_coach_context(user_id, coach_id);
         self.with(|inner, now| {
-            for msg in msgs {
-                inner.push(keys::user_coach_context(user_id, coach_id), msg, &limits, now);
-            }
-            inner.after_write(now);
+            inner.append(list, None, None, msgs, &limits, now);
         })
     }
 

@@ -28,6 +28,23 @@ async fn wait_for_port(port: u16, what: &str) {
     panic!("{what} did not listen on port {port}");
 }
 
+/// A client of the Redis at `url`, once it answers (a restarted one with an append-only file
+/// answers `LOADING` while it reads it back).
+pub async fn redis_client(url: &str) -> fred::clients::Client {
+    use fred::prelude::*;
+    for _ in 0..200 {
+        let client = Builder::from_config(Config::from_url(url).unwrap())
+            .build()
+            .unwrap();
+        if client.init().await.is_ok() && client.ping::<String>(None).await.is_ok() {
+            return client;
+        }
+        let _ = client.quit().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the Redis at {url} did not answer");
+}
+
 /// A scratch directory removed on drop.
 #[derive(Debug)]
 pub struct ScratchDir(pub PathBuf);

@@ -176,7 +176,7 @@ impl Actor {
 
     pub(super) async fn run(mut self) {
         for turn in std::mem::take(&mut self.recovered_unstored) {
-            self.restore_finished_turn(turn);
+            self.store_turn(turn, None);
         }
         if let Some((number, user_text, partial)) = self.recovered_open.take() {
             self.end_recovered_turn(number, user_text, partial);

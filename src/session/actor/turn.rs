@@ -334,25 +334,24 @@ impl Actor {
         while self.transcript.len() > self.deps.limits.notes_max_turns {
             self.transcript.pop_front();
         }
-        self.writer.push(TurnRecord {
-            session_id: self.handle.id.to_string(),
-            user_id: self.handle.user_id.to_string(),
-            coach_id: self.handle.coach_id.to_string(),
-            turn_number: number,
-            user_text,
-            reply_text: partial,
-            interrupted: true,
-            finish_reason: FinishReason::Interrupted.to_string(),
-            usage: None,
-            at: Utc::now(),
-            trace: None,
-            end_seq,
-        });
+        self.store_turn(
+            FinishedTurn {
+                number,
+                user_text,
+                reply_text: partial,
+                finish_reason: FinishReason::Interrupted,
+                interrupted: true,
+                usage: None,
+                end_seq,
+            },
+            None,
+        );
     }
 
-    /// Hands write-behind a turn the old owner finished but may not have stored (its write-behind
-    /// queue died with it); a turn that was stored after all is not stored twice.
-    pub(super) fn restore_finished_turn(&mut self, turn: FinishedTurn) {
+    /// Hands a finished turn to write-behind, which never waits (a full queue leaves it in the
+    /// session's backlog). Also for a turn a taken-over session's old owner finished but may
+    /// not have stored (its queue died with it): a turn stored after all is not stored twice.
+    pub(super) fn store_turn(&mut self, turn: FinishedTurn, trace: Option<SpanContext>) {
         self.writer.push(TurnRecord {
             session_id: self.handle.id.to_string(),
             user_id: self.handle.user_id.to_string(),
@@ -364,7 +363,7 @@ impl Actor {
             finish_reason: turn.finish_reason.to_string(),
             usage: turn.usage,
             at: Utc::now(),
-            trace: None,
+            trace,
             end_seq: turn.end_seq,
         });
     }
@@ -433,19 +432,17 @@ impl Actor {
         while self.transcript.len() > self.deps.limits.notes_max_turns {
             self.transcript.pop_front();
         }
-        self.writer.push(TurnRecord {
-            session_id: self.handle.id.to_string(),
-            user_id: self.handle.user_id.to_string(),
-            coach_id: self.handle.coach_id.to_string(),
-            turn_number: turn.number,
-            user_text: turn.user_text,
-            reply_text: turn.reply,
-            interrupted,
-            finish_reason: finish_reason.to_string(),
-            usage: turn.usage,
-            at: Utc::now(),
-            trace: turn.trace,
-            end_seq,
-        });
+        self.store_turn(
+            FinishedTurn {
+                number: turn.number,
+                user_text: turn.user_text,
+                reply_text: turn.reply,
+                finish_reason,
+                interrupted,
+                usage: turn.usage,
+                end_seq,
+            },
+            turn.trace,
+        );
     }
 }

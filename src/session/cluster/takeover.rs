@@ -16,7 +16,8 @@ use crate::session::store::SessionMeta;
 
 use super::writer::OwnerSetup;
 
-/// A turn the old owner finished, as its log kept it.
+/// A finished turn, as write-behind stores it; at a takeover, read back from the log for the turns
+/// the old owner finished.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FinishedTurn {
     /// Turn number.
