@@ -214,13 +214,25 @@ pub struct Recorded {
     pub body: Value,
 }
 
+/// How many requests the fake keeps for [`FakeUpstream::requests`]: the newest, so a test sees
+/// what it just caused while a benchmark's soak (millions of requests, gigabytes of prompts if
+/// all were kept) stays flat. Counts ([`FakeUpstream::request_count`]) cover every request.
+pub const RECORD_LIMIT: usize = 10_000;
+
+#[derive(Debug, Default)]
+struct Recordings {
+    newest: VecDeque<Recorded>,
+    /// Every request's path, counted.
+    per_path: HashMap<String, usize>,
+}
+
 #[derive(Debug, Default)]
 struct Shared {
     api_key: Option<String>,
     default: Mutex<Option<Script>>,
     per_model: Mutex<HashMap<String, Script>>,
     queued: Mutex<HashMap<String, VecDeque<Script>>>,
-    requests: Mutex<Vec<Recorded>>,
+    requests: Mutex<Recordings>,
     streams_started: AtomicUsize,
     streams_finished: AtomicUsize,
     disconnects: AtomicUsize,
@@ -252,7 +264,12 @@ impl Shared {
             .iter()
             .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
             .collect();
-        lock(&self.requests).push(Recorded {
+        let mut recordings = lock(&self.requests);
+        *recordings.per_path.entry(path.to_owned()).or_default() += 1;
+        if recordings.newest.len() == RECORD_LIMIT {
+            recordings.newest.pop_front();
+        }
+        recordings.newest.push_back(Recorded {
             path: path.to_owned(),
             headers,
             body: body.clone(),
@@ -353,17 +370,20 @@ impl FakeUpstream {
             .push_back(script);
     }
 
-    /// Every request received so far.
+    /// The requests received so far, oldest first: all of them, or the newest
+    /// [`RECORD_LIMIT`] past that many.
     pub fn requests(&self) -> Vec<Recorded> {
-        lock(&self.shared.requests).clone()
+        lock(&self.shared.requests).newest.iter().cloned().collect()
     }
 
-    /// How many requests reached a path ending with `suffix`.
+    /// How many requests reached a path ending with `suffix` (every one, however many).
     pub fn request_count(&self, suffix: &str) -> usize {
         lock(&self.shared.requests)
+            .per_path
             .iter()
-            .filter(|r| r.path.ends_with(suffix))
-            .count()
+            .filter(|(path, _)| path.ends_with(suffix))
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// Streams whose client went away before the stream ended.
@@ -727,7 +747,25 @@ fn sse_response(body: Body) -> Response {
 mod tests {
     use serde_json::json;
 
-    use super::smallest_instance;
+    use super::{FakeUpstream, RECORD_LIMIT, smallest_instance};
+
+    #[tokio::test]
+    async fn past_the_record_limit_the_newest_requests_are_kept_and_every_one_is_counted() {
+        let fake = FakeUpstream::start().await.expect("fake");
+        let headers = axum::http::HeaderMap::new();
+        for i in 0..RECORD_LIMIT + 5 {
+            fake.shared
+                .record("/v1/chat/completions", &headers, &json!({"n": i}));
+        }
+        fake.shared
+            .record("/v1/embeddings", &headers, &json!({"n": "last"}));
+        let kept = fake.requests();
+        assert_eq!(kept.len(), RECORD_LIMIT);
+        assert_eq!(kept[0].body, json!({"n": 6}), "the oldest six went");
+        assert_eq!(kept[RECORD_LIMIT - 1].body, json!({"n": "last"}));
+        assert_eq!(fake.request_count("/chat/completions"), RECORD_LIMIT + 5);
+        assert_eq!(fake.request_count("/embeddings"), 1);
+    }
 
     #[test]
     fn the_smallest_instance_meets_required_enum_and_length_rules() {
