@@ -23,7 +23,8 @@ pub struct RealtimeSettings {
     /// `COACHD_MAX_TEXT_CHARS`, `COACHD_MAX_ACTIONS`, `COACHD_NOTES_MAX_TURNS`,
     /// `COACHD_ENDED_SESSIONS_KEPT` and the prompt's `COACHD_PROMPT_*`.
     pub sessions: SessionLimits,
-    /// `COACHD_WRITE_BEHIND_QUEUE`, `COACHD_WRITE_BEHIND_WORKERS`, `COACHD_WRITE_BEHIND_MAX_ATTEMPTS`.
+    /// `COACHD_WRITE_BEHIND_QUEUE`, `COACHD_WRITE_BEHIND_WORKERS`, `COACHD_WRITE_BEHIND_CONCURRENCY`,
+    /// `COACHD_WRITE_BEHIND_MAX_ATTEMPTS`.
     pub write_behind: WriteBehindConfig,
     /// `COACHD_SEND_TIMEOUT_MS`: longest wait to hand one event to a connection.
     pub send_timeout: Duration,
@@ -75,6 +76,7 @@ pub(super) fn read<S: Source>(
         },
         write_behind: WriteBehindConfig {
             workers: r.int("COACHD_WRITE_BEHIND_WORKERS", 2, 1, 64)?,
+            concurrency: r.int("COACHD_WRITE_BEHIND_CONCURRENCY", 16, 1, 1_024)?,
             queue_capacity: r.int("COACHD_WRITE_BEHIND_QUEUE", 10_000, 1, 10_000_000)?,
             max_attempts: r.int("COACHD_WRITE_BEHIND_MAX_ATTEMPTS", 8, 1, 100)?,
             retry_base: WRITE_BEHIND_RETRY_BASE,

@@ -3,7 +3,9 @@
 //! memory), so the token path never waits on storage. Queues are bounded; failures are retried
 //! with back-off; on shutdown the queues are drained before the process exits.
 //!
-//! Records are sharded by session over the workers, so one session's turns are written in order.
+//! Records are sharded by session over the workers. A worker writes several records at once
+//! (`concurrency`), never two of the same session, so one session's turns are written in order
+//! and a record whose store is slow or retrying holds up only its own session.
 //! Each store is attempted on its own (at once, each with its own retries): a store that stays down
 //! costs only its own copy of the turn, which is then counted per store and logged.
 //!
@@ -19,8 +21,8 @@
 //! Each record is written inside a `write_behind` span whose parent is the turn's span (through
 //! the span context the record carries, so the turn span itself ends with the turn).
 
-use std::collections::VecDeque;
 use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::pin::Pin;
@@ -32,6 +34,8 @@ use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
 use opentelemetry::trace::{SpanContext, TraceContextExt as _};
 use serde::Serialize;
 use serde_json::json;
@@ -95,6 +99,8 @@ pub struct TurnRecord {
 pub struct WriteBehindConfig {
     /// Workers (and queues).
     pub workers: usize,
+    /// Records each worker writes at once, of different sessions.
+    pub concurrency: usize,
     /// Capacity of each queue.
     pub queue_capacity: usize,
     /// Attempts per store before the record is given up (and logged).
@@ -162,10 +168,12 @@ impl WriteBehind {
             queues.push(tx);
             let worker = Worker {
                 rx,
-                context: context.clone(),
-                memory: memory.clone(),
-                stats: stats.clone(),
-                config,
+                writer: Writer {
+                    context: context.clone(),
+                    memory: memory.clone(),
+                    stats: stats.clone(),
+                    config,
+                },
             };
             tracker.spawn(worker.run(shutdown.clone()));
         }
@@ -324,35 +332,84 @@ impl SessionWriter {
 
 struct Worker {
     rx: mpsc::Receiver<TurnRecord>,
+    writer: Writer,
+}
+
+/// What writes one record: the stores and the counters.
+struct Writer {
     context: Arc<dyn ContextCache>,
     memory: Arc<dyn MemoryStore>,
     stats: Arc<WriteStats>,
     config: WriteBehindConfig,
 }
 
+/// Records a worker holds: being written (one per session at a time) and, behind them, the
+/// later records of those sessions, which wait so that a session's turns are stored in order.
+#[derive(Default)]
+struct Held {
+    /// Per session with a record in flight, its next records.
+    waiting: HashMap<String, VecDeque<TurnRecord>>,
+    count: usize,
+}
+
 impl Worker {
-    async fn run(mut self, shutdown: CancellationToken) {
+    /// Writes up to `concurrency` records at once, never two of one session: one record whose
+    /// store is slow or retrying holds up only its own session's later turns, not every
+    /// session sharded to this worker.
+    async fn run(self, shutdown: CancellationToken) {
+        let Worker { mut rx, writer } = self;
+        let concurrency = writer.config.concurrency.max(1);
+        let writer = &writer;
+        let write = |r: TurnRecord| async move {
+            let session = r.session_id.clone();
+            writer.write(r).await;
+            session
+        };
+        let mut in_flight = FuturesUnordered::new();
+        let mut held = Held::default();
+        let (mut open, mut stopping, mut drained) = (true, false, 0u64);
         loop {
             tokio::select! {
-                record = self.rx.recv() => match record {
-                    Some(r) => self.write(r).await,
-                    None => return,
+                biased;
+                Some(session) = in_flight.next() => {
+                    held.count -= 1;
+                    let next = held.waiting.get_mut(&session).and_then(VecDeque::pop_front);
+                    match next {
+                        Some(r) => in_flight.push(write(r)),
+                        None => {
+                            held.waiting.remove(&session);
+                        }
+                    }
+                }
+                // Once the queue is closed and empty there is nothing left to drain.
+                () = shutdown.cancelled(), if open && !stopping => {
+                    // Shutting down: refuse new records and drain what is queued.
+                    stopping = true;
+                    rx.close();
+                }
+                record = rx.recv(), if open && held.count < concurrency => match record {
+                    Some(r) => {
+                        held.count += 1;
+                        drained += u64::from(stopping);
+                        if let Some(later) = held.waiting.get_mut(&r.session_id) {
+                            later.push_back(r);
+                        } else {
+                            held.waiting.insert(r.session_id.clone(), VecDeque::new());
+                            in_flight.push(write(r));
+                        }
+                    }
+                    None => open = false,
                 },
-                () = shutdown.cancelled() => break,
+                else => break,
             }
-        }
-        // Shutting down: refuse new records and drain what is queued.
-        self.rx.close();
-        let mut drained = 0u64;
-        while let Some(r) = self.rx.recv().await {
-            self.write(r).await;
-            drained += 1;
         }
         if drained > 0 {
             tracing::info!(drained, "write-behind drained on shutdown");
         }
     }
+}
 
+impl Writer {
     async fn write(&self, r: TurnRecord) {
         let span = tracing::info_span!(
             "write_behind",
@@ -590,6 +647,7 @@ pub(crate) mod tests {
         let wb = WriteBehind::start(
             WriteBehindConfig {
                 workers: 1,
+                concurrency: 4,
                 queue_capacity,
                 max_attempts: 3,
                 retry_base: Duration::from_millis(100),
@@ -613,6 +671,163 @@ pub(crate) mod tests {
 
     fn count(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
+    }
+
+    /// The in-process memory store behind a delay chosen per record (paused time), recording
+    /// the order in which records finished and how many were being stored at once.
+    #[derive(Debug)]
+    struct Paced {
+        inner: Arc<dyn MemoryStore>,
+        delay: fn(&str, u32) -> Duration,
+        finished: std::sync::Mutex<Vec<(String, u32)>>,
+        now: AtomicU64,
+        most: AtomicU64,
+    }
+
+    impl Paced {
+        fn new(delay: fn(&str, u32) -> Duration) -> Arc<Self> {
+            Arc::new(Paced {
+                inner: in_process_memory(),
+                delay,
+                finished: std::sync::Mutex::new(Vec::new()),
+                now: AtomicU64::new(0),
+                most: AtomicU64::new(0),
+            })
+        }
+
+        fn finished(&self) -> Vec<(String, u32)> {
+            self.finished.lock().unwrap().clone()
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl MemoryStore for Paced {
+        async fn store_batch(
+            &self,
+            memories: Vec<NewMemory>,
+        ) -> Result<Vec<crate::memory::StoreOutcome>, StoreError> {
+            let meta = &memories[0].metadata;
+            let session = meta["session_id"].as_str().unwrap_or_default().to_owned();
+            let turn = meta["turn_number"].as_u64().unwrap_or_default() as u32;
+            let at_once = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(at_once, Ordering::SeqCst);
+            tokio::time::sleep((self.delay)(&session, turn)).await;
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            self.finished.lock().unwrap().push((session, turn));
+            self.inner.store_batch(memories).await
+        }
+
+        async fn search_similar(
+            &self,
+            user_id: &str,
+            coach_id: &str,
+            query: &str,
+            limit: usize,
+            min_similarity: f32,
+        ) -> Result<Vec<crate::memory::ScoredMemory>, StoreError> {
+            self.inner
+                .search_similar(user_id, coach_id, query, limit, min_similarity)
+                .await
+        }
+
+        async fn list(
+            &self,
+            user_id: &str,
+            coach_id: &str,
+            limit: usize,
+            offset: usize,
+        ) -> Result<(Vec<crate::memory::Memory>, u64), StoreError> {
+            self.inner.list(user_id, coach_id, limit, offset).await
+        }
+
+        async fn delete(&self, user_id: &str, coach_id: &str, id: uuid::Uuid) -> Result<bool, StoreError> {
+            self.inner.delete(user_id, coach_id, id).await
+        }
+
+        async fn clear(&self, user_id: &str, coach_id: &str) -> Result<u64, StoreError> {
+            self.inner.clear(user_id, coach_id).await
+        }
+
+        async fn erase_user(&self, user_id: &str) -> Result<u64, StoreError> {
+            self.inner.erase_user(user_id).await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_record_holds_up_only_its_own_session_not_the_others_on_its_worker() {
+        let memory = Paced::new(|session, _| Duration::from_secs(if session == "slow" { 60 } else { 1 }));
+        let run = start(64, in_process_context(), memory.clone());
+        run.wb.enqueue(record("slow", 1)).await;
+        run.wb.enqueue(record("slow", 2)).await;
+        for i in 0..3 {
+            run.wb.enqueue(record(&format!("fast{i}"), 1)).await;
+        }
+
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let mut early = memory.finished();
+        early.sort();
+        assert_eq!(
+            early,
+            vec![("fast0".into(), 1), ("fast1".into(), 1), ("fast2".into(), 1)],
+            "the other sessions were stored while the slow one's first turn was still being stored"
+        );
+
+        run.shut_down().await;
+        let finished = memory.finished();
+        assert_eq!(
+            finished[3..],
+            [("slow".into(), 1), ("slow".into(), 2)],
+            "then the slow one, in order"
+        );
+        assert_eq!(count(&run.wb.stats().written), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sessions_turns_are_stored_in_order_even_when_its_early_ones_are_slower() {
+        // Turn 1 takes longest: written at once, the later turns would finish first.
+        let memory = Paced::new(|_, turn| Duration::from_millis(100 * u64::from(7 - turn)));
+        let context = in_process_context();
+        let run = start(64, context.clone(), memory.clone());
+        for turn in 1..=6 {
+            run.wb.enqueue(record("s1", turn)).await;
+        }
+
+        run.shut_down().await;
+
+        let turns: Vec<u32> = memory.finished().into_iter().map(|(_, t)| t).collect();
+        assert_eq!(turns, [1, 2, 3, 4, 5, 6]);
+        let stored: Vec<String> = context
+            .recent_messages("s1", 20)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.content)
+            .collect();
+        assert_eq!(stored.first().map(String::as_str), Some("question 1"));
+        assert_eq!(stored.last().map(String::as_str), Some("answer 6"));
+        assert_eq!(
+            memory.most.load(Ordering::SeqCst),
+            1,
+            "never two of one session at once"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_writes_at_most_its_concurrency_at_once() {
+        let memory = Paced::new(|_, _| Duration::from_secs(1));
+        let run = start(64, in_process_context(), memory.clone());
+        for i in 0..10 {
+            run.wb.enqueue(record(&format!("s{i}"), 1)).await;
+        }
+
+        run.shut_down().await;
+
+        assert_eq!(
+            memory.most.load(Ordering::SeqCst),
+            4,
+            "the configured concurrency, reached"
+        );
+        assert_eq!(count(&run.wb.stats().written), 10);
     }
 
     #[tokio::test(start_paused = true)]

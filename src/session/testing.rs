@@ -199,6 +199,7 @@ pub(crate) fn harness(setup: Setup) -> Harness {
     let write_behind = WriteBehind::start(
         WriteBehindConfig {
             workers: 1,
+            concurrency: 4,
             queue_capacity: setup.queue_capacity,
             max_attempts: setup.max_attempts,
             retry_base: Duration::from_millis(100),
