@@ -376,6 +376,12 @@ async fn a_parser_that_eats_memory_hits_the_limit() {
         ExtractError::Crashed(m) => assert!(m.contains("memory allocation"), "{m}"),
         other => panic!("{other:?}"),
     }
+    // The same limit leaves room for a real document, the PDF parser's thread pool included.
+    let ok = extractor
+        .extract(Bytes::from(sample::pdf(3)), DocFormat::Pdf)
+        .await
+        .unwrap();
+    assert_eq!(ok.pages, Some(3));
 }
 
 #[tokio::test]

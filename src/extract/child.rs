@@ -43,6 +43,11 @@ pub(super) async fn run(
         // The parser sees the document and nothing else: no API keys, no database URL.
         .env_clear()
         .env("RUST_BACKTRACE", "0")
+        // mimalloc reserves 1 GiB of address space for its first arena, which counts against
+        // the child's RLIMIT_AS: under a 1 GiB limit nothing was left for the PDF parser's
+        // thread pool, and the limit meant 1 GiB less than it said. Small arenas make it mean
+        // what it says.
+        .env("MIMALLOC_ARENA_RESERVE", "32MiB")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
