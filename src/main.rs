@@ -12,7 +12,8 @@ use coachd::{db, telemetry};
 
 // glibc's malloc showed up as ~10% of the CPU profile of a streaming session (many small, short
 // lived allocations per token across two worker threads); mimalloc's thread-local free lists fit
-// that pattern. See BENCHMARKS.md.
+// that pattern. See BENCHMARKS.md. The `system-alloc` feature leaves it out for heap profiles.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
