@@ -26,7 +26,7 @@ use crate::error::Error;
 #[allow(unused_imports, reason = "named by the OpenAPI annotations")]
 use crate::error::ErrorBody;
 use crate::session::cluster::node::Found;
-use crate::session::event::{SessionStatus, TransportKind};
+use crate::session::event::{SessionEvent, SessionStatus, TransportKind};
 use crate::session::manager::Gauge;
 use crate::session::{SessionHandle, TurnMode};
 use crate::state::AppState;
@@ -541,14 +541,14 @@ async fn websocket(
             // The first event of a connection is the session's state, then the replay (if asked).
             let sub = session.subscribe(after);
             if let Ok(info) = session.info().await {
-                let body = crate::session::EventBody::Session {
+                let body = crate::session::EventBody::Session(Box::new(SessionEvent {
                     user_id: info.user_id,
                     coach_id: info.coach_id,
                     persona: info.persona,
                     status: info.status,
                     turn_count: info.turn_count,
                     created_at: info.created_at.to_rfc3339(),
-                };
+                }));
                 let event = crate::session::event::Published::new(&session.id, sub.last_seq, body);
                 if crate::transport::Transport::send(&mut transport, &event)
                     .await

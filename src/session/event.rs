@@ -323,25 +323,56 @@ pub struct JobUpdate {
     pub error: Option<serde_json::Value>,
 }
 
+/// The fields of a `session` event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionEvent {
+    /// Owner.
+    pub user_id: String,
+    /// Coach.
+    pub coach_id: String,
+    /// The coach persona.
+    pub persona: PersonaInfo,
+    /// Whether the session is still live.
+    pub status: SessionStatus,
+    /// Turns finished so far.
+    pub turn_count: u32,
+    /// Creation time (RFC 3339).
+    pub created_at: String,
+}
+
+/// The fields of a `turn_end` event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TurnEndEvent {
+    /// Turn number.
+    pub turn_number: u32,
+    /// The whole reply (partial when interrupted).
+    pub reply_text: String,
+    /// Action items found in the reply.
+    pub actions: Vec<String>,
+    /// Token counts, when the provider reported them.
+    pub usage: Option<Usage>,
+    /// Why it ended: the provider's reason, or how it was cut short.
+    pub finish_reason: FinishReason,
+    /// True when cancelled, interrupted or failed before its end.
+    pub interrupted: bool,
+    /// Provider that answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// Model that answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
 /// What a server event says (the envelope adds `session_id` and `seq`).
+///
+/// Every body larger than a token's is boxed: a session's log holds its events by the
+/// thousand, nearly all of them tokens, and each one is as large as the largest variant
+/// (200 bytes before, 56 now; see the size test below and BENCHMARKS.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventBody {
     /// Session state: at creation, at its end, and as the first event of a new connection.
-    Session {
-        /// Owner.
-        user_id: String,
-        /// Coach.
-        coach_id: String,
-        /// The coach persona.
-        persona: PersonaInfo,
-        /// Whether the session is still live.
-        status: SessionStatus,
-        /// Turns finished so far.
-        turn_count: u32,
-        /// Creation time (RFC 3339).
-        created_at: String,
-    },
+    Session(Box<SessionEvent>),
     /// A turn began: the model is being asked.
     TurnStart {
         /// 1-based turn number.
@@ -362,43 +393,24 @@ pub enum EventBody {
         index: u32,
     },
     /// A turn ended (finished, cancelled, or failed).
-    TurnEnd {
-        /// Turn number.
-        turn_number: u32,
-        /// The whole reply (partial when interrupted).
-        reply_text: String,
-        /// Action items found in the reply.
-        actions: Vec<String>,
-        /// Token counts, when the provider reported them.
-        usage: Option<Usage>,
-        /// Why it ended: the provider's reason, or how it was cut short.
-        finish_reason: FinishReason,
-        /// True when cancelled, interrupted or failed before its end.
-        interrupted: bool,
-        /// Provider that answered.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        provider: Option<String>,
-        /// Model that answered.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        model: Option<String>,
-    },
+    TurnEnd(Box<TurnEndEvent>),
     /// Something failed (built by [`EventBody::error`] only).
-    Error(ErrorEvent),
+    Error(Box<ErrorEvent>),
     /// Session notes.
     Notes {
         /// The notes.
-        notes: Notes,
+        notes: Box<Notes>,
     },
     /// The client is too far behind to replay; here is the state instead.
     Resync {
         /// Why.
         reason: String,
         /// The state.
-        state: SessionState,
+        state: Box<SessionState>,
     },
     /// Progress of a job started from this session (`POST /api/v1/jobs` with its `session_id`):
     /// one event per change of the job, the last one with its final status.
-    Job(JobUpdate),
+    Job(Box<JobUpdate>),
     /// Answer to `ping`.
     Pong {
         /// The ping's nonce.
@@ -455,13 +467,13 @@ impl EventBody {
                 None,
             ),
         };
-        EventBody::Error(ErrorEvent {
+        EventBody::Error(Box::new(ErrorEvent {
             code,
             message,
             retryable,
             turn_number,
             failure,
-        })
+        }))
     }
 
     /// About how many bytes its JSON takes, to size the buffer once (escapes may add some).
@@ -469,9 +481,9 @@ impl EventBody {
         match self {
             EventBody::Token { text, .. } => 64 + text.len(),
             EventBody::TurnStart { user_text, .. } => 96 + user_text.len(),
-            EventBody::TurnEnd {
-                reply_text, actions, ..
-            } => 320 + reply_text.len() + actions.iter().map(|a| a.len() + 3).sum::<usize>(),
+            EventBody::TurnEnd(end) => {
+                320 + end.reply_text.len() + end.actions.iter().map(|a| a.len() + 3).sum::<usize>()
+            }
             _ => 320,
         }
     }
@@ -479,10 +491,10 @@ impl EventBody {
     /// The event's type name, as on the wire (SSE `event:` field).
     pub fn kind(&self) -> &'static str {
         match self {
-            EventBody::Session { .. } => "session",
+            EventBody::Session(_) => "session",
             EventBody::TurnStart { .. } => "turn_start",
             EventBody::Token { .. } => "token",
-            EventBody::TurnEnd { .. } => "turn_end",
+            EventBody::TurnEnd(_) => "turn_end",
             EventBody::Error(_) => "error",
             EventBody::Notes { .. } => "notes",
             EventBody::Resync { .. } => "resync",
@@ -619,9 +631,10 @@ impl Published {
     /// For turn-scoped events, the turn.
     pub fn turn_number(&self) -> Option<u32> {
         match &self.body {
-            EventBody::TurnStart { turn_number, .. }
-            | EventBody::Token { turn_number, .. }
-            | EventBody::TurnEnd { turn_number, .. } => Some(*turn_number),
+            EventBody::TurnStart { turn_number, .. } | EventBody::Token { turn_number, .. } => {
+                Some(*turn_number)
+            }
+            EventBody::TurnEnd(end) => Some(end.turn_number),
             EventBody::Error(e) => e.turn_number,
             _ => None,
         }
@@ -629,7 +642,7 @@ impl Published {
 
     /// Whether this is turn `turn`'s `turn_end`.
     pub fn ends_turn(&self, turn: u32) -> bool {
-        matches!(&self.body, EventBody::TurnEnd { turn_number, .. } if *turn_number == turn)
+        matches!(&self.body, EventBody::TurnEnd(end) if end.turn_number == turn)
     }
 }
 
@@ -661,6 +674,19 @@ pub fn extract_actions(reply: &str, max: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_logged_event_stays_small_because_every_large_body_is_boxed() {
+        // A session's log holds up to COACHD_SESSION_LOG_EVENTS of these, nearly all tokens:
+        // an unboxed variant that grows the enum grows every one of them (it was 200 bytes).
+        eprintln!(
+            "EventBody {} bytes, Published {} bytes",
+            std::mem::size_of::<EventBody>(),
+            std::mem::size_of::<Published>()
+        );
+        assert!(std::mem::size_of::<EventBody>() <= 56);
+        assert!(std::mem::size_of::<Published>() <= 128);
+    }
 
     #[test]
     fn client_frames_parse_with_defaults_and_reject_unknown_fields() {
@@ -707,14 +733,14 @@ mod tests {
             domain: "sales".into(),
         };
         vec![
-            EventBody::Session {
+            EventBody::Session(Box::new(SessionEvent {
                 user_id: "u".into(),
                 coach_id: "c".into(),
                 persona,
                 status: SessionStatus::Active,
                 turn_count: 2,
                 created_at: "2026-12-01T21:00:00Z".into(),
-            },
+            })),
             EventBody::TurnStart {
                 turn_number: 1,
                 user_text: "line\nbreak \u{1F600} \u{7}".into(),
@@ -735,7 +761,7 @@ mod tests {
                 text: String::new(),
                 index: 0,
             },
-            EventBody::TurnEnd {
+            EventBody::TurnEnd(Box::new(TurnEndEvent {
                 turn_number: 1,
                 reply_text: "- Call\n- Write".into(),
                 actions: vec!["Call".into(), "Write".into()],
@@ -747,8 +773,8 @@ mod tests {
                 interrupted: false,
                 provider: Some("offline".into()),
                 model: Some("m".into()),
-            },
-            EventBody::TurnEnd {
+            })),
+            EventBody::TurnEnd(Box::new(TurnEndEvent {
                 turn_number: 2,
                 reply_text: String::new(),
                 actions: Vec::new(),
@@ -757,19 +783,19 @@ mod tests {
                 interrupted: true,
                 provider: None,
                 model: None,
-            },
+            })),
             EventBody::error(ErrorCause::SlowClient, None),
             EventBody::error(ErrorCause::TurnDropped, Some(3)),
             EventBody::Notes {
-                notes: Notes {
+                notes: Box::new(Notes {
                     summary: "s".into(),
                     key_points: vec!["k".into()],
                     action_items: Vec::new(),
-                },
+                }),
             },
             EventBody::Resync {
                 reason: "gone".into(),
-                state: SessionState {
+                state: Box::new(SessionState {
                     status: SessionStatus::Ended,
                     turn_count: 1,
                     current_turn: Some(PartialTurn {
@@ -779,7 +805,7 @@ mod tests {
                     }),
                     oldest_seq: 5,
                     last_seq: 9,
-                },
+                }),
             },
             EventBody::Pong { nonce: None },
             EventBody::Pong {

@@ -192,7 +192,11 @@ impl SessionHandle {
     /// Publishes a job's progress in the session (wherever its task runs); returns once it is
     /// in the log, so awaiting each update keeps them in order.
     pub async fn job_update(&self, update: JobUpdate) -> Result<(), Error> {
-        self.ask(|reply| Command::Job { update, reply }).await
+        self.ask(|reply| Command::Job {
+            update: Box::new(update),
+            reply,
+        })
+        .await
     }
 
     /// The session's state.

@@ -199,7 +199,8 @@ pub(crate) fn harness(setup: Setup) -> Harness {
     let write_behind = WriteBehind::start(
         WriteBehindConfig {
             workers: 1,
-            concurrency: 4,
+            // One record at a time, so that a test can fill the queue behind a record that retries.
+            concurrency: 1,
             queue_capacity: setup.queue_capacity,
             max_attempts: setup.max_attempts,
             retry_base: Duration::from_millis(100),

@@ -7,7 +7,7 @@ use serde::Serialize;
 use super::{Detach, Inbound, Transport, TransportKind};
 use crate::error::{Error, ErrorDetail};
 use crate::llm::Usage;
-use crate::session::event::{ErrorEvent, EventBody, FinishReason, Published};
+use crate::session::event::{ErrorEvent, EventBody, FinishReason, Published, TurnEndEvent};
 
 /// Collects the events of one turn.
 #[derive(Debug, Default)]
@@ -57,7 +57,12 @@ impl HttpTurn {
     /// The answer once the drive loop is over: the reply, or the turn's failure with its own
     /// type and status when it failed before any text.
     pub fn into_reply(self, session_id: &str) -> Result<TurnReply, Error> {
-        let Some(EventBody::TurnEnd {
+        let Some(EventBody::TurnEnd(end)) = self.turn_end else {
+            return Err(Error::Unavailable(
+                "the session ended before the turn finished".to_owned(),
+            ));
+        };
+        let TurnEndEvent {
             reply_text,
             actions,
             usage,
@@ -66,12 +71,7 @@ impl HttpTurn {
             provider,
             model,
             ..
-        }) = self.turn_end
-        else {
-            return Err(Error::Unavailable(
-                "the session ended before the turn finished".to_owned(),
-            ));
-        };
+        } = *end;
         if let (Some(err), true) = (&self.error, reply_text.is_empty()) {
             return Err(err.to_error().unwrap_or_else(|| Error::Upstream {
                 code: "upstream_error",
@@ -107,8 +107,8 @@ impl Transport for HttpTurn {
             return Ok(());
         }
         match &event.body {
-            body @ EventBody::TurnEnd { .. } => self.turn_end = Some(body.clone()),
-            EventBody::Error(e) if self.error.is_none() => self.error = Some(e.clone()),
+            body @ EventBody::TurnEnd(_) => self.turn_end = Some(body.clone()),
+            EventBody::Error(e) if self.error.is_none() => self.error = Some(ErrorEvent::clone(e)),
             _ => {}
         }
         Ok(())
@@ -140,7 +140,7 @@ mod tests {
     use crate::session::event::ErrorCause;
 
     fn turn_end(reply: &str) -> EventBody {
-        EventBody::TurnEnd {
+        EventBody::TurnEnd(Box::new(TurnEndEvent {
             turn_number: 1,
             reply_text: reply.to_owned(),
             actions: Vec::new(),
@@ -149,7 +149,7 @@ mod tests {
             interrupted: true,
             provider: None,
             model: None,
-        }
+        }))
     }
 
     async fn collect(events: Vec<EventBody>) -> HttpTurn {
@@ -198,8 +198,8 @@ mod tests {
     #[tokio::test]
     async fn events_of_other_turns_are_ignored() {
         let mut other = turn_end("other");
-        if let EventBody::TurnEnd { turn_number, .. } = &mut other {
-            *turn_number = 2;
+        if let EventBody::TurnEnd(end) = &mut other {
+            end.turn_number = 2;
         }
         let turn = collect(vec![other]).await;
         assert_eq!(turn.into_reply("s").unwrap_err().status_code().as_u16(), 503);

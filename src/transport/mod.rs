@@ -150,7 +150,7 @@ pub(crate) async fn resync_event(session: &SessionHandle) -> Published {
     };
     let body = EventBody::Resync {
         reason: "the requested events are no longer in the session log".to_owned(),
-        state,
+        state: Box::new(state),
     };
     per_connection(session, body)
 }

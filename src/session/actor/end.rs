@@ -31,7 +31,9 @@ impl Actor {
             );
             match make_notes(self.deps.clone(), self.persona.name.clone(), transcript, ids).await {
                 Ok((id, notes)) => {
-                    self.handle.log.publish(EventBody::Notes { notes: notes.clone() });
+                    self.handle.log.publish(EventBody::Notes {
+                        notes: Box::new(notes.clone()),
+                    });
                     outcome.notes = Some(notes);
                     outcome.notes_id = Some(id);
                 }

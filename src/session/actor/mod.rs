@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use self::turn::{Pending, Turn, next_step};
 use super::cluster::takeover::{FinishedTurn, Recovered};
-use super::event::{EndedBy, ErrorCause, EventBody, FinishReason, JobUpdate, PersonaInfo, SessionStatus};
+use super::event::{
+    EndedBy, ErrorCause, EventBody, FinishReason, JobUpdate, PersonaInfo, SessionEvent, SessionStatus,
+};
 use super::manager::{Deps, EndOutcome, Registry, SessionInfo};
 use super::{SessionHandle, TurnMode};
 use crate::coach::Persona;
@@ -62,8 +64,9 @@ pub enum Command {
     /// Publish a job's progress as a `job` event: the session's task is the one writer of its
     /// log, so the event gets its seq in order with the turns and reaches the shared log.
     Job {
-        /// What the job did.
-        update: JobUpdate,
+        /// What the job did (boxed: a channel's block holds 32 commands, each as large as the
+        /// largest, and every session has such a channel).
+        update: Box<JobUpdate>,
         /// Answered once published, so a caller that awaits each keeps their order.
         reply: oneshot::Sender<()>,
     },
@@ -164,14 +167,14 @@ impl Actor {
     }
 
     fn session_event(&self, status: SessionStatus) -> EventBody {
-        EventBody::Session {
+        EventBody::Session(Box::new(SessionEvent {
             user_id: self.handle.user_id.to_string(),
             coach_id: self.handle.coach_id.to_string(),
             persona: self.persona_info(),
             status,
             turn_count: self.turns_done,
             created_at: self.handle.created_at.to_rfc3339(),
-        }
+        }))
     }
 
     pub(super) async fn run(mut self) {

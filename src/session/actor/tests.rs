@@ -398,3 +398,11 @@ async fn a_full_write_behind_queue_does_not_hold_up_cancel_or_the_next_turn() {
         "and each is in long-term memory"
     );
 }
+
+#[test]
+fn a_command_stays_small_because_a_sessions_channel_holds_its_commands_in_blocks_of_32() {
+    // tokio's mpsc allocates a block of 32 slots at once, each as large as the largest
+    // command: with the job update inline (208 bytes) that was 6.6 KiB per session.
+    eprintln!("Command {} bytes", std::mem::size_of::<super::Command>());
+    assert!(std::mem::size_of::<super::Command>() <= 72);
+}

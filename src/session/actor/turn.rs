@@ -26,7 +26,7 @@ use crate::llm::{EventStream, LlmError, LlmEvent, Message, Params, Routed, Usage
 use crate::metric::FirstToken;
 use crate::persist::TurnRecord;
 use crate::session::cluster::takeover::FinishedTurn;
-use crate::session::event::{ErrorCause, EventBody, FinishReason, extract_actions};
+use crate::session::event::{ErrorCause, EventBody, FinishReason, TurnEndEvent, extract_actions};
 
 /// A message waiting for its turn.
 pub(super) struct Pending {
@@ -319,7 +319,7 @@ impl Actor {
     pub(super) fn end_recovered_turn(&mut self, number: u32, user_text: String, partial: String) {
         self.deps.stats.turns_interrupted.inc();
         let actions = extract_actions(&partial, self.deps.limits.max_actions);
-        let end_seq = self.handle.log.publish(EventBody::TurnEnd {
+        let end_seq = self.handle.log.publish(EventBody::TurnEnd(Box::new(TurnEndEvent {
             turn_number: number,
             reply_text: partial.clone(),
             actions,
@@ -328,7 +328,7 @@ impl Actor {
             interrupted: true,
             provider: None,
             model: None,
-        });
+        })));
         self.turns_done += 1;
         self.transcript.push_back((user_text.clone(), partial.clone()));
         while self.transcript.len() > self.deps.limits.notes_max_turns {
@@ -416,7 +416,7 @@ impl Actor {
             (true, _) => stats.turns_interrupted.inc(),
         }
         let actions = extract_actions(&turn.reply, self.deps.limits.max_actions);
-        let end_seq = self.handle.log.publish(EventBody::TurnEnd {
+        let end_seq = self.handle.log.publish(EventBody::TurnEnd(Box::new(TurnEndEvent {
             turn_number: turn.number,
             reply_text: turn.reply.clone(),
             actions,
@@ -425,7 +425,7 @@ impl Actor {
             interrupted,
             provider: turn.provider.map(|p| p.to_string()),
             model: turn.model,
-        });
+        })));
         self.turns_done += 1;
         self.transcript
             .push_back((turn.user_text.clone(), turn.reply.clone()));

@@ -327,7 +327,11 @@ async fn run_forwarded(manager: &Arc<ConnectionManager>, id: &str, command: Comm
             }
         }
         Command::Job { update, reply } => {
-            if manager.command(id, WireCommand::Job { update }).await.is_ok() {
+            if manager
+                .command(id, WireCommand::Job { update: *update })
+                .await
+                .is_ok()
+            {
                 let _ = reply.send(());
             }
         }

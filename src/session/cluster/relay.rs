@@ -60,13 +60,7 @@ impl Relay {
     }
 
     fn insert(&mut self, event: Arc<Published>) {
-        let ends = matches!(
-            event.body,
-            EventBody::Session {
-                status: SessionStatus::Ended,
-                ..
-            }
-        );
+        let ends = matches!(&event.body, EventBody::Session(s) if s.status == SessionStatus::Ended);
         if self.handle.log.insert(event) {
             self.cluster.stats.relayed.inc();
             if ends {
@@ -127,13 +121,13 @@ impl Relay {
         tracing::info!(session_id = %self.handle.id, seq, "relay lost events: resync");
         let body = EventBody::Resync {
             reason: "events were lost between nodes (Redis restarted or trimmed the log)".to_owned(),
-            state: SessionState {
+            state: Box::new(SessionState {
                 status: SessionStatus::Active,
                 turn_count,
                 current_turn: None,
                 oldest_seq: seq + 1,
                 last_seq,
-            },
+            }),
         };
         self.insert(Arc::new(Published::new(&self.handle.id, seq, body)));
     }

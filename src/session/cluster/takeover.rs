@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use crate::context::StoredThrough;
 use crate::error::Error;
 use crate::llm::Usage;
-use crate::session::event::{EventBody, FinishReason, Published};
+use crate::session::event::{EventBody, FinishReason, Published, TurnEndEvent};
 use crate::session::manager::{ConnectionManager, SessionHandle};
 use crate::session::store::SessionMeta;
 
@@ -186,14 +186,15 @@ pub(crate) fn finished_after(
                 user_text,
                 ..
             } => started.push((*turn_number, user_text.as_str())),
-            EventBody::TurnEnd {
-                turn_number,
-                reply_text,
-                usage,
-                finish_reason,
-                interrupted,
-                ..
-            } if *turn_number > done => {
+            EventBody::TurnEnd(end) if end.turn_number > done => {
+                let TurnEndEvent {
+                    turn_number,
+                    reply_text,
+                    usage,
+                    finish_reason,
+                    interrupted,
+                    ..
+                } = &**end;
                 let Some(&(_, user_text)) = started.iter().find(|(n, _)| n == turn_number) else {
                     tracing::warn!(
                         seq = e.seq,

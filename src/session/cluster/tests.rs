@@ -18,7 +18,7 @@ use super::writer::{OwnerSetup, Writer};
 use crate::context::StoredThrough;
 use crate::session::TurnMode;
 use crate::session::event::{EndedBy, EventBody, SessionStatus, TransportKind};
-use crate::session::event::{FinishReason, Published};
+use crate::session::event::{FinishReason, Published, TurnEndEvent};
 use crate::session::log::EventLog;
 use crate::session::store::{EventStore, InProcessEventStore, Progress, SessionMeta, StoreLimits};
 use crate::session::testing::{Setup, harness};
@@ -298,24 +298,17 @@ async fn a_taken_over_session_ends_the_open_turn_as_interrupted_stores_it_and_go
     let mut sub = session.subscribe(Some(41));
     let first = sub.live.recv().await.unwrap();
     assert_eq!(first.seq, 42, "the log goes on from the shared log's seq");
-    let EventBody::TurnEnd {
-        turn_number,
-        reply_text,
-        finish_reason,
-        interrupted,
-        ..
-    } = &first.body
-    else {
+    let EventBody::TurnEnd(end) = &first.body else {
         panic!("a turn_end first: {:?}", first.body)
     };
     assert_eq!(
-        (*turn_number, reply_text.as_str(), interrupted),
-        (3, "half a rep", &true)
+        (end.turn_number, end.reply_text.as_str(), end.interrupted),
+        (3, "half a rep", true)
     );
-    assert_eq!(finish_reason.as_str(), "interrupted");
+    assert_eq!(end.finish_reason.as_str(), "interrupted");
     assert!(matches!(
-        sub.live.recv().await.unwrap().body,
-        EventBody::Session { turn_count: 3, .. }
+        &sub.live.recv().await.unwrap().body,
+        EventBody::Session(s) if s.turn_count == 3
     ));
 
     let n = session
@@ -536,7 +529,7 @@ fn the_turns_to_store_again_are_those_finished_after_the_stored_mark() {
         Arc::new(Published::new(
             "s",
             seq,
-            EventBody::TurnEnd {
+            EventBody::TurnEnd(Box::new(TurnEndEvent {
                 turn_number: n,
                 reply_text: format!("a{n}"),
                 actions: Vec::new(),
@@ -545,7 +538,7 @@ fn the_turns_to_store_again_are_those_finished_after_the_stored_mark() {
                 interrupted: false,
                 provider: None,
                 model: None,
-            },
+            })),
         ))
     };
     // Turn 1's start is older than the log; turn 4 is still open.

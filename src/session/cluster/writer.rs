@@ -274,7 +274,8 @@ pub(crate) fn track(progress: &mut Progress, event: &Published) {
                 user_text: user_text.clone(),
             });
         }
-        EventBody::TurnEnd { turn_number, .. } => {
+        EventBody::TurnEnd(end) => {
+            let turn_number = &end.turn_number;
             progress.turns_done += 1;
             if progress
                 .open_turn
