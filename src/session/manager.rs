@@ -450,7 +450,7 @@ impl ConnectionManager {
         if fresh {
             self.deps.stats.sessions_created.inc();
         }
-        self.tracker.spawn(actor.run());
+        self.tracker.spawn(Box::new(actor).run());
         if let Some(writer) = writer {
             self.tracker.spawn(writer.run());
         }

@@ -177,7 +177,10 @@ impl Actor {
         }))
     }
 
-    pub(super) async fn run(mut self) {
+    /// The session's task. The actor is boxed: an async fn that takes its receiver by value
+    /// keeps it twice in its future (once as the argument, once moved into the body), which
+    /// was a kilobyte of every session's task.
+    pub(super) async fn run(mut self: Box<Self>) {
         for turn in std::mem::take(&mut self.recovered_unstored) {
             self.store_turn(turn, None);
         }
@@ -304,7 +307,9 @@ impl Actor {
                 generate_notes,
                 reply,
             } => {
-                let outcome = self.end(generate_notes).await;
+                // Boxed: ending (with the notes call) is the largest future a session awaits
+                // and runs once; inline, its space would sit in every live session's task.
+                let outcome = Box::pin(self.end(generate_notes)).await;
                 let _ = reply.send(outcome);
                 Flow::Stop
             }
