@@ -20,6 +20,7 @@
 //! COACHD_BENCH_PIN=1 cargo bench --bench stream                 # the server on a CPU of its own
 //! COACHD_BENCH_UPSTREAM=h2 cargo bench --bench stream            # coachd to the fake over shared h2c
 //! COACHD_BENCH_LEVEL=10000:20:200:8 cargo bench --bench stream  # one level: streams:tokens:ms:window s
+//! COACHD_BENCH_ONLY=idle COACHD_BENCH_IDLE_SESSIONS=2000 cargo bench --bench stream  # how many idle sessions
 //! COACHD_BENCH_THINK_MS=200 cargo bench --bench stream          # pause between a worker's turns
 //! COACHD_BENCH_LOG=debug cargo bench --bench stream             # the servers' logs to stderr
 //! COACHD_BENCH_BIN=/path/to/coachd cargo bench --bench stream   # another coachd build
@@ -149,7 +150,11 @@ async fn main() -> Result<(), BoxError> {
         stores::run(&mut fake, placement, &levels).await?;
     }
     if section("idle") {
-        idle::run(&fake, placement, if quick { 500 } else { 10_000 }).await?;
+        let sessions = std::env::var("COACHD_BENCH_IDLE_SESSIONS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if quick { 500 } else { 10_000 });
+        idle::run(&fake, placement, sessions).await?;
     }
     if section("hostile") {
         hostile::run(&fake, placement).await?;

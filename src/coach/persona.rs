@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -105,10 +106,12 @@ pub fn builtins() -> Vec<Persona> {
 /// Personas by id and alias.
 #[derive(Debug, Clone)]
 pub struct Personas {
-    by_id: BTreeMap<String, Persona>,
+    /// Shared, not cloned, by every session of a coach: a persona is a handful of strings
+    /// (the system prompt alone is a few hundred bytes) that no session changes.
+    by_id: BTreeMap<String, Arc<Persona>>,
     aliases: BTreeMap<String, String>,
     /// Serves unknown coach ids (the `general` persona, possibly replaced by the file).
-    fallback: Persona,
+    fallback: Arc<Persona>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,7 +125,7 @@ impl Personas {
     pub fn new(extra: Vec<Persona>) -> Self {
         let mut by_id = BTreeMap::new();
         for p in builtins().into_iter().chain(extra) {
-            by_id.insert(p.id.clone(), p);
+            by_id.insert(p.id.clone(), Arc::new(p));
         }
         let mut aliases = BTreeMap::new();
         for p in by_id.values() {
@@ -131,13 +134,13 @@ impl Personas {
             }
         }
         let fallback = by_id.get(GENERAL).cloned().unwrap_or_else(|| {
-            builtin(
+            Arc::new(builtin(
                 GENERAL,
                 "0",
                 "Alex",
                 "business",
                 "You help with whatever the client brings.",
-            )
+            ))
         });
         Personas {
             by_id,
@@ -176,20 +179,20 @@ impl Personas {
     }
 
     /// The persona of a coach id (or alias); `None` when unknown.
-    pub fn get(&self, coach_id: &str) -> Option<&Persona> {
+    pub fn get(&self, coach_id: &str) -> Option<&Arc<Persona>> {
         self.by_id
             .get(coach_id)
             .or_else(|| self.aliases.get(coach_id).and_then(|id| self.by_id.get(id)))
     }
 
     /// The persona of a coach id, or the general coach for an unknown id.
-    pub fn resolve(&self, coach_id: &str) -> &Persona {
+    pub fn resolve(&self, coach_id: &str) -> &Arc<Persona> {
         self.get(coach_id).unwrap_or(&self.fallback)
     }
 
     /// Every persona, by id.
     pub fn all(&self) -> impl Iterator<Item = &Persona> {
-        self.by_id.values()
+        self.by_id.values().map(|p| &**p)
     }
 }
 

@@ -42,7 +42,9 @@ pub struct RealtimeSettings {
     pub ws_pong_timeout: Duration,
     /// `COACHD_WS_MAX_MESSAGE_BYTES`.
     pub ws_max_message_bytes: usize,
-    /// `COACHD_WS_READ_BUFFER_BYTES`: per-connection read buffer (grows for larger frames).
+    /// `COACHD_WS_READ_BUFFER_BYTES`: per-connection read buffer and the most one read takes;
+    /// a frame larger than it gets room for all of it. Client frames are small (a chat
+    /// message), and every idle connection holds this buffer.
     pub ws_read_buffer_bytes: usize,
     /// `COACHD_WS_MAX_BAD_FRAMES`: consecutive malformed frames before closing with 1008.
     pub ws_max_bad_frames: u32,
@@ -94,7 +96,7 @@ pub(super) fn read<S: Source>(
         ws_ping: r.seconds("COACHD_WS_PING_SECS", 25, 1, 3_600)?,
         ws_pong_timeout: r.seconds("COACHD_WS_PONG_TIMEOUT_SECS", 8, 1, 3_600)?,
         ws_max_message_bytes: r.int("COACHD_WS_MAX_MESSAGE_BYTES", 65_536, 256, 64 << 20)?,
-        ws_read_buffer_bytes: r.int("COACHD_WS_READ_BUFFER_BYTES", 8_192, 256, 16 << 20)?,
+        ws_read_buffer_bytes: r.int("COACHD_WS_READ_BUFFER_BYTES", 1_024, 256, 16 << 20)?,
         ws_max_bad_frames: r.int("COACHD_WS_MAX_BAD_FRAMES", 10, 0, 1_000)?,
     })
 }

@@ -519,9 +519,11 @@ async fn websocket(
     // The session token is the credential here: browsers cannot send headers on these routes.
     let session = live(&state, &Caller::Anonymous, &id).await?;
     authorize_attach(&state, &session, &query, &headers)?;
-    let rt = state.settings.realtime.clone();
+    let rt = &state.settings.realtime;
     let after = after_seq(&query, &headers)?;
     let opts = drive_options(&state, rt.ws_ping);
+    // Only what the connection needs moves into its task, which lives as long as the socket.
+    let (send_timeout, pong_timeout) = (rt.send_timeout, rt.ws_pong_timeout);
     let stats = state.sessions.stats().clone();
     // axum runs the upgraded connection on a task of its own; this token counts it on the
     // shutdown tracker from the upgrade on, so shutdown waits until it has delivered the
@@ -537,7 +539,7 @@ async fn websocket(
         .on_upgrade(move |socket| async move {
             let _tracked = tracked;
             let _gauge = Gauge::enter(&stats, |s| &s.ws_connections);
-            let mut transport = WsTransport::new(socket, rt.send_timeout, rt.ws_pong_timeout);
+            let mut transport = WsTransport::new(socket, send_timeout, pong_timeout);
             // The first event of a connection is the session's state, then the replay (if asked).
             let sub = session.subscribe(after);
             if let Ok(info) = session.info().await {

@@ -6,13 +6,13 @@
 //! `after_seq` exactly once: the replay and the live queue never overlap or leave a gap. The lock
 //! is a std `Mutex` because it is never held across an `.await` and critical sections are short.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{Notify, mpsc};
 
 use super::event::{EventBody, Published, envelope};
+use super::ring::{Replay, Ring};
 
 /// Shared by the session task (publishing) and the transports (subscribing).
 #[derive(Debug)]
@@ -20,7 +20,6 @@ pub struct EventLog {
     session_id: String,
     /// `{"session_id":"…","seq":`, serialised once for every event of the session.
     envelope: String,
-    capacity: usize,
     inner: Mutex<Inner>,
     /// Woken after each publish when a shared-log writer follows this log (multi-node mode).
     follower: Option<Arc<Notify>>,
@@ -29,7 +28,7 @@ pub struct EventLog {
 #[derive(Debug)]
 struct Inner {
     last_seq: u64,
-    ring: VecDeque<Arc<Published>>,
+    ring: Ring,
     subscribers: Vec<Subscriber>,
     closed: bool,
     /// Closed because another node runs the session now.
@@ -80,10 +79,9 @@ impl EventLog {
         EventLog {
             session_id: session_id.to_owned(),
             envelope: envelope(session_id),
-            capacity: capacity.max(1),
             inner: Mutex::new(Inner {
                 last_seq,
-                ring: VecDeque::new(),
+                ring: Ring::new(capacity),
                 subscribers: Vec::new(),
                 closed: false,
                 moved: false,
@@ -103,7 +101,7 @@ impl EventLog {
         inner.last_seq += 1;
         let seq = inner.last_seq;
         let event = Arc::new(Published::with_envelope(&self.envelope, seq, body));
-        Self::fan_out(&mut inner, self.capacity, event);
+        Self::fan_out(&mut inner, event);
         drop(inner);
         if let Some(follower) = &self.follower {
             // A stored permit when the writer is busy: it reads everything new when it looks.
@@ -120,15 +118,12 @@ impl EventLog {
             return false;
         }
         inner.last_seq = event.seq;
-        Self::fan_out(&mut inner, self.capacity, event);
+        Self::fan_out(&mut inner, event);
         true
     }
 
-    fn fan_out(inner: &mut Inner, capacity: usize, event: Arc<Published>) {
-        if inner.ring.len() == capacity {
-            inner.ring.pop_front();
-        }
-        inner.ring.push_back(event.clone());
+    fn fan_out(inner: &mut Inner, event: Arc<Published>) {
+        inner.ring.push(event.clone());
         inner.subscribers.retain(|s| match s.tx.try_send(event.clone()) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -143,16 +138,11 @@ impl EventLog {
     /// dropped from the ring (a gap for whoever reads this late).
     pub fn since(&self, after_seq: u64, max: usize) -> (Vec<Arc<Published>>, bool) {
         let inner = self.lock();
-        let oldest = inner.ring.front().map_or(inner.last_seq + 1, |e| e.seq);
+        let oldest = inner.ring.oldest().unwrap_or(inner.last_seq + 1);
         let gap = after_seq < inner.last_seq && after_seq + 1 < oldest;
-        let events = inner
-            .ring
-            .iter()
-            .filter(|e| e.seq > after_seq)
-            .take(max)
-            .cloned()
-            .collect();
-        (events, gap)
+        let replay = inner.ring.after(after_seq, max);
+        drop(inner);
+        (replay.publish(&self.envelope), gap)
     }
 
     /// Closes the log because another node runs the session now (see [`EventLog::moved`]).
@@ -189,16 +179,13 @@ impl EventLog {
         let lagged = Arc::new(AtomicBool::new(false));
         let disconnected = Arc::new(AtomicBool::new(false));
         let mut inner = self.lock();
-        let oldest = inner.ring.front().map_or(inner.last_seq + 1, |e| e.seq);
+        let oldest = inner.ring.oldest().unwrap_or(inner.last_seq + 1);
         let (replay, resync_needed) = match after_seq {
-            None => (Vec::new(), false),
-            Some(after) if after >= inner.last_seq => (Vec::new(), false),
+            None => (Replay::default(), false),
+            Some(after) if after >= inner.last_seq => (Replay::default(), false),
             // Events after `after` start at after+1; the log must still hold that one.
-            Some(after) if after + 1 < oldest => (Vec::new(), true),
-            Some(after) => (
-                inner.ring.iter().filter(|e| e.seq > after).cloned().collect(),
-                false,
-            ),
+            Some(after) if after + 1 < oldest => (Replay::default(), true),
+            Some(after) => (inner.ring.after(after, usize::MAX), false),
         };
         if !inner.closed {
             inner.subscribers.push(Subscriber {
@@ -208,20 +195,22 @@ impl EventLog {
                 request,
             });
         }
+        let last_seq = inner.last_seq;
+        drop(inner);
         Subscription {
-            replay,
+            replay: replay.publish(&self.envelope),
             resync_needed,
             live,
             lagged,
             disconnected,
-            last_seq: inner.last_seq,
+            last_seq,
         }
     }
 
     /// The latest seq and the oldest still replayable.
     pub fn bounds(&self) -> (u64, u64) {
         let inner = self.lock();
-        let oldest = inner.ring.front().map_or(inner.last_seq + 1, |e| e.seq);
+        let oldest = inner.ring.oldest().unwrap_or(inner.last_seq + 1);
         (inner.last_seq, oldest)
     }
 

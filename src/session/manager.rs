@@ -139,7 +139,8 @@ pub struct SessionHandle {
     pub created_at: DateTime<Utc>,
     /// The event log (of this node's session task, or of its relay of another node's).
     pub log: Arc<EventLog>,
-    tx: mpsc::Sender<Command>,
+    /// Boxed commands (see `actor::command_channel`).
+    tx: mpsc::Sender<Box<Command>>,
     client_queue: usize,
 }
 
@@ -150,7 +151,7 @@ fn gone() -> Error {
 impl SessionHandle {
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Error> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).await.map_err(|_| gone())?;
+        self.tx.send(Box::new(make(tx))).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())
     }
 
@@ -186,7 +187,10 @@ impl SessionHandle {
 
     /// Ends the session once its current and queued turns are over.
     pub async fn end_when_idle(&self) -> Result<(), Error> {
-        self.tx.send(Command::EndWhenIdle).await.map_err(|_| gone())
+        self.tx
+            .send(Box::new(Command::EndWhenIdle))
+            .await
+            .map_err(|_| gone())
     }
 
     /// Publishes a job's progress in the session (wherever its task runs); returns once it is
@@ -394,7 +398,7 @@ impl ConnectionManager {
     ) -> Result<SessionHandle, Error> {
         let mut live = self.registry.live.write().unwrap_or_else(PoisonError::into_inner);
         self.refuse_at(live.len())?;
-        let (tx, rx) = mpsc::channel(self.deps.limits.max_queued_turns + 8);
+        let (tx, rx) = super::actor::command_channel(self.deps.limits.max_queued_turns + 8);
         let capacity = self.deps.limits.log_events;
         let (log, writer) = match owner {
             None => (Arc::new(EventLog::new(&id, capacity)), None),
@@ -462,7 +466,7 @@ impl ConnectionManager {
     pub(in crate::session) fn remote_handle(
         &self,
         meta: &SessionMeta,
-        tx: mpsc::Sender<Command>,
+        tx: mpsc::Sender<Box<Command>>,
     ) -> SessionHandle {
         let id: Arc<str> = Arc::from(meta.session_id.as_str());
         SessionHandle {

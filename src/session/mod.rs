@@ -9,6 +9,7 @@ pub mod event;
 pub mod latency;
 pub mod log;
 pub mod manager;
+mod ring;
 pub mod stats;
 pub mod store;
 #[cfg(test)]

@@ -201,7 +201,7 @@ pub async fn drive<T: Transport>(
         }
         _ => {}
     }
-    transport.close(&why).await;
+    Box::pin(transport.close(&why)).await;
 }
 
 async fn run<T: Transport>(
@@ -210,7 +210,10 @@ async fn run<T: Transport>(
     transport: &mut T,
     opts: &DriveOptions,
 ) -> Detach {
-    if let Err(why) = send_backlog(session, sub, transport).await {
+    // The rare awaits of this loop are boxed: a connection's task holds its future for as long
+    // as the client stays, sized for the largest await in it, so only the per-event one
+    // (`deliver`) stays inline; the others allocate when they happen.
+    if let Err(why) = Box::pin(send_backlog(session, sub, transport)).await {
         return why;
     }
     let mut heartbeat = tokio::time::interval_at(Instant::now() + opts.heartbeat, opts.heartbeat);
@@ -242,7 +245,7 @@ async fn run<T: Transport>(
                         return Detach::Protocol { code: 1008, reason: "too many malformed frames".into() };
                     }
                     let e = Error::bad_request("invalid_frame", message);
-                    if let Err(why) = transport.send(&error_event(session, &e)).await {
+                    if let Err(why) = Box::pin(transport.send(&error_event(session, &e))).await {
                         return why;
                     }
                 }
@@ -250,9 +253,9 @@ async fn run<T: Transport>(
                     bad_frames = 0;
                     let reply = match frame {
                         ClientFrame::UserMessage { text, mode, client_id } => {
-                            session.user_message(text, mode, client_id).await.err().map(|e| error_event(session, &e))
+                            Box::pin(session.user_message(text, mode, client_id)).await.err().map(|e| error_event(session, &e))
                         }
-                        ClientFrame::Cancel => match session.cancel().await {
+                        ClientFrame::Cancel => match Box::pin(session.cancel()).await {
                             Ok(_) => None,
                             Err(e) => Some(error_event(session, &e)),
                         },
@@ -260,25 +263,25 @@ async fn run<T: Transport>(
                         ClientFrame::Resume { after_seq } => {
                             // A fresh subscription from the client's seq replaces the live one.
                             *sub = session.subscribe(Some(after_seq));
-                            if let Err(why) = send_backlog(session, sub, transport).await {
+                            if let Err(why) = Box::pin(send_backlog(session, sub, transport)).await {
                                 return why;
                             }
                             None
                         }
                     };
                     if let Some(event) = reply
-                        && let Err(why) = transport.send(&event).await {
+                        && let Err(why) = Box::pin(transport.send(&event)).await {
                             return why;
                         }
                 }
             },
             _ = heartbeat.tick() => {
-                if let Err(why) = transport.heartbeat().await {
+                if let Err(why) = Box::pin(transport.heartbeat()).await {
                     return why;
                 }
             }
             () = sleep_until_opt(deadline) => return Detach::NoPong,
-            () = &mut shutdown => return drain_for_shutdown(sub, transport).await,
+            () = &mut shutdown => return Box::pin(drain_for_shutdown(sub, transport)).await,
         }
     }
 }

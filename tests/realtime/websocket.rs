@@ -70,6 +70,23 @@ async fn websocket_session_of_several_turns_with_ping_and_resume() {
 }
 
 #[tokio::test]
+async fn a_frame_larger_than_the_read_buffer_arrives_whole() {
+    // The read buffer is small (COACHD_WS_READ_BUFFER_BYTES, 1 KiB by default) because every
+    // idle connection holds one; a larger frame must still arrive in one piece.
+    let (app, fake) = app_with_fake(Services::Embedded, &[("COACHD_WS_READ_BUFFER_BYTES", "256")]).await;
+    fake.set_default(Script::echo());
+    let s = app.create_session("u", "c", "websocket").await;
+    let mut ws = ws_connect(&app, &s, "").await;
+    ws_next(&mut ws).await;
+    let text: String = (0..3_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    ws_send(&mut ws, json!({"type": "user_message", "text": text})).await;
+    let turn = ws_until(&mut ws, "turn_end").await;
+    assert_eq!(turn[0]["user_text"], text.as_str());
+    assert_eq!(turn.last().unwrap()["reply_text"], format!("echo: {text}"));
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_resync_replaces_replay_for_a_client_too_far_behind() {
     let (app, fake) = app_with_fake(Services::Embedded, &[("COACHD_SESSION_LOG_EVENTS", "16")]).await;
     fake.set_default(Script::counted(30));

@@ -400,9 +400,15 @@ async fn a_full_write_behind_queue_does_not_hold_up_cancel_or_the_next_turn() {
 }
 
 #[test]
-fn a_command_stays_small_because_a_sessions_channel_holds_its_commands_in_blocks_of_32() {
-    // tokio's mpsc allocates a block of 32 slots at once, each as large as the largest
-    // command: with the job update inline (208 bytes) that was 6.6 KiB per session.
-    eprintln!("Command {} bytes", std::mem::size_of::<super::Command>());
+fn a_sessions_command_channel_holds_pointers_because_it_allocates_32_slots_at_once() {
+    // tokio's mpsc allocates a block of 32 slots with the channel, each as large as what the
+    // channel carries: with the job update inline (208 bytes) that was 6.6 KiB per session,
+    // with 64-byte commands 2 KiB.
+    fn slot<T>(_: &tokio::sync::mpsc::Sender<T>) -> usize {
+        std::mem::size_of::<T>()
+    }
+    let (tx, _rx) = super::command_channel(1);
+    assert_eq!(slot(&tx), std::mem::size_of::<usize>());
+    // And a command stays small, so its box does too.
     assert!(std::mem::size_of::<super::Command>() <= 72);
 }

@@ -131,7 +131,7 @@ impl ConnectionManager {
         if let Some(handle) = lock(&self.remotes).get(meta.session_id.as_str()).cloned() {
             return handle;
         }
-        let (tx, rx) = mpsc::channel(self.deps.limits.max_queued_turns + 8);
+        let (tx, rx) = crate::session::actor::command_channel(self.deps.limits.max_queued_turns + 8);
         let handle = self.remote_handle(&meta, tx);
         let channel = cluster.store.channel(&meta.session_id);
         let (inbox_tx, inbox) = mpsc::channel(cluster.settings.relay_queue);
@@ -267,7 +267,7 @@ fn ended_record(meta: SessionMeta) -> EndedSession {
 async fn forward_commands(
     manager: Weak<ConnectionManager>,
     id: Arc<str>,
-    mut rx: mpsc::Receiver<Command>,
+    mut rx: mpsc::Receiver<Box<Command>>,
     tracker: tokio_util::task::TaskTracker,
 ) {
     while let Some(command) = rx.recv().await {
@@ -275,7 +275,7 @@ async fn forward_commands(
             return;
         };
         let id = id.clone();
-        tracker.spawn(async move { run_forwarded(&manager, &id, command).await });
+        tracker.spawn(async move { run_forwarded(&manager, &id, *command).await });
     }
 }
 
