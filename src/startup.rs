@@ -290,7 +290,7 @@ impl Application {
             memory: memory.clone(),
             notes: notes.clone(),
             write_behind: write_behind.clone(),
-            limits: rt.sessions,
+            limits: Arc::new(rt.sessions),
             stats: Arc::new(Stats::default()),
             shutdown: shutdown.clone(),
         };

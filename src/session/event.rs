@@ -520,6 +520,9 @@ pub struct ServerEvent {
 /// The `id:`, `event:` and `data:` framing of an SSE event and its blank line, at most.
 const SSE_OVERHEAD: usize = 64;
 
+/// Most unused capacity an event's buffer keeps (see `Published::with_envelope`).
+const MAX_SLACK: usize = 96;
+
 /// A session's event envelope as JSON text, made once per session: `{"session_id":"…","seq":`
 /// (the seq and the body follow).
 pub fn envelope(session_id: &str) -> String {
@@ -616,6 +619,12 @@ impl Published {
         }
         let end = buf.len();
         buf.extend_from_slice(b"\n\n");
+        // The hint is generous for the bodies other than a token's (320 bytes and up), and the
+        // log keeps an event for as long as the session lives: give back a large slack. A
+        // token's slack is smaller than this, so the token path never reallocates here.
+        if buf.capacity() - buf.len() > MAX_SLACK {
+            buf.shrink_to_fit();
+        }
         let sse = Bytes::from(buf);
         // Valid UTF-8: ASCII framing around JSON text, checked once here.
         let json =
@@ -674,6 +683,38 @@ pub fn extract_actions(reply: &str, max: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_events_buffer_keeps_little_slack_and_a_tokens_is_never_reallocated() {
+        let env = envelope("6f1c1f9e-1b1a-4c7e-9a53-6b1e7d1c2f00");
+        let pong = EventBody::Pong {
+            nonce: Some("n".into()),
+        };
+        let Published { sse, json, .. } = Published::with_envelope(&env, 7, pong);
+        drop(json);
+        let Ok(buf) = sse.try_into_mut() else {
+            panic!("the event's bytes are shared")
+        };
+        assert!(
+            buf.capacity() - buf.len() <= MAX_SLACK,
+            "{} of {}",
+            buf.capacity(),
+            buf.len()
+        );
+        // A token's buffer is sized by its hint, with less slack than the limit.
+        let token = EventBody::Token {
+            turn_number: 1,
+            text: "hello".into(),
+            index: 3,
+        };
+        let hint = SSE_OVERHEAD + env.len() + token.size_hint();
+        let e = Published::with_envelope(&env, 7, token);
+        assert!(
+            hint - e.sse.len() <= MAX_SLACK,
+            "a token's slack {} must stay under the limit",
+            hint - e.sse.len()
+        );
+    }
 
     #[test]
     fn a_logged_event_stays_small_because_every_large_body_is_boxed() {

@@ -73,7 +73,8 @@ pub struct Deps {
     /// Write-behind producer.
     pub write_behind: WriteBehind,
     /// Limits.
-    pub limits: SessionLimits,
+    /// Shared: every session's actor holds a clone of these dependencies.
+    pub limits: Arc<SessionLimits>,
     /// Counters.
     pub stats: Arc<Stats>,
     /// Cancelled at shutdown.

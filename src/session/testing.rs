@@ -219,7 +219,7 @@ pub(crate) fn harness(setup: Setup) -> Harness {
         memory: memory.clone(),
         notes: Arc::new(InProcessNotesStore::new(100)),
         write_behind: write_behind.clone(),
-        limits: SessionLimits {
+        limits: Arc::new(SessionLimits {
             max_sessions: 10,
             idle_timeout: setup.idle,
             log_events: 1_000,
@@ -236,7 +236,7 @@ pub(crate) fn harness(setup: Setup) -> Harness {
                 fetch_timeout: Duration::from_millis(50),
                 query_max_bytes: 1_000,
             },
-        },
+        }),
         stats: Arc::new(Stats::default()),
         shutdown: shutdown.clone(),
     };

@@ -101,7 +101,8 @@ pub(super) struct Actor {
     persona: Arc<Persona>,
     turns_done: u32,
     next_turn: u32,
-    current: Option<Turn>,
+    /// Boxed: an idle session (most of them) would otherwise carry a turn's 368 bytes.
+    current: Option<Box<Turn>>,
     queue: VecDeque<Pending>,
     transcript: VecDeque<(String, String)>,
     /// Finished turns on their way to write-behind; never waited on inside the loop.

@@ -88,7 +88,7 @@ pub(super) enum Step {
 }
 
 /// The next step of the current turn; pending forever when no turn runs.
-pub(super) async fn next_step(current: &mut Option<Turn>) -> Step {
+pub(super) async fn next_step(current: &mut Option<Box<Turn>>) -> Step {
     match current.as_mut().map(|t| &mut t.phase) {
         Some(Phase::Streaming(stream)) => Step::Event(stream.next().await),
         // `on_step` replaces the phase as soon as this resolves, so it is never polled again.
@@ -202,7 +202,7 @@ impl Actor {
                 span: llm_span,
             }
         });
-        self.current = Some(Turn {
+        self.current = Some(Box::new(Turn {
             number: pending.number,
             started: Instant::now(),
             user_text: pending.text,
@@ -218,7 +218,7 @@ impl Actor {
             trace,
             routing: Duration::ZERO,
             first_token: None,
-        });
+        }));
     }
 
     pub(super) fn on_step(&mut self, step: Step) {
@@ -379,7 +379,7 @@ impl Actor {
     /// Ends the current turn: its `turn_end`, the transcript, and its record to write-behind,
     /// which never waits (a full queue leaves it in the session's backlog).
     fn finish_turn(&mut self, interrupted: bool, finish_reason: FinishReason) {
-        let Some(turn) = self.current.take() else {
+        let Some(turn) = self.current.take().map(|t| *t) else {
             return;
         };
         drop(turn.phase);
