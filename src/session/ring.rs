@@ -1,20 +1,26 @@
 //! The replay ring of a session's event log: the last N events, with the token events of a
-//! finished stretch of reply kept as their texts instead of as published events.
+//! reply kept as their texts instead of as published events, but for the newest few.
 //!
 //! A published token is a few bytes of text inside some 400 bytes of allocations (the shared
 //! event, its serialised buffer and the buffer's header, the text), and tokens are nearly every
 //! event a session logs. Live connections get the published event itself through their queues;
-//! once the tokens of a reply are followed by another event (the turn's `turn_end`, as a rule)
-//! only a client that resumes from before that point reads them again. So at that point the run
-//! of tokens becomes one [`TokenRun`] (the texts end to end and where each ends), and a replay
-//! serialises those tokens again, to the same bytes (`Published::with_envelope` is
-//! deterministic). What a client sees does not change; what a session holds does: the profile of
-//! 1 000 live WebSocket streams put a third of coachd's heap in logged events (BENCHMARKS.md).
+//! once they have it, only a client that resumes from before it reads it again. So the ring keeps
+//! a reply's tokens as one [`TokenRun`] (the texts end to end and where each ends): all but the
+//! newest [`KEEP_PUBLISHED`] while the reply streams, all of them once another event (its
+//! `turn_end`, as a rule) follows. A replay serialises those tokens again, to the same bytes
+//! (`Published::with_envelope` is deterministic). What a client sees does not change; what a
+//! session holds does: the profile of 1 000 live WebSocket streams put a third of coachd's heap
+//! in logged events (BENCHMARKS.md).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::event::{EventBody, Published};
+
+/// The newest tokens of a reply still streaming that stay as published: a client resuming
+/// after a short drop, and the shared-log writer reading just behind the session, get the very
+/// events; older ones are compacted in batches of as many.
+const KEEP_PUBLISHED: usize = 8;
 
 /// An event as published, or a run of tokens compacted (shared, so a replay takes it out of
 /// the log's lock and serialises its tokens after, and with how many of its tokens are evicted).
@@ -25,7 +31,7 @@ enum Entry {
 }
 
 /// Consecutive token events of one turn: seqs and indexes both one apart.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct TokenRun {
     /// Seq of the run's first token (`skip` of them may already be evicted).
     first_seq: u64,
@@ -39,6 +45,24 @@ struct TokenRun {
 }
 
 impl TokenRun {
+    /// Whether `event` is this run's next token: same turn, next seq, next index, and room
+    /// left in the u32 offsets (a reply of 4 GiB is not a case, but it starts a run of its own).
+    fn follows(&self, event: &Published) -> bool {
+        let EventBody::Token {
+            turn_number,
+            text,
+            index,
+        } = &event.body
+        else {
+            return false;
+        };
+        let n = self.ends.len() as u64;
+        self.turn_number == *turn_number
+            && self.first_seq + n == event.seq
+            && u64::from(self.first_index) + n == u64::from(*index)
+            && self.text.len() + text.len() <= u32::MAX as usize
+    }
+
     /// Index in the run of the first token after seq `after`.
     fn first_after(&self, after: u64) -> usize {
         (after.saturating_add(1).saturating_sub(self.first_seq) as usize).min(self.ends.len())
@@ -68,6 +92,8 @@ pub(super) struct Ring {
     /// Events held, runs counted by their tokens.
     held: usize,
     capacity: usize,
+    /// Tokens at the end still held as published.
+    tail_tokens: usize,
 }
 
 impl Ring {
@@ -76,6 +102,7 @@ impl Ring {
             entries: VecDeque::new(),
             held: 0,
             capacity: capacity.max(1),
+            tail_tokens: 0,
         }
     }
 
@@ -88,13 +115,22 @@ impl Ring {
     }
 
     /// Logs an event, evicting the oldest past the capacity. An event other than a token first
-    /// compacts the tokens just before it.
+    /// compacts every token just before it; a token compacts all but the newest
+    /// [`KEEP_PUBLISHED`] once twice as many are waiting, so a long reply does not hold its
+    /// tokens as published until it ends.
     pub(super) fn push(&mut self, event: Arc<Published>) {
-        if !matches!(event.body, EventBody::Token { .. }) {
-            self.compact_tail();
+        let token = matches!(event.body, EventBody::Token { .. });
+        if !token {
+            self.compact_tail(0);
         }
         self.entries.push_back(Entry::Event(event));
         self.held += 1;
+        if token {
+            self.tail_tokens += 1;
+            if self.tail_tokens >= 2 * KEEP_PUBLISHED {
+                self.compact_tail(KEEP_PUBLISHED);
+            }
+        }
         while self.held > self.capacity {
             self.evict_one();
         }
@@ -109,23 +145,35 @@ impl Ring {
             None => return,
         }
         self.held -= 1;
+        // Eviction may reach into the published tail (a capacity below KEEP_PUBLISHED).
+        self.tail_tokens = self.tail_tokens.min(self.entries.len());
     }
 
-    /// Turns the published tokens at the end of the ring into runs (one per stretch of
-    /// consecutive seqs and indexes of one turn), oldest first.
-    fn compact_tail(&mut self) {
+    /// Turns the published tokens at the end of the ring, but for the newest `keep`, into runs
+    /// (one per stretch of consecutive seqs and indexes of one turn), oldest first. The first
+    /// goes on the run before it when it follows that run. With `keep` 0 the reply's tokens are
+    /// all in and the last run is trimmed to size.
+    fn compact_tail(&mut self, keep: usize) {
         let mut from = self.entries.len();
         while from > 0
             && matches!(&self.entries[from - 1], Entry::Event(e) if matches!(e.body, EventBody::Token { .. }))
         {
             from -= 1;
         }
-        if self.entries.len() - from < 2 {
-            return;
+        let to = self.entries.len() - keep.min(self.entries.len() - from);
+        let kept = self.entries.split_off(to);
+        let compacted: Vec<Entry> = self.entries.drain(from..).collect();
+        self.tail_tokens = kept.len();
+        // The run before the tail, reopened when the first token follows it.
+        let mut run: Option<(TokenRun, usize)> = None;
+        if let (Some(Entry::Event(first)), Some(Entry::Tokens(last, _))) =
+            (compacted.first(), self.entries.back())
+            && last.follows(first)
+            && let Some(Entry::Tokens(last, skip)) = self.entries.pop_back()
+        {
+            run = Some((Arc::unwrap_or_clone(last), skip));
         }
-        let tail: Vec<Entry> = self.entries.drain(from..).collect();
-        let mut run: Option<TokenRun> = None;
-        for entry in tail {
+        for entry in compacted {
             let Entry::Event(event) = entry else { continue };
             let EventBody::Token {
                 turn_number,
@@ -135,41 +183,48 @@ impl Ring {
             else {
                 continue;
             };
-            let follows = run.as_ref().is_some_and(|r| {
-                r.turn_number == *turn_number
-                    && r.first_seq + r.ends.len() as u64 == event.seq
-                    && r.first_index as u64 + r.ends.len() as u64 == u64::from(*index)
-            });
-            // A text past u32 offsets starts a run of its own (a reply of 4 GiB is not a case).
-            let fits = run
-                .as_ref()
-                .is_some_and(|r| r.text.len() + text.len() <= u32::MAX as usize);
-            if !(follows && fits) {
-                if let Some(done) = run.take() {
-                    self.push_run(done);
+            if !run.as_ref().is_some_and(|(r, _)| r.follows(&event)) {
+                if let Some((done, skip)) = run.take() {
+                    self.push_run(done, skip, true);
                 }
-                run = Some(TokenRun {
-                    first_seq: event.seq,
-                    turn_number: *turn_number,
-                    first_index: *index,
-                    text: String::new(),
-                    ends: Vec::new(),
-                });
+                run = Some((
+                    TokenRun {
+                        first_seq: event.seq,
+                        turn_number: *turn_number,
+                        first_index: *index,
+                        text: String::new(),
+                        ends: Vec::new(),
+                    },
+                    0,
+                ));
             }
-            if let Some(r) = run.as_mut() {
+            if let Some((r, _)) = run.as_mut() {
                 r.text.push_str(text);
                 r.ends.push(r.text.len() as u32);
             }
         }
-        if let Some(done) = run {
-            self.push_run(done);
+        match run {
+            // A run that may grow on keeps its spare capacity, so appending stays amortised.
+            Some((done, skip)) => self.push_run(done, skip, keep == 0),
+            None if keep == 0 => {
+                if let Some(Entry::Tokens(last, _)) = self.entries.back_mut()
+                    && let Some(last) = Arc::get_mut(last)
+                {
+                    last.text.shrink_to_fit();
+                    last.ends.shrink_to_fit();
+                }
+            }
+            None => {}
         }
+        self.entries.extend(kept);
     }
 
-    fn push_run(&mut self, mut run: TokenRun) {
-        run.text.shrink_to_fit();
-        run.ends.shrink_to_fit();
-        self.entries.push_back(Entry::Tokens(Arc::new(run), 0));
+    fn push_run(&mut self, mut run: TokenRun, skip: usize, finished: bool) {
+        if finished {
+            run.text.shrink_to_fit();
+            run.ends.shrink_to_fit();
+        }
+        self.entries.push_back(Entry::Tokens(Arc::new(run), skip));
     }
 
     /// The events held after `after`, oldest first, at most `max`: cheap to take under the
@@ -311,6 +366,51 @@ mod tests {
         ring.push(token(2, 1, 1, "b"));
         let replayed = replay(&ring, 0, 10);
         assert!(Arc::ptr_eq(&replayed[0], &first), "the same event, not a copy");
+    }
+
+    #[test]
+    fn a_long_reply_still_streaming_holds_only_its_newest_tokens_as_published() {
+        let mut ring = Ring::new(10_000);
+        let mut all = Vec::new();
+        for i in 0..100u32 {
+            let event = token(u64::from(i) + 1, 1, i, &format!("w{i} "));
+            all.push(event.clone());
+            ring.push(event);
+            let published = ring
+                .entries
+                .iter()
+                .filter(|e| matches!(e, Entry::Event(_)))
+                .count();
+            assert!(
+                published < 2 * KEEP_PUBLISHED,
+                "{published} published after {} tokens",
+                i + 1
+            );
+        }
+        let runs = ring
+            .entries
+            .iter()
+            .filter(|e| matches!(e, Entry::Tokens(..)))
+            .count();
+        assert_eq!(runs, 1, "each batch goes on the one run of the reply");
+        for after in [0, 1, 50, 90, 95, 99, 100] {
+            let expected: Vec<_> = all.iter().filter(|e| e.seq > after).cloned().collect();
+            assert_eq!(
+                bytes(&replay(&ring, after, usize::MAX)),
+                bytes(&expected),
+                "after {after}"
+            );
+        }
+        let newest = replay(&ring, 99, 10);
+        assert!(
+            Arc::ptr_eq(&newest[0], &all[99]),
+            "the newest token is the published one"
+        );
+        // The reply ends: all of it is one run, trimmed, and still replays exactly.
+        ring.push(pong(101));
+        all.push(pong(101));
+        assert_eq!(ring.entries.len(), 2);
+        assert_eq!(bytes(&replay(&ring, 0, usize::MAX)), bytes(&all));
     }
 
     #[test]
