@@ -44,22 +44,29 @@ struct TokenRun {
     ends: Vec<u32>,
 }
 
+/// A token event's turn, text and index; `None` for any other event.
+fn token_of(event: &Published) -> Option<(u32, &str, u32)> {
+    match &event.body {
+        EventBody::Token {
+            turn_number,
+            text,
+            index,
+        } => Some((*turn_number, text, *index)),
+        _ => None,
+    }
+}
+
 impl TokenRun {
     /// Whether `event` is this run's next token: same turn, next seq, next index, and room
     /// left in the u32 offsets (a reply of 4 GiB is not a case, but it starts a run of its own).
     fn follows(&self, event: &Published) -> bool {
-        let EventBody::Token {
-            turn_number,
-            text,
-            index,
-        } = &event.body
-        else {
+        let Some((turn_number, text, index)) = token_of(event) else {
             return false;
         };
         let n = self.ends.len() as u64;
-        self.turn_number == *turn_number
+        self.turn_number == turn_number
             && self.first_seq + n == event.seq
-            && u64::from(self.first_index) + n == u64::from(*index)
+            && u64::from(self.first_index) + n == u64::from(index)
             && self.text.len() + text.len() <= u32::MAX as usize
     }
 
@@ -92,7 +99,8 @@ pub(super) struct Ring {
     /// Events held, runs counted by their tokens.
     held: usize,
     capacity: usize,
-    /// Tokens at the end still held as published.
+    /// Tokens pushed as published since the last compaction: when to compact next. Eviction
+    /// may take some of them, so it can count high (compacting early), never low.
     tail_tokens: usize,
 }
 
@@ -119,7 +127,7 @@ impl Ring {
     /// [`KEEP_PUBLISHED`] once twice as many are waiting, so a long reply does not hold its
     /// tokens as published until it ends.
     pub(super) fn push(&mut self, event: Arc<Published>) {
-        let token = matches!(event.body, EventBody::Token { .. });
+        let token = token_of(&event).is_some();
         if !token {
             self.compact_tail(0);
         }
@@ -145,8 +153,6 @@ impl Ring {
             None => return,
         }
         self.held -= 1;
-        // Eviction may reach into the published tail (a capacity below KEEP_PUBLISHED).
-        self.tail_tokens = self.tail_tokens.min(self.entries.len());
     }
 
     /// Turns the published tokens at the end of the ring, but for the newest `keep`, into runs
@@ -155,9 +161,7 @@ impl Ring {
     /// all in and the last run is trimmed to size.
     fn compact_tail(&mut self, keep: usize) {
         let mut from = self.entries.len();
-        while from > 0
-            && matches!(&self.entries[from - 1], Entry::Event(e) if matches!(e.body, EventBody::Token { .. }))
-        {
+        while from > 0 && matches!(&self.entries[from - 1], Entry::Event(e) if token_of(e).is_some()) {
             from -= 1;
         }
         let to = self.entries.len() - keep.min(self.entries.len() - from);
@@ -175,33 +179,27 @@ impl Ring {
         }
         for entry in compacted {
             let Entry::Event(event) = entry else { continue };
-            let EventBody::Token {
-                turn_number,
-                text,
-                index,
-            } = &event.body
-            else {
+            let Some((turn_number, text, index)) = token_of(&event) else {
                 continue;
             };
-            if !run.as_ref().is_some_and(|(r, _)| r.follows(&event)) {
-                if let Some((done, skip)) = run.take() {
-                    self.push_run(done, skip, true);
-                }
-                run = Some((
-                    TokenRun {
+            let (r, _) = match run.take() {
+                Some(open) if open.0.follows(&event) => run.insert(open),
+                done => {
+                    if let Some((done, skip)) = done {
+                        self.push_run(done, skip, true);
+                    }
+                    let fresh = TokenRun {
                         first_seq: event.seq,
-                        turn_number: *turn_number,
-                        first_index: *index,
+                        turn_number,
+                        first_index: index,
                         text: String::new(),
                         ends: Vec::new(),
-                    },
-                    0,
-                ));
-            }
-            if let Some((r, _)) = run.as_mut() {
-                r.text.push_str(text);
-                r.ends.push(r.text.len() as u32);
-            }
+                    };
+                    run.insert((fresh, 0))
+                }
+            };
+            r.text.push_str(text);
+            r.ends.push(r.text.len() as u32);
         }
         match run {
             // A run that may grow on keeps its spare capacity, so appending stays amortised.
